@@ -1,0 +1,272 @@
+"""``export_model``: a pipeline of small steps from checkpoint to a verified model folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from embedrt import __version__
+from embedrt._optional import require
+from embedrt.errors import SourceError
+from embedrt.export.graph import OPSET, build_pipeline, export_onnx, graph_inputs
+from embedrt.export.openvino_ir import convert_to_ir
+from embedrt.export.source import CheckpointSpec, ResolvedSource, read_checkpoint, resolve_source
+from embedrt.export.validate import FP32_MIN_COSINE, PROBE_TEXTS, check_parity, reference_embeddings
+from embedrt.manifest import (
+    MANIFEST_NAME,
+    ONNX_NAME,
+    OPENVINO_BIN,
+    OPENVINO_XML,
+    TOKENIZER_NAME,
+    Manifest,
+    Precision,
+    describe_files,
+    write_json_atomic,
+)
+from embedrt.ops import Similarity
+
+log = logging.getLogger("embedrt.export")
+
+
+class Format(str, enum.Enum):
+    """Graph formats a model folder can hold."""
+
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+
+
+def parse_formats(value: str | Sequence[str]) -> tuple[Format, ...]:
+    """``"onnx"``, ``"openvino"``, ``"onnx,openvino"`` (or a list) -> formats; the error lists valid ones."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    formats = []
+    for name in (n.strip().lower() for n in names if n.strip()):
+        try:
+            formats.append(Format(name))
+        except ValueError:
+            raise ValueError(f"unknown format {name!r}; valid: onnx, openvino (comma-separated)") from None
+    if not formats:
+        raise ValueError("no format given; valid: onnx, openvino (comma-separated)")
+    return tuple(dict.fromkeys(formats))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What to produce and how strictly to check it."""
+
+    formats: tuple[Format, ...] = (Format.ONNX,)
+    precision: Precision = Precision.FP32
+    similarity: Similarity | None = None
+    revision: str | None = None
+    parity_texts: tuple[str, ...] = ()
+    min_cosine: float = FP32_MIN_COSINE
+    overwrite: bool = False
+
+
+def export_model(
+    source: str,
+    output: str | Path | None = None,
+    *,
+    formats: str | Sequence[str] = "onnx",
+    precision: str = "fp32",
+    similarity: str | None = None,
+    revision: str | None = None,
+    parity_texts: Sequence[str] = (),
+    overwrite: bool = False,
+) -> Path:
+    """Export a sentence-transformers checkpoint into a verified, self-contained model folder.
+
+    Args:
+        source: a local checkpoint folder, a catalogue name (``all-MiniLM-L6-v2``) or a hub id.
+        output: the folder to create; default ``models/<name>`` under the current directory.
+        formats: ``onnx``, ``openvino`` or both (comma-separated).
+        precision: ``fp32`` (default) or ``fp16`` (for GPUs).
+        similarity: override the checkpoint's similarity function (``cosine``, ``dot``, ``euclidean``).
+        revision: hub revision to export (ignored for local folders).
+        parity_texts: more texts to check parity on, besides the built-in probe set.
+        overwrite: replace ``output`` if it exists.
+
+    Returns:
+        The written folder.
+
+    Raises:
+        SourceError: the checkpoint cannot be found or is not supported.
+        ParityError: an artifact does not reproduce sentence-transformers; nothing is written.
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+    """
+    options = ExportOptions(
+        formats=parse_formats(formats),
+        precision=Precision.parse(precision),
+        similarity=Similarity.parse(similarity) if similarity else None,
+        revision=revision,
+        parity_texts=tuple(parity_texts),
+        overwrite=overwrite,
+    )
+    if options.precision is Precision.INT8:
+        raise ValueError("int8 comes from quantisation, not precision; use --quantize")
+    resolved = resolve_source(source, options.revision)
+    target = Path(output) if output else Path("models") / _default_name(resolved)
+    if target.exists() and not options.overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    spec = read_checkpoint(resolved.path, resolved.catalogue)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _build_folder(resolved, spec, options, work)
+        _publish(work, target, options.overwrite)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    log.info("exported %s -> %s", resolved.source_id, target)
+    return target
+
+
+def _default_name(resolved: ResolvedSource) -> str:
+    if resolved.catalogue is not None:
+        return resolved.catalogue.name
+    return resolved.source_id.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions, work: Path) -> None:
+    st = require("sentence_transformers", "export")
+    reference_model = st.SentenceTransformer(str(resolved.path), device="cpu")
+    _check_agrees_with_st(reference_model, spec, resolved.path)
+    eager = st.SentenceTransformer(str(resolved.path), device="cpu", model_kwargs={"attn_implementation": "eager"})
+    folder = work / "model"
+    scratch = work / "scratch"
+    folder.mkdir()
+    scratch.mkdir()
+    reference_model.tokenizer.save_pretrained(str(folder))
+    if not (folder / TOKENIZER_NAME).is_file():
+        raise SourceError(f"{resolved.path}: the tokenizer has no fast (tokenizer.json) form; cannot export it")
+    pad_id = reference_model.tokenizer.pad_token_id
+    plain = scratch / "plain.onnx"
+    export_onnx(build_pipeline(eager, spec), plain, pad_id if pad_id is not None else 0)
+    graphs: dict[str, dict[str, Any]] = {}
+    if Format.ONNX in options.formats:
+        _finish_onnx(plain, folder / ONNX_NAME, options.precision)
+        graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
+    if Format.OPENVINO in options.formats:
+        convert_to_ir(plain, folder)
+        graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
+    manifest = _manifest(resolved, spec, options, reference_model, graphs, pad_id, folder)
+    texts = list(PROBE_TEXTS) + list(options.parity_texts)
+    reference = reference_embeddings(reference_model, texts)
+    parity = {fmt: _parity_of(folder, fmt, texts, reference, options) for fmt in graphs}
+    final = dataclasses.replace(manifest, parity=parity)
+    write_json_atomic(folder / MANIFEST_NAME, final.to_json())
+
+
+def _check_agrees_with_st(model: Any, spec: CheckpointSpec, path: Path) -> None:
+    """The contract read from the files must be what sentence-transformers itself runs."""
+    if model.max_seq_length != spec.max_seq_length:
+        raise SourceError(
+            f"{path}: sentence-transformers runs max_seq_length {model.max_seq_length}, the files say "
+            f"{spec.max_seq_length}; refusing to guess"
+        )
+
+
+def _finish_onnx(plain: Path, dest: Path, precision: Precision) -> None:
+    if precision is Precision.FP16:
+        from embedrt.export.fp16 import convert_fp16
+
+        convert_fp16(plain, dest)
+    else:
+        shutil.copyfile(plain, dest)
+
+
+def _manifest(
+    resolved: ResolvedSource,
+    spec: CheckpointSpec,
+    options: ExportOptions,
+    model: Any,
+    graphs: dict[str, dict[str, Any]],
+    pad_id: int | None,
+    folder: Path,
+) -> Manifest:
+    similarity = options.similarity or spec.similarity
+    manifest = Manifest(
+        source={"id": resolved.source_id, "revision": resolved.revision,
+                "catalogue": resolved.catalogue.name if resolved.catalogue else None},
+        architecture=spec.architecture,
+        dim=int(model.get_sentence_embedding_dimension()),
+        pooling=spec.pooling,
+        normalize=spec.normalize,
+        similarity=similarity,
+        max_seq_length=spec.max_seq_length,
+        do_lower_case=spec.do_lower_case,
+        inputs=graph_inputs(spec.architecture),
+        pad_token_id=int(pad_id if pad_id is not None else 0),
+        precision=options.precision,
+        graphs=graphs,
+        files={},
+        parity={},
+        extra={
+            "similarity_source": "override" if options.similarity else spec.similarity_source,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "exporter": f"embedrt {__version__}, torch.onnx (TorchScript) opset {OPSET}, eager attention",
+            "versions": _versions(),
+        },
+    )
+    if "onnx" in graphs:
+        _stamp_onnx(folder / ONNX_NAME, manifest)
+    manifest = dataclasses.replace(manifest, files=describe_files(folder))
+    write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
+    return manifest
+
+
+def _stamp_onnx(path: Path, manifest: Manifest) -> None:
+    """Write the contract into the graph's ``metadata_props`` so the .onnx file describes itself."""
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for key, value in {"embedrt": json.dumps(manifest.contract()), "producer": "embedrt"}.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "embedrt"
+    model.producer_version = __version__
+    onnx.save(model, str(path))
+
+
+def _parity_of(
+    folder: Path, fmt: str, texts: list[str], reference: Any, options: ExportOptions
+) -> dict[str, Any]:
+    from embedrt.model import load
+
+    device = "openvino" if fmt == "openvino" else ("cuda" if options.precision is Precision.FP16 else "cpu")
+    model = load(folder, device=device, allow_fallback=options.precision is not Precision.FP16)
+    threshold = options.min_cosine if options.precision is Precision.FP32 else 0.999
+    batched = check_parity(fmt, reference, model.encode(texts, batch_size=16), threshold)
+    # one text per batch too: padding must not change a text's embedding
+    single = check_parity(fmt, reference[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1),
+                          threshold)
+    return {**batched, "min_cosine_unbatched": single["min_cosine"], "device": model.device}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "sentence-transformers", "onnx", "onnxruntime", "openvino"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _publish(work: Path, target: Path, overwrite: bool) -> None:
+    """Move the finished folder into place with renames, never leaving a half-written target."""
+    built = work / "model"
+    if target.exists():
+        if not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+        old = work / "previous"
+        target.rename(old)
+    built.rename(target)

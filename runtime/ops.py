@@ -1,0 +1,175 @@
+"""Pooling, normalisation, similarity and top-k search as small pure numpy functions.
+
+Every function takes float32 arrays and returns float32 arrays; none does I/O or keeps state.
+The exporter's in-graph pooling is tested against these same functions.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+IntArray = npt.NDArray[np.int64]
+
+_NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps, which sentence-transformers uses
+_MASK_EPS = 1e-9  # sentence-transformers clamps the token count at this value
+
+
+class Pooling(str, enum.Enum):
+    """How token embeddings become one sentence embedding."""
+
+    MEAN = "mean"
+    CLS = "cls"
+    MAX = "max"
+    MEAN_SQRT_LEN = "mean_sqrt_len"
+
+    @classmethod
+    def parse(cls, value: str) -> Pooling:
+        """Return the member named ``value``; the error lists the valid names."""
+        return _parse_enum(cls, value, "pooling")
+
+
+class Similarity(str, enum.Enum):
+    """Similarity functions; higher always means more similar (euclidean is negated)."""
+
+    COSINE = "cosine"
+    DOT = "dot"
+    EUCLIDEAN = "euclidean"
+
+    @classmethod
+    def parse(cls, value: str) -> Similarity:
+        """Return the member named ``value``; the error lists the valid names."""
+        aliases = {"cos": "cosine", "cos_sim": "cosine", "dot_product": "dot", "dot_score": "dot"}
+        return _parse_enum(cls, aliases.get(value, value), "similarity")
+
+
+def _parse_enum(cls: type[enum.Enum], value: str, what: str):  # type: ignore[no-untyped-def]
+    try:
+        return cls(value)
+    except ValueError:
+        valid = ", ".join(m.value for m in cls)
+        raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None
+
+
+def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], mode: Pooling) -> FloatArray:
+    """Pool ``[batch, seq, dim]`` token embeddings into ``[batch, dim]`` as sentence-transformers does.
+
+    Args:
+        token_embeddings: the encoder's last hidden state, float32 ``[batch, seq, dim]``.
+        attention_mask: 1 for real tokens, 0 for padding, ``[batch, seq]``.
+        mode: the pooling mode.
+
+    Returns:
+        float32 ``[batch, dim]``.
+    """
+    h = np.asarray(token_embeddings, dtype=np.float32)
+    mask = np.asarray(attention_mask).astype(np.float32)[:, :, None]
+    if mode is Pooling.CLS:
+        return h[:, 0, :].copy()
+    if mode is Pooling.MAX:
+        # padded positions must never win the max, the same trick sentence-transformers uses
+        return np.where(mask > 0, h, np.float32(-1e9)).max(axis=1).astype(np.float32)
+    summed = (h * mask).sum(axis=1)
+    counts = np.maximum(mask.sum(axis=1), np.float32(_MASK_EPS))
+    if mode is Pooling.MEAN:
+        return (summed / counts).astype(np.float32)
+    if mode is Pooling.MEAN_SQRT_LEN:
+        return (summed / np.sqrt(counts)).astype(np.float32)
+    raise ValueError(f"unsupported pooling {mode!r}")
+
+
+def l2_normalize(x: FloatArray) -> FloatArray:
+    """Scale each row to unit L2 norm (rows of zeros stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, np.float32(_NORM_EPS))).astype(np.float32)
+
+
+def _as_matrix(x: npt.ArrayLike, name: str) -> FloatArray:
+    arr = np.asarray(x, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a vector or a [n, dim] matrix, got shape {arr.shape}")
+    return arr
+
+
+def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Similarity.COSINE) -> FloatArray:
+    """Pairwise similarity of every row of ``a`` with every row of ``b``.
+
+    Args:
+        a: ``[n, dim]`` (or one ``[dim]`` vector).
+        b: ``[m, dim]`` (or one ``[dim]`` vector).
+        metric: cosine, dot, or euclidean (returned as the negative distance, so higher is closer).
+
+    Returns:
+        float32 ``[n, m]``.
+
+    Raises:
+        ValueError: unknown metric or mismatched dimensions.
+    """
+    metric = Similarity.parse(metric) if isinstance(metric, str) else metric
+    qa, qb = _as_matrix(a, "a"), _as_matrix(b, "b")
+    if qa.shape[1] != qb.shape[1]:
+        raise ValueError(f"dimension mismatch: a has {qa.shape[1]} columns, b has {qb.shape[1]}")
+    if metric is Similarity.COSINE:
+        return (l2_normalize(qa) @ l2_normalize(qb).T).astype(np.float32)
+    if metric is Similarity.DOT:
+        return (qa @ qb.T).astype(np.float32)
+    # |a-b|^2 = |a|^2 + |b|^2 - 2ab, clipped at 0 against rounding
+    sq = (qa * qa).sum(1)[:, None] + (qb * qb).sum(1)[None, :] - 2.0 * (qa @ qb.T)
+    return (-np.sqrt(np.maximum(sq, 0.0))).astype(np.float32)
+
+
+def top_k(
+    queries: npt.ArrayLike,
+    corpus: npt.ArrayLike,
+    k: int = 10,
+    metric: Similarity | str = Similarity.COSINE,
+    chunk_size: int = 16384,
+) -> tuple[IntArray, FloatArray]:
+    """The ``k`` best corpus rows for each query, best first, scanning the corpus in chunks.
+
+    Memory is bounded by ``queries x chunk_size`` scores, whatever the corpus size.
+
+    Args:
+        queries: ``[n, dim]`` query embeddings (or one ``[dim]`` vector).
+        corpus: ``[m, dim]`` corpus embeddings.
+        k: how many hits per query; capped at ``m``.
+        metric: cosine, dot, or euclidean.
+        chunk_size: corpus rows scored at a time.
+
+    Returns:
+        ``(indices, scores)``, int64 and float32, each ``[n, min(k, m)]``, ordered by score, then by index.
+
+    Raises:
+        ValueError: ``k`` or ``chunk_size`` below 1, or mismatched dimensions.
+    """
+    if k < 1 or chunk_size < 1:
+        raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
+    metric = Similarity.parse(metric) if isinstance(metric, str) else metric
+    q, c = _as_matrix(queries, "queries"), _as_matrix(corpus, "corpus")
+    if metric is Similarity.COSINE:  # normalise once, not once per chunk
+        q, c, metric = l2_normalize(q), l2_normalize(c), Similarity.DOT
+    k = min(k, c.shape[0])
+    best_idx = np.zeros((q.shape[0], 0), dtype=np.int64)
+    best_score = np.zeros((q.shape[0], 0), dtype=np.float32)
+    for start in range(0, c.shape[0], chunk_size):
+        scores = similarity(q, c[start : start + chunk_size], metric)
+        idx = np.broadcast_to(np.arange(start, start + scores.shape[1], dtype=np.int64), scores.shape)
+        best_idx, best_score = _merge_top_k(
+            np.concatenate([best_idx, idx], axis=1), np.concatenate([best_score, scores], axis=1), k
+        )
+    return best_idx, best_score
+
+
+def _merge_top_k(idx: IntArray, scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+    if scores.shape[1] > k:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        idx, scores = np.take_along_axis(idx, part, 1), np.take_along_axis(scores, part, 1)
+    # sort by score descending, then index ascending, so results are deterministic
+    order = np.lexsort((idx, -scores), axis=1)
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)

@@ -1,0 +1,119 @@
+"""Device strings, thread budget, and ONNX Runtime provider checks. No silent fallbacks live here."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from embedrt.errors import ProviderUnavailableError
+
+DEVICE_KINDS = ("auto", "cpu", "cuda", "openvino")
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRequest:
+    """A parsed device string: ``auto``, ``cpu``, ``cuda[:N]`` or ``openvino[:DEVICE]``."""
+
+    kind: str
+    index: int = 0
+    openvino_device: str = "CPU"
+
+    def __str__(self) -> str:
+        if self.kind == "cuda":
+            return f"cuda:{self.index}"
+        if self.kind == "openvino":
+            return f"openvino:{self.openvino_device}"
+        return self.kind
+
+
+def parse_device(device: str) -> DeviceRequest:
+    """Parse a device string.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"openvino"`` or ``"openvino:NAME"``
+            where NAME is an OpenVINO device (``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ...).
+
+    Returns:
+        The parsed request.
+
+    Raises:
+        ValueError: the string is not one of these forms; the message lists them.
+    """
+    kind, _, arg = device.strip().partition(":")
+    kind = kind.lower()
+    valid = "auto, cpu, cuda, cuda:N, openvino, openvino:CPU|GPU|GPU.N|NPU"
+    if kind not in DEVICE_KINDS or (arg and kind in ("auto", "cpu")):
+        raise ValueError(f"unknown device {device!r}; valid: {valid}")
+    if kind == "cuda":
+        if arg and not arg.isdigit():
+            raise ValueError(f"unknown device {device!r}: the CUDA index must be a number; valid: {valid}")
+        return DeviceRequest("cuda", index=int(arg or 0))
+    if kind == "openvino":
+        return DeviceRequest("openvino", openvino_device=(arg or "CPU").upper())
+    return DeviceRequest(kind)
+
+
+def default_thread_count() -> int:
+    """Threads this process may really use: CPU affinity, capped by a cgroup CPU quota if one is set."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        # a quota of 1.5 CPUs gets 1 thread: spinning threads beyond the quota only get throttled
+        count = min(count, max(1, math.floor(quota)))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max`` or v1 CFS files), or None."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if len(fields) == 2 and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def cuda_unavailable_reason(ort: Any) -> str | None:
+    """Why ONNX Runtime cannot run CUDA here, or None if the CUDA provider looks loadable."""
+    available = ort.get_available_providers()
+    if CUDA_EP not in available:
+        return (
+            f"onnxruntime {ort.__version__} has no CUDA provider (this build offers {', '.join(available)}); "
+            "install it with: pip install 'embedrt[gpu]' (onnxruntime-gpu, without the CPU onnxruntime)"
+        )
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if library.exists():
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as exc:  # names the CUDA/cuDNN library that is missing or of the wrong version
+            return f"the CUDA provider library failed to load: {exc}"
+    return None
+
+
+def check_session_providers(requested: str, got: list[str]) -> None:
+    """Compare the providers a session really has with the one asked for.
+
+    Raises:
+        ProviderUnavailableError: ``requested`` is not among ``got``, i.e. ONNX Runtime fell back silently.
+    """
+    if requested not in got:
+        raise ProviderUnavailableError(
+            f"asked for {requested} but the ONNX Runtime session came up with {got}; "
+            "see ONNX Runtime's log above for the library that failed to load"
+        )
