@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from embedrt.ops import Pooling
-
 from embedrt.export.source import CheckpointSpec
+from embedrt.ops import Pooling
 
 OPSET = 17
 MAX_IR_VERSION = 10  # onnxruntime 1.20 reads up to 10; our graphs need nothing newer

@@ -195,7 +195,7 @@ def _manifest(
         source={"id": resolved.source_id, "revision": resolved.revision,
                 "catalogue": resolved.catalogue.name if resolved.catalogue else None},
         architecture=spec.architecture,
-        dim=int(model.get_sentence_embedding_dimension()),
+        dim=_embedding_dim(model),
         pooling=spec.pooling,
         normalize=spec.normalize,
         similarity=similarity,
@@ -270,3 +270,9 @@ def _publish(work: Path, target: Path, overwrite: bool) -> None:
         old = work / "previous"
         target.rename(old)
     built.rename(target)
+
+
+def _embedding_dim(model: Any) -> int:
+    # sentence-transformers 6 renamed get_sentence_embedding_dimension
+    getter = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(getter())

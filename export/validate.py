@@ -57,7 +57,7 @@ def parity_figures(reference: FloatArray, candidate: FloatArray) -> dict[str, fl
         "min_cosine": float(cos.min()),
         "mean_cosine": float(cos.mean()),
         "max_abs_diff": float(np.abs(ref - got).max()),
-        "n_texts": int(len(ref)),
+        "n_texts": len(ref),
     }
 
 

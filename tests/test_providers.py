@@ -1,0 +1,90 @@
+"""Device selection with faked provider lists: explicit choices, visible fallbacks, thread budget."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import embedrt
+from embedrt.errors import ProviderUnavailableError
+from embedrt.providers import cgroup_cpu_quota, default_thread_count, parse_device
+
+
+@pytest.mark.parametrize(
+    "text,kind,index,ov",
+    [("cpu", "cpu", 0, "CPU"), ("cuda", "cuda", 0, "CPU"), ("cuda:1", "cuda", 1, "CPU"),
+     ("openvino", "openvino", 0, "CPU"), ("openvino:gpu.1", "openvino", 0, "GPU.1"), ("AUTO", "auto", 0, "CPU")],
+)
+def test_parse_device(text: str, kind: str, index: int, ov: str) -> None:
+    req = parse_device(text)
+    assert (req.kind, req.index, req.openvino_device) == (kind, index, ov)
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:x", "cpu:0", "tpu"])
+def test_bad_device_lists_valid_ones(text: str) -> None:
+    with pytest.raises(ValueError, match="valid: auto, cpu, cuda, cuda:N"):
+        parse_device(text)
+
+
+def _has_cuda() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="this machine has the CUDA provider")
+def test_cuda_without_cuda_says_why_and_fallback_warns(tiny_bert, caplog) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ProviderUnavailableError, match="has no CUDA provider"):
+        embedrt.load(tiny_bert[1], device="cuda")
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        model = embedrt.load(tiny_bert[1], device="cuda", allow_fallback=True)
+    assert model.device == "cpu" and model.providers == ["CPUExecutionProvider"]
+    assert any("CUDA" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    assert model.encode(["x"]).shape == (1, model.dim)
+
+
+def test_session_that_silently_lost_cuda_is_caught(tiny_bert, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr("embedrt.providers.cuda_unavailable_reason", lambda ort: None)
+    monkeypatch.setattr("embedrt.backends.cuda_unavailable_reason", lambda ort: None)
+    real = onnxruntime.InferenceSession
+
+    def cpu_only_session(path, sess_options=None, providers=None):  # type: ignore[no-untyped-def]
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", cpu_only_session)
+    with pytest.raises(ProviderUnavailableError, match=r"asked for CUDAExecutionProvider but .* came up with"):
+        embedrt.load(tiny_bert[1], device="cuda")
+
+
+def test_auto_prefers_openvino_ir_then_cpu(tiny_bert, stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.export.synthetic import StandIn
+
+    if _has_cuda():
+        pytest.skip("auto would pick CUDA here")
+    assert embedrt.load(tiny_bert[1], device="auto").device == "openvino:CPU"
+    _, onnx_only = stand_in_factory(StandIn(architecture="distilbert", seed=3), formats="onnx")
+    assert embedrt.load(onnx_only, device="auto").device == "cpu"
+    with pytest.raises(ProviderUnavailableError, match="holds no OpenVINO IR"):
+        embedrt.load(onnx_only, device="openvino")
+
+
+def test_unknown_openvino_device_lists_available(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ProviderUnavailableError, match="'NPU' is not available here; available: CPU"):
+        embedrt.load(tiny_bert[1], device="openvino:NPU")
+
+
+def test_thread_budget_follows_cgroup_quota(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_quota(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(tmp_path) is None
+    monkeypatch.setattr("embedrt.providers.cgroup_cpu_quota", lambda: 1.5)
+    assert default_thread_count() == 1
+    monkeypatch.setattr("embedrt.providers.cgroup_cpu_quota", lambda: None)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    assert default_thread_count() == 3

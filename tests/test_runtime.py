@@ -1,0 +1,124 @@
+"""The runtime's contract: shapes, order, bad input, broken folders, torch-free imports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt.errors import ModelFolderError
+
+
+@pytest.fixture()
+def bert_folder(tiny_bert, tmp_path):  # type: ignore[no-untyped-def]
+    """A private copy of the tiny BERT model folder that a test may break."""
+    return shutil.copytree(tiny_bert[1], tmp_path / "model")
+
+
+def test_empty_list_gives_zero_rows(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1])
+    out = model.encode([])
+    assert out.shape == (0, model.dim) and out.dtype == np.float32
+
+
+def test_non_str_item_names_its_index(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1])
+    with pytest.raises(TypeError, match=r"texts\[2\] is int"):
+        model.encode(["a", "b", 3])
+    with pytest.raises(TypeError, match="single str"):
+        model.encode("a bare string")
+
+
+def test_order_is_restored_and_batching_does_not_change_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1])
+    texts = ["short", "a much longer text " * 20, "", "medium length text here", "x " * 300]
+    one_by_one = np.stack([model.encode([t])[0] for t in texts])
+    for batch_size in (1, 2, 32):
+        np.testing.assert_allclose(model.encode(texts, batch_size=batch_size), one_by_one, atol=2e-6)
+    np.testing.assert_allclose(model.encode(texts, max_tokens=64), one_by_one, atol=2e-6)
+    reversed_out = model.encode(texts[::-1])
+    np.testing.assert_allclose(reversed_out[::-1], one_by_one, atol=2e-6)
+
+
+def test_model_similarity_defaults_to_checkpoint_function(stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.export.synthetic import seed_stand_in
+
+    _, folder = stand_in_factory(seed_stand_in("msmarco-distilbert-base-dot-v4"))
+    model = embedrt.load(folder)
+    assert model.similarity_metric is embedrt.Similarity.DOT
+    emb = model.encode(["a", "b"])
+    np.testing.assert_allclose(model.similarity(emb, emb), emb @ emb.T, rtol=1e-5)
+    _idx, scores = model.search(["a"], emb, k=2)
+    np.testing.assert_allclose(scores[0], np.sort(emb @ emb[0])[::-1], rtol=1e-5)
+
+
+def test_missing_folder_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ModelFolderError, match="nowhere"):
+        embedrt.load(tmp_path / "nowhere")
+
+
+def test_missing_manifest_is_named(bert_folder) -> None:  # type: ignore[no-untyped-def]
+    (bert_folder / "embedrt.json").unlink()
+    with pytest.raises(ModelFolderError, match=r"embedrt\.json: manifest missing"):
+        embedrt.load(bert_folder)
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+def test_missing_file_is_named(bert_folder, name: str) -> None:  # type: ignore[no-untyped-def]
+    (bert_folder / name).unlink()
+    with pytest.raises(ModelFolderError, match=rf"{name}: file missing"):
+        embedrt.load(bert_folder)
+
+
+def test_truncated_graph_is_named(bert_folder) -> None:  # type: ignore[no-untyped-def]
+    path = bert_folder / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelFolderError, match=r"model\.onnx: corrupt or truncated"):
+        embedrt.load(bert_folder)
+
+
+def test_same_size_corruption_is_caught_by_verify(bert_folder) -> None:  # type: ignore[no-untyped-def]
+    path = bert_folder / "model.onnx"
+    data = bytearray(path.read_bytes())
+    data[-100:] = b"\x00" * 100
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFolderError, match=r"model\.onnx: sha256 does not match"):
+        embedrt.load(bert_folder, verify=True)
+
+
+def test_bad_manifest_fields_are_named(bert_folder) -> None:  # type: ignore[no-untyped-def]
+    path = bert_folder / "embedrt.json"
+    data = json.loads(path.read_text())
+    path.write_text("{not json")
+    with pytest.raises(ModelFolderError, match="cannot read manifest"):
+        embedrt.load(bert_folder)
+    path.write_text(json.dumps({**data, "pooling": "weird"}))
+    with pytest.raises(ModelFolderError, match="unknown pooling 'weird'; valid: mean, cls, max, mean_sqrt_len"):
+        embedrt.load(bert_folder)
+    del data["max_seq_length"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ModelFolderError, match="field 'max_seq_length' missing"):
+        embedrt.load(bert_folder)
+
+
+def test_runtime_never_imports_torch_or_transformers(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    code = textwrap.dedent(
+        f"""
+        import sys, embedrt
+        m = embedrt.load({str(tiny_bert[1])!r}, device="cpu")
+        m.encode(["hello", "world"])
+        m2 = embedrt.load({str(tiny_bert[1])!r}, device="openvino")
+        m2.encode(["hello"])
+        embedrt.top_k(m.encode(["a"]), m.encode(["b", "c"]), k=1)
+        heavy = [name for name in ("torch", "transformers", "sentence_transformers") if name in sys.modules]
+        print("HEAVY", heavy)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
