@@ -19,7 +19,7 @@ from embedrt.errors import SourceError
 from embedrt.export.graph import OPSET, build_pipeline, export_onnx, graph_inputs
 from embedrt.export.openvino_ir import convert_to_ir
 from embedrt.export.source import CheckpointSpec, ResolvedSource, read_checkpoint, resolve_source
-from embedrt.export.validate import FP32_MIN_COSINE, PROBE_TEXTS, check_parity, reference_embeddings
+from embedrt.export.validate import FP16_MIN_COSINE, FP32_MIN_COSINE, PROBE_TEXTS, check_parity, reference_embeddings
 from embedrt.manifest import (
     MANIFEST_NAME,
     ONNX_NAME,
@@ -153,7 +153,7 @@ def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: Expor
         _finish_onnx(plain, folder / ONNX_NAME, options.precision)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
-        convert_to_ir(plain, folder)
+        convert_to_ir(plain, folder, fp16_weights=options.precision is Precision.FP16)
         graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
     manifest = _manifest(resolved, spec, options, reference_model, graphs, pad_id, folder)
     texts = list(PROBE_TEXTS) + list(options.parity_texts)
@@ -239,14 +239,29 @@ def _parity_of(
 ) -> dict[str, Any]:
     from embedrt.model import load
 
-    device = "openvino" if fmt == "openvino" else ("cuda" if options.precision is Precision.FP16 else "cpu")
-    model = load(folder, device=device, allow_fallback=options.precision is not Precision.FP16)
-    threshold = options.min_cosine if options.precision is Precision.FP32 else 0.999
+    device = "openvino" if fmt == "openvino" else _onnx_check_device(options.precision)
+    model = load(folder, device=device)
+    threshold = options.min_cosine if options.precision is Precision.FP32 else FP16_MIN_COSINE
     batched = check_parity(fmt, reference, model.encode(texts, batch_size=16), threshold)
     # one text per batch too: padding must not change a text's embedding
     single = check_parity(fmt, reference[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1),
                           threshold)
     return {**batched, "min_cosine_unbatched": single["min_cosine"], "device": model.device}
+
+
+def _onnx_check_device(precision: Precision) -> str:
+    """fp16 graphs are checked where they will run, on CUDA, if this machine has it; else on the CPU."""
+    if precision is not Precision.FP16:
+        return "cpu"
+    import onnxruntime
+
+    from embedrt.providers import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason(onnxruntime)
+    if reason is None:
+        return "cuda"
+    log.warning("checking the fp16 graph on the CPU (ONNX Runtime upcasts there), not on a GPU: %s", reason)
+    return "cpu"
 
 
 def _versions() -> dict[str, str]:

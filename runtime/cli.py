@@ -25,6 +25,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
+    p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
+    p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load(args: argparse.Namespace) -> Any:
     from embedrt.model import load
 
-    return load(args.model, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback)
+    return load(args.model, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
+                openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint)
 
 
 def _progress() -> bool:

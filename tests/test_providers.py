@@ -88,3 +88,15 @@ def test_thread_budget_follows_cgroup_quota(tmp_path, monkeypatch) -> None:  # t
     monkeypatch.setattr("embedrt.providers.cgroup_cpu_quota", lambda: None)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     assert default_thread_count() == 3
+
+
+def test_openvino_cache_dir_and_hint(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = tmp_path / "ov-cache"
+    model = embedrt.load(tiny_bert[1], device="openvino", openvino_cache_dir=str(cache), performance_hint="throughput")
+    assert any(cache.iterdir())  # the compiled blob was cached
+    again = embedrt.load(tiny_bert[1], device="openvino", openvino_cache_dir=str(cache))
+    import numpy as np
+
+    np.testing.assert_allclose(model.encode(["a b c"]), again.encode(["a b c"]), atol=1e-6)
+    with pytest.raises(ValueError, match="valid: latency, throughput"):
+        embedrt.load(tiny_bert[1], device="openvino", performance_hint="fast")
