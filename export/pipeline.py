@@ -15,9 +15,19 @@ from typing import Any
 
 from embedrt import __version__
 from embedrt._optional import require
+from embedrt.cpu import parse_target
 from embedrt.errors import SourceError
+from embedrt.export.gate import run_gate
 from embedrt.export.graph import OPSET, build_pipeline, export_onnx, graph_inputs
 from embedrt.export.openvino_ir import convert_to_ir
+from embedrt.export.quantize import (
+    Method,
+    QuantConfig,
+    default_calibration_texts,
+    optimize_graph,
+    quantize_onnx,
+    quantize_openvino,
+)
 from embedrt.export.source import CheckpointSpec, ResolvedSource, read_checkpoint, resolve_source
 from embedrt.export.validate import FP16_MIN_COSINE, FP32_MIN_COSINE, PROBE_TEXTS, check_parity, reference_embeddings
 from embedrt.manifest import (
@@ -29,9 +39,11 @@ from embedrt.manifest import (
     Manifest,
     Precision,
     describe_files,
+    read_manifest,
     write_json_atomic,
 )
 from embedrt.ops import Similarity
+from embedrt.tokenize import TextTokenizer
 
 log = logging.getLogger("embedrt.export")
 
@@ -68,6 +80,11 @@ class ExportOptions:
     parity_texts: tuple[str, ...] = ()
     min_cosine: float = FP32_MIN_COSINE
     overwrite: bool = False
+    quantize: QuantConfig | None = None
+    eval_dir: Path | None = None
+    min_retained: float = 99.0
+    min_agreement: float = 0.85
+    min_mean_cosine: float = 0.99
 
 
 def export_model(
@@ -80,6 +97,13 @@ def export_model(
     revision: str | None = None,
     parity_texts: Sequence[str] = (),
     overwrite: bool = False,
+    quantize: str | None = None,
+    target: str = "auto",
+    calibration_texts: Sequence[str] | None = None,
+    calibration_method: str = "minmax",
+    keep_ffn_output_fp32: bool = False,
+    eval_dir: str | Path | None = None,
+    min_retained: float = 99.0,
 ) -> Path:
     """Export a sentence-transformers checkpoint into a verified, self-contained model folder.
 
@@ -92,6 +116,13 @@ def export_model(
         revision: hub revision to export (ignored for local folders).
         parity_texts: more texts to check parity on, besides the built-in probe set.
         overwrite: replace ``output`` if it exists.
+        quantize: ``dynamic`` or ``static`` for an int8 folder (fused, then quantised, then gated).
+        target: int8 target CPU (``auto`` = this one; ``avx2``, ``avx512_vnni``, ``amx``, ``arm64_dotprod``...).
+        calibration_texts: texts for static calibration (default: the set shipped with embedrt).
+        calibration_method: ``minmax``, ``entropy`` or ``percentile``.
+        keep_ffn_output_fp32: leave the FFN down-projections in fp32 (more faithful, slower).
+        eval_dir: a BEIR folder; the int8 model must keep ``min_retained`` percent of fp32's NDCG@10 on it.
+        min_retained: the gate's threshold in percent.
 
     Returns:
         The written folder.
@@ -99,8 +130,16 @@ def export_model(
     Raises:
         SourceError: the checkpoint cannot be found or is not supported.
         ParityError: an artifact does not reproduce sentence-transformers; nothing is written.
+        QualityGateError: the int8 model lost too much quality; nothing is written.
         FileExistsError: ``output`` exists and ``overwrite`` is False.
     """
+    quant = None
+    if quantize:
+        quant = QuantConfig(
+            Method.parse(quantize), parse_target(target),
+            tuple(calibration_texts) if calibration_texts else default_calibration_texts(),
+            calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32,
+        )
     options = ExportOptions(
         formats=parse_formats(formats),
         precision=Precision.parse(precision),
@@ -108,29 +147,33 @@ def export_model(
         revision=revision,
         parity_texts=tuple(parity_texts),
         overwrite=overwrite,
+        quantize=quant,
+        eval_dir=Path(eval_dir) if eval_dir else None,
+        min_retained=min_retained,
     )
     if options.precision is Precision.INT8:
-        raise ValueError("int8 comes from quantisation, not precision; use --quantize")
+        raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
+    if quant is not None and options.precision is Precision.FP16:
+        raise ValueError("--quantize and --precision fp16 exclude each other")
     resolved = resolve_source(source, options.revision)
-    target = Path(output) if output else Path("models") / _default_name(resolved)
-    if target.exists() and not options.overwrite:
-        raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace it")
+    target_dir = Path(output) if output else Path("models") / _default_name(resolved, quant)
+    if target_dir.exists() and not options.overwrite:
+        raise FileExistsError(f"{target_dir} exists; pass overwrite=True (--overwrite) to replace it")
     spec = read_checkpoint(resolved.path, resolved.catalogue)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
     try:
         _build_folder(resolved, spec, options, work)
-        _publish(work, target, options.overwrite)
+        _publish(work, target_dir, options.overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log.info("exported %s -> %s", resolved.source_id, target)
-    return target
+    log.info("exported %s -> %s", resolved.source_id, target_dir)
+    return target_dir
 
 
-def _default_name(resolved: ResolvedSource) -> str:
-    if resolved.catalogue is not None:
-        return resolved.catalogue.name
-    return resolved.source_id.rstrip("/").rsplit("/", 1)[-1]
+def _default_name(resolved: ResolvedSource, quant: QuantConfig | None) -> str:
+    name = resolved.catalogue.name if resolved.catalogue else resolved.source_id.rstrip("/").rsplit("/", 1)[-1]
+    return f"{name}-int8-{quant.method.value}" if quant else name
 
 
 def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions, work: Path) -> None:
@@ -138,16 +181,28 @@ def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: Expor
     reference_model = st.SentenceTransformer(str(resolved.path), device="cpu")
     _check_agrees_with_st(reference_model, spec, resolved.path)
     eager = st.SentenceTransformer(str(resolved.path), device="cpu", model_kwargs={"attn_implementation": "eager"})
-    folder = work / "model"
     scratch = work / "scratch"
-    folder.mkdir()
     scratch.mkdir()
-    reference_model.tokenizer.save_pretrained(str(folder))
-    if not (folder / TOKENIZER_NAME).is_file():
-        raise SourceError(f"{resolved.path}: the tokenizer has no fast (tokenizer.json) form; cannot export it")
     pad_id = reference_model.tokenizer.pad_token_id
     plain = scratch / "plain.onnx"
     export_onnx(build_pipeline(eager, spec), plain, pad_id if pad_id is not None else 0)
+    texts = list(PROBE_TEXTS) + list(options.parity_texts)
+    reference = reference_embeddings(reference_model, texts)
+    fp32_options = dataclasses.replace(options, quantize=None) if options.quantize else options
+    base = work / "model" if options.quantize is None else scratch / "fp32"
+    _assemble(base, plain, resolved, spec, fp32_options, reference_model, pad_id)
+    _check_all(base, texts, reference, fp32_options)
+    if options.quantize is not None:
+        _build_int8(work / "model", base, plain, resolved, spec, options, reference_model, (texts, reference))
+
+
+def _assemble(folder: Path, plain: Path, resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
+              model: Any, pad_id: int | None, extra: dict[str, Any] | None = None) -> Manifest:
+    """Write tokenizer, graphs and a manifest (without parity yet) into ``folder``."""
+    folder.mkdir(parents=True)
+    model.tokenizer.save_pretrained(str(folder))
+    if not (folder / TOKENIZER_NAME).is_file():
+        raise SourceError(f"{resolved.path}: the tokenizer has no fast (tokenizer.json) form; cannot export it")
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
         _finish_onnx(plain, folder / ONNX_NAME, options.precision)
@@ -155,12 +210,54 @@ def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: Expor
     if Format.OPENVINO in options.formats:
         convert_to_ir(plain, folder, fp16_weights=options.precision is Precision.FP16)
         graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
-    manifest = _manifest(resolved, spec, options, reference_model, graphs, pad_id, folder)
-    texts = list(PROBE_TEXTS) + list(options.parity_texts)
-    reference = reference_embeddings(reference_model, texts)
-    parity = {fmt: _parity_of(folder, fmt, texts, reference, options) for fmt in graphs}
+    return _manifest(resolved, spec, options, model, graphs, pad_id, folder, extra or {})
+
+
+def _check_all(folder: Path, texts: list[str], reference: Any, options: ExportOptions,
+               threshold: float | None = None) -> dict[str, Any]:
+    """Parity of every graph in ``folder``; stored in its manifest."""
+    manifest = read_manifest(folder)
+    parity = {fmt: _parity_of(folder, fmt, texts, reference, options, threshold) for fmt in manifest.graphs}
     final = dataclasses.replace(manifest, parity=parity)
     write_json_atomic(folder / MANIFEST_NAME, final.to_json())
+    return parity
+
+
+def _build_int8(folder: Path, base: Path, plain: Path, resolved: ResolvedSource, spec: CheckpointSpec,
+                options: ExportOptions, model: Any, probe: tuple[list[str], Any]) -> None:
+    """Fuse, quantise, record, and gate the int8 folder against the fp32 one."""
+    from embedrt.model import load
+
+    quant = options.quantize
+    assert quant is not None  # callers check; not user input
+    base_manifest = read_manifest(base)
+    tokenizer = TextTokenizer(base / TOKENIZER_NAME, base_manifest.max_seq_length, base_manifest.pad_token_id,
+                              base_manifest.inputs)
+    fused = plain.with_name("fused.onnx")
+    fusion = optimize_graph(plain, fused, spec.architecture)
+    int8_options = dataclasses.replace(options, precision=Precision.INT8)
+    skeleton = _assemble(folder, plain, resolved, spec, dataclasses.replace(int8_options, formats=()), model,
+                         base_manifest.pad_token_id, {"quantization": {**quant.describe(), "fused_operators": fusion}})
+    graphs: dict[str, dict[str, Any]] = {}
+    if Format.ONNX in options.formats:
+        quantize_onnx(fused, folder / ONNX_NAME, quant, tokenizer)
+        graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
+    if Format.OPENVINO in options.formats:
+        quantize_openvino(base / OPENVINO_XML, folder, quant, tokenizer)
+        graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
+    manifest = dataclasses.replace(skeleton, graphs=graphs)
+    if "onnx" in graphs:
+        _stamp_onnx(folder / ONNX_NAME, manifest)
+    write_json_atomic(folder / MANIFEST_NAME, dataclasses.replace(manifest, files=describe_files(folder)).to_json())
+    _check_all(folder, *probe, int8_options, threshold=0.0)  # int8 is judged by the gate below
+    gates = {}
+    for fmt in graphs:
+        device = "openvino" if fmt == "openvino" else "cpu"
+        gates[fmt] = run_gate(load(base, device=device), load(folder, device=device), options.eval_dir,
+                              options.min_retained, options.min_agreement, options.min_mean_cosine)
+    manifest = read_manifest(folder)
+    extra = {**manifest.extra, "quantization": {**manifest.extra["quantization"], "gate": gates}}
+    write_json_atomic(folder / MANIFEST_NAME, dataclasses.replace(manifest, extra=extra).to_json())
 
 
 def _check_agrees_with_st(model: Any, spec: CheckpointSpec, path: Path) -> None:
@@ -189,6 +286,7 @@ def _manifest(
     graphs: dict[str, dict[str, Any]],
     pad_id: int | None,
     folder: Path,
+    extra: dict[str, Any],
 ) -> Manifest:
     similarity = options.similarity or spec.similarity
     manifest = Manifest(
@@ -212,6 +310,7 @@ def _manifest(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "exporter": f"embedrt {__version__}, torch.onnx (TorchScript) opset {OPSET}, eager attention",
             "versions": _versions(),
+            **extra,
         },
     )
     if "onnx" in graphs:
@@ -235,13 +334,14 @@ def _stamp_onnx(path: Path, manifest: Manifest) -> None:
 
 
 def _parity_of(
-    folder: Path, fmt: str, texts: list[str], reference: Any, options: ExportOptions
+    folder: Path, fmt: str, texts: list[str], reference: Any, options: ExportOptions, threshold: float | None
 ) -> dict[str, Any]:
     from embedrt.model import load
 
     device = "openvino" if fmt == "openvino" else _onnx_check_device(options.precision)
     model = load(folder, device=device)
-    threshold = options.min_cosine if options.precision is Precision.FP32 else FP16_MIN_COSINE
+    if threshold is None:
+        threshold = options.min_cosine if options.precision is Precision.FP32 else FP16_MIN_COSINE
     batched = check_parity(fmt, reference, model.encode(texts, batch_size=16), threshold)
     # one text per batch too: padding must not change a text's embedding
     single = check_parity(fmt, reference[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1),

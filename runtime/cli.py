@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision (hub ids only)")
     p.add_argument("--parity-texts", help=".txt or .jsonl of extra texts to check parity on")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--quantize", choices=["dynamic", "static"], help="int8: dynamic, or static (batch-invariant)")
+    p.add_argument("--target", default="auto",
+                   help="int8 target CPU: auto (this one), avx2, avx512, avx_vnni, avx512_vnni, amx, arm64_dotprod")
+    p.add_argument("--calibration-texts", help=".txt/.jsonl calibration texts (default: the shipped set)")
+    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
+    p.add_argument("--keep-ffn-fp32", action="store_true", help="int8: leave FFN down-projections in fp32")
+    p.add_argument("--eval", dest="eval_dir", help="BEIR folder for the int8 quality gate (NDCG@10 retention)")
+    p.add_argument("--min-retained", type=float, default=99.0, help="gate: percent of fp32 NDCG@10 to keep")
 
     p = sub.add_parser("encode", help="embed texts into a .npy file")
     p.add_argument("model", help="model folder")
@@ -108,15 +116,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
     extra = read_records(args.parity_texts)[1] if args.parity_texts else []
+    calibration = read_records(args.calibration_texts)[1] if args.calibration_texts else None
     out = export_model(
         args.source, args.output, formats=args.format, precision=args.precision, similarity=args.similarity,
-        revision=args.revision, parity_texts=extra, overwrite=args.overwrite,
+        revision=args.revision, parity_texts=extra, overwrite=args.overwrite, quantize=args.quantize,
+        target=args.target, calibration_texts=calibration, calibration_method=args.calibration_method,
+        keep_ffn_output_fp32=args.keep_ffn_fp32, eval_dir=args.eval_dir, min_retained=args.min_retained,
     )
     manifest = json.loads((out / "embedrt.json").read_text())
     print(f"exported {manifest['source']['id']} -> {out}")
     for fmt, fig in manifest["parity"].items():
         print(f"  {fmt}: min cosine {fig['min_cosine']:.7f} over {fig['n_texts']} texts "
               f"(max abs diff {fig['max_abs_diff']:.2e}) on {fig['device']}")
+    quant = manifest["extra"].get("quantization")
+    if quant:
+        for fmt, gate in quant["gate"].items():
+            line = f"  gate {fmt}: top-10 agreement {gate['builtin']['top10_agreement']:.3f}, " \
+                   f"mean cosine {gate['builtin']['mean_cosine']:.5f}"
+            if "beir" in gate:
+                b = gate["beir"]
+                line += f"; NDCG@10 {b['int8_ndcg@10']:.2f} vs fp32 {b['fp32_ndcg@10']:.2f} " \
+                        f"({b['retained_percent']:.2f}% kept)"
+            print(line)
     return 0
 
 

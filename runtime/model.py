@@ -166,8 +166,25 @@ def load(
                 raise
             log.warning("%s; falling back to the CPU as allow_fallback=True", exc)
             backend = _make_backend(root, manifest, DeviceRequest("cpu"), options)
+    _warn_if_cpu_lacks_int8_target(root, manifest, backend.device)
     log.info("embedrt: loaded %s on %s (providers %s)", root, backend.device, backend.providers)
     return EmbeddingModel(root, manifest, backend, tokenizer)
+
+
+def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, device: str) -> None:
+    target = manifest.extra.get("quantization", {}).get("target") if manifest.precision is Precision.INT8 else None
+    if not target or device.startswith("cuda"):
+        return
+    from embedrt.cpu import SATURATING_TARGETS, missing_features
+
+    missing = missing_features(str(target))
+    if missing:
+        saturate = str(target) not in SATURATING_TARGETS
+        log.warning(
+            "%s was quantised for %s, but this CPU lacks %s: it will run slower%s; re-export with --target auto",
+            root, target, ", ".join(missing),
+            " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
+        )
 
 
 def _make_backend(root: Path, manifest: Manifest, request: DeviceRequest, options: dict[str, Any]) -> Backend:

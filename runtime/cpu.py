@@ -1,0 +1,58 @@
+"""CPU instruction-set detection for int8 targets (AVX2, AVX-512, VNNI, AMX, ARM dot product)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+# target name -> CPU flags its int8 kernels rely on, fastest first
+TARGETS: dict[str, tuple[str, ...]] = {
+    "amx": ("amx_int8", "avx512_vnni"),
+    "avx512_vnni": ("avx512f", "avx512_vnni"),
+    "avx_vnni": ("avx2", "avx_vnni"),
+    "avx512": ("avx512f",),
+    "avx2": ("avx2",),
+    "arm64_dotprod": ("asimddp",),
+    "arm64": ("asimd",),
+    "generic": (),
+}
+# without VNNI/AMX, x86 u8 x s8 kernels add pairs of products in int16 (pmaddubsw) and saturate unless
+# weights use 7 bits ("reduce_range"), as ONNX Runtime's quantization docs warn
+SATURATING_TARGETS = frozenset({"avx2", "avx512", "generic"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (x86 ``flags`` or ARM ``Features`` lines of /proc/cpuinfo)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return frozenset({"asimd"} if platform.machine() in ("arm64", "aarch64") else ())
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def detect_target(flags: frozenset[str] | None = None) -> str:
+    """The best int8 target this CPU supports."""
+    have = cpu_flags() if flags is None else flags
+    for name, needed in TARGETS.items():
+        if needed and set(needed) <= have:
+            return name
+    return "generic"
+
+
+def parse_target(value: str) -> str:
+    """Validate a target name (``auto`` means this CPU); the error lists the valid ones."""
+    if value == "auto":
+        return detect_target()
+    if value not in TARGETS:
+        raise ValueError(f"unknown int8 target {value!r}; valid: auto, {', '.join(TARGETS)}")
+    return value
+
+
+def missing_features(target: str, flags: frozenset[str] | None = None) -> list[str]:
+    """Flags ``target`` needs that this CPU lacks."""
+    have = cpu_flags() if flags is None else flags
+    return [f for f in TARGETS.get(target, ()) if f not in have]
