@@ -104,6 +104,7 @@ def export_model(
     keep_ffn_output_fp32: bool = False,
     eval_dir: str | Path | None = None,
     min_retained: float = 99.0,
+    min_agreement: float = 0.85,
 ) -> Path:
     """Export a sentence-transformers checkpoint into a verified, self-contained model folder.
 
@@ -123,6 +124,7 @@ def export_model(
         keep_ffn_output_fp32: leave the FFN down-projections in fp32 (more faithful, slower).
         eval_dir: a BEIR folder; the int8 model must keep ``min_retained`` percent of fp32's NDCG@10 on it.
         min_retained: the gate's threshold in percent.
+        min_agreement: without ``eval_dir``, the built-in gate's minimum top-10 agreement with fp32.
 
     Returns:
         The written folder.
@@ -150,6 +152,7 @@ def export_model(
         quantize=quant,
         eval_dir=Path(eval_dir) if eval_dir else None,
         min_retained=min_retained,
+        min_agreement=min_agreement,
     )
     if options.precision is Precision.INT8:
         raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
@@ -186,26 +189,42 @@ def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: Expor
     pad_id = reference_model.tokenizer.pad_token_id
     plain = scratch / "plain.onnx"
     export_onnx(build_pipeline(eager, spec), plain, pad_id if pad_id is not None else 0)
+    fused = scratch / "fused.onnx"
+    fusion = optimize_graph(plain, fused, *_heads_and_width(eager[0].auto_model.config))
     texts = list(PROBE_TEXTS) + list(options.parity_texts)
     reference = reference_embeddings(reference_model, texts)
     fp32_options = dataclasses.replace(options, quantize=None) if options.quantize else options
     base = work / "model" if options.quantize is None else scratch / "fp32"
-    _assemble(base, plain, resolved, spec, fp32_options, reference_model, pad_id)
+    _assemble(base, (plain, fused), resolved, spec, fp32_options, reference_model, pad_id,
+              {"fused_operators": fusion})
     _check_all(base, texts, reference, fp32_options)
     if options.quantize is not None:
-        _build_int8(work / "model", base, plain, resolved, spec, options, reference_model, (texts, reference))
+        _build_int8(work / "model", base, (plain, fused), resolved, spec, options, reference_model,
+                    (texts, reference))
 
 
-def _assemble(folder: Path, plain: Path, resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
-              model: Any, pad_id: int | None, extra: dict[str, Any] | None = None) -> Manifest:
-    """Write tokenizer, graphs and a manifest (without parity yet) into ``folder``."""
+def _heads_and_width(config: Any) -> tuple[int, int]:
+    # DistilBERT names them n_heads / dim
+    heads = getattr(config, "num_attention_heads", None) or config.n_heads
+    width = getattr(config, "hidden_size", None) or config.dim
+    return int(heads), int(width)
+
+
+def _assemble(folder: Path, graphs_in: tuple[Path, Path], resolved: ResolvedSource, spec: CheckpointSpec,
+              options: ExportOptions, model: Any, pad_id: int | None, extra: dict[str, Any] | None = None,
+              ) -> Manifest:
+    """Write tokenizer, graphs and a manifest (without parity yet) into ``folder``.
+
+    ``graphs_in`` is (plain, fused): ONNX Runtime gets the fused fp32 graph; OpenVINO and fp16 the plain one.
+    """
+    plain, fused = graphs_in
     folder.mkdir(parents=True)
     model.tokenizer.save_pretrained(str(folder))
     if not (folder / TOKENIZER_NAME).is_file():
         raise SourceError(f"{resolved.path}: the tokenizer has no fast (tokenizer.json) form; cannot export it")
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
-        _finish_onnx(plain, folder / ONNX_NAME, options.precision)
+        _finish_onnx(plain if options.precision is Precision.FP16 else fused, folder / ONNX_NAME, options.precision)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
         convert_to_ir(plain, folder, fp16_weights=options.precision is Precision.FP16)
@@ -223,7 +242,7 @@ def _check_all(folder: Path, texts: list[str], reference: Any, options: ExportOp
     return parity
 
 
-def _build_int8(folder: Path, base: Path, plain: Path, resolved: ResolvedSource, spec: CheckpointSpec,
+def _build_int8(folder: Path, base: Path, graphs_in: tuple[Path, Path], resolved: ResolvedSource, spec: CheckpointSpec,
                 options: ExportOptions, model: Any, probe: tuple[list[str], Any]) -> None:
     """Fuse, quantise, record, and gate the int8 folder against the fp32 one."""
     from embedrt.model import load
@@ -233,14 +252,13 @@ def _build_int8(folder: Path, base: Path, plain: Path, resolved: ResolvedSource,
     base_manifest = read_manifest(base)
     tokenizer = TextTokenizer(base / TOKENIZER_NAME, base_manifest.max_seq_length, base_manifest.pad_token_id,
                               base_manifest.inputs)
-    fused = plain.with_name("fused.onnx")
-    fusion = optimize_graph(plain, fused, spec.architecture)
+    fusion = base_manifest.extra.get("fused_operators", {})
     int8_options = dataclasses.replace(options, precision=Precision.INT8)
-    skeleton = _assemble(folder, plain, resolved, spec, dataclasses.replace(int8_options, formats=()), model,
-                         base_manifest.pad_token_id, {"quantization": {**quant.describe(), "fused_operators": fusion}})
+    skeleton = _assemble(folder, graphs_in, resolved, spec, dataclasses.replace(int8_options, formats=()), model,
+                         base_manifest.pad_token_id, {"fused_operators": fusion, "quantization": quant.describe()})
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
-        quantize_onnx(fused, folder / ONNX_NAME, quant, tokenizer)
+        quantize_onnx(graphs_in[1], folder / ONNX_NAME, quant, tokenizer)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
         quantize_openvino(base / OPENVINO_XML, folder, quant, tokenizer)

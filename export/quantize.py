@@ -64,12 +64,20 @@ def default_calibration_texts() -> tuple[str, ...]:
     return tuple(line for line in text.splitlines() if line.strip())
 
 
-def optimize_graph(src: Path, dest: Path, architecture: str) -> dict[str, int]:
-    """ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusion); returns fused-op counts."""
+def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusion); returns fused-op counts.
+
+    The fused graph uses ONNX Runtime contrib ops, so it serves ONNX Runtime only; OpenVINO gets the plain one.
+    """
+    import logging
+
     from onnxruntime.transformers import optimizer
 
-    model_type = "bert"  # the BERT fusions also match DistilBERT and RoBERTa encoders
-    opt = optimizer.optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=1)
+    # the BERT fusions also match DistilBERT and RoBERTa encoders; heads and width come from the config
+    # because detecting them from the graph fails on eager-attention exports
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                   opt_level=1)
     opt.save_model_to_file(str(dest))
     stats = opt.get_fused_operator_statistics()
     return {name: int(count) for name, count in stats.items() if count}
@@ -100,7 +108,8 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
 
     common: dict[str, Any] = {
         "per_channel": config.per_channel, "reduce_range": config.reduce_range, "weight_type": QuantType.QInt8,
-        "op_types_to_quantize": ["MatMul", "Gather"],
+        # dynamic also quantises the fused Attention's QKV projection (QAttention); QDQ cannot express it
+        "op_types_to_quantize": ["MatMul", "Gather"] + (["Attention"] if config.method is Method.DYNAMIC else []),
         "nodes_to_exclude": _fp32_nodes(src) if config.keep_ffn_output_fp32 else [],
         # fused contrib ops defeat ONNX shape inference; their outputs are float
         "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},

@@ -47,7 +47,7 @@ def test_cuda_fp32_and_fp16_parity_with_iobinding(minilm_checkpoint, minilm_st, 
     from .conftest import scifact_docs
 
     try:
-        texts = scifact_docs(300) + ["", "x", "emoji 😀", "long " * 400]
+        texts = [*scifact_docs(300), "", "x", "emoji 😀", "long " * 400]
     except pytest.skip.Exception:
         texts = [*PROBE_TEXTS]
     ref = minilm_st.encode(texts, convert_to_numpy=True)

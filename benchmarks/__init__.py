@@ -1,0 +1,1 @@
+"""embedrt's benchmark suite: side by side with sentence-transformers, speed and quality together."""

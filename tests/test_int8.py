@@ -1,0 +1,71 @@
+"""INT8 exports: recipe recorded, gate enforced, batch invariance of static, CPU-feature warnings."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt.cpu import detect_target, missing_features, parse_target
+from embedrt.errors import QualityGateError
+from embedrt.export import export_model
+from embedrt.export.quantize import default_calibration_texts
+
+
+@pytest.fixture(scope="module")
+def static_int8(tiny_bert, tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("int8") / "static"
+    return export_model(str(tiny_bert[0]), out, quantize="static", formats="onnx,openvino", min_agreement=0.5)
+
+
+def test_static_int8_manifest_and_size(static_int8, tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    manifest = json.loads((static_int8 / "embedrt.json").read_text())
+    assert manifest["precision"] == "int8"
+    quant = manifest["extra"]["quantization"]
+    assert quant["method"] == "static" and quant["target"] == detect_target()
+    assert quant["calibration"]["texts"] == len(default_calibration_texts())
+    assert set(quant["gate"]) == {"onnx", "openvino"}
+    assert quant["gate"]["onnx"]["builtin"]["top10_agreement"] >= 0.5
+    assert (static_int8 / "model.onnx").stat().st_size < 0.5 * (tiny_bert[1] / "model.onnx").stat().st_size
+
+
+def test_static_int8_is_batch_invariant(static_int8) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(static_int8)
+    corpus = list(default_calibration_texts())[:60]
+    queries = ["heart disease", "rain and floods", "music", "interest rates"]
+    ref_top = embedrt.top_k(model.encode(queries), model.encode(corpus, batch_size=1), k=10)[0]
+    rng = random.Random(0)
+    for batch_size in (3, 17, 64):
+        order = list(range(len(corpus)))
+        rng.shuffle(order)  # other batch-mates, other padding
+        emb = np.empty((len(corpus), model.dim), dtype=np.float32)
+        emb[order] = model.encode([corpus[i] for i in order], batch_size=batch_size)
+        top = embedrt.top_k(model.encode(queries, batch_size=batch_size), emb, k=10)[0]
+        np.testing.assert_array_equal(top, ref_top)
+
+
+def test_gate_failure_writes_nothing(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(QualityGateError, match=r"top-10 agreement .*needs 1\.01"):
+        export_model(str(tiny_bert[0]), tmp_path / "out", quantize="dynamic", min_agreement=1.01)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_targets() -> None:
+    assert parse_target("avx2") == "avx2"
+    with pytest.raises(ValueError, match="valid: auto, amx"):
+        parse_target("sse2")
+    assert detect_target(frozenset({"avx2", "fma"})) == "avx2"
+    assert detect_target(frozenset({"avx2", "avx512f", "avx512_vnni"})) == "avx512_vnni"
+    assert detect_target(frozenset({"asimd", "asimddp"})) == "arm64_dotprod"
+    assert missing_features("avx512_vnni", frozenset({"avx2"})) == ["avx512f", "avx512_vnni"]
+
+
+def test_runtime_warns_when_cpu_lacks_the_target(static_int8, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: frozenset({"sse2"}))
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        embedrt.load(static_int8)
+    assert any("was quantised for" in r.getMessage() and "lacks" in r.getMessage() for r in caplog.records)
