@@ -253,17 +253,23 @@ def _build_int8(folder: Path, base: Path, graphs_in: tuple[Path, Path], resolved
     tokenizer = TextTokenizer(base / TOKENIZER_NAME, base_manifest.max_seq_length, base_manifest.pad_token_id,
                               base_manifest.inputs)
     fusion = base_manifest.extra.get("fused_operators", {})
+    heads_width = _heads_and_width(model[0].auto_model.config)
     int8_options = dataclasses.replace(options, precision=Precision.INT8)
     skeleton = _assemble(folder, graphs_in, resolved, spec, dataclasses.replace(int8_options, formats=()), model,
                          base_manifest.pad_token_id, {"fused_operators": fusion, "quantization": quant.describe()})
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
-        quantize_onnx(graphs_in[1], folder / ONNX_NAME, quant, tokenizer)
+        source = graphs_in[1]
+        if quant.method is Method.STATIC:
+            source = graphs_in[0].with_name("fused-static.onnx")
+            fusion = optimize_graph(graphs_in[0], source, *heads_width, embed_fusion=False)
+        quantize_onnx(source, folder / ONNX_NAME, quant, tokenizer)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
         quantize_openvino(base / OPENVINO_XML, folder, quant, tokenizer)
         graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
-    manifest = dataclasses.replace(skeleton, graphs=graphs)
+    extra = {**skeleton.extra, "fused_operators": fusion}
+    manifest = dataclasses.replace(skeleton, graphs=graphs, extra=extra)
     if "onnx" in graphs:
         _stamp_onnx(folder / ONNX_NAME, manifest)
     write_json_atomic(folder / MANIFEST_NAME, dataclasses.replace(manifest, files=describe_files(folder)).to_json())

@@ -64,7 +64,8 @@ def default_calibration_texts() -> tuple[str, ...]:
     return tuple(line for line in text.splitlines() if line.strip())
 
 
-def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int, embed_fusion: bool = True,
+                   ) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusion); returns fused-op counts.
 
     The fused graph uses ONNX Runtime contrib ops, so it serves ONNX Runtime only; OpenVINO gets the plain one.
@@ -72,12 +73,16 @@ def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int) -> d
     import logging
 
     from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
 
     # the BERT fusions also match DistilBERT and RoBERTa encoders; heads and width come from the config
     # because detecting them from the graph fails on eager-attention exports
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    options = FusionOptions("bert")
+    # static QDQ quantises the embedding Gather only when it is not fused into EmbedLayerNormalization
+    options.enable_embed_layer_norm = embed_fusion
     opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                                   opt_level=1)
+                                   opt_level=1, optimization_options=options)
     opt.save_model_to_file(str(dest))
     stats = opt.get_fused_operator_statistics()
     return {name: int(count) for name, count in stats.items() if count}
@@ -89,6 +94,8 @@ def _calibration_feeds(tokenizer: TextTokenizer, texts: tuple[str, ...]) -> Iter
         yield tokenizer.feeds([ids], len(ids))
 
 
+# fused contrib ops with integer kernels (QAttention, QEmbedLayerNormalization); QDQ cannot express them
+_DYNAMIC_ONLY = ["Attention", "EmbedLayerNormalization"]
 _FFN_OUTPUT = re.compile(r"(/ffn/lin2/|(?<!attention)/output/dense/)MatMul")
 
 
@@ -109,7 +116,7 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
     common: dict[str, Any] = {
         "per_channel": config.per_channel, "reduce_range": config.reduce_range, "weight_type": QuantType.QInt8,
         # dynamic also quantises the fused Attention's QKV projection (QAttention); QDQ cannot express it
-        "op_types_to_quantize": ["MatMul", "Gather"] + (["Attention"] if config.method is Method.DYNAMIC else []),
+        "op_types_to_quantize": ["MatMul", "Gather"] + (_DYNAMIC_ONLY if config.method is Method.DYNAMIC else []),
         "nodes_to_exclude": _fp32_nodes(src) if config.keep_ffn_output_fp32 else [],
         # fused contrib ops defeat ONNX shape inference; their outputs are float
         "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
