@@ -39,7 +39,7 @@ def test_search_prints_ranked_hits(tiny_bert, tmp_path, capsys) -> None:  # type
     corpus.write_text("alpha beta\ngamma delta\nalpha beta gamma\n")
     assert main(["search", str(tiny_bert[1]), "--corpus", str(corpus), "--query", "alpha beta", "-k", "2"]) == 0
     out = capsys.readouterr().out
-    assert "query: alpha beta" in out and "1. [1.0000] 0: alpha beta" in out and "3." not in out
+    assert "query: alpha beta" in out and "1. [1.0000] 0: alpha beta" in out and "  3. [" not in out
 
 
 def test_info_and_verify(tiny_bert, capsys) -> None:  # type: ignore[no-untyped-def]
