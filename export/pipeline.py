@@ -259,10 +259,11 @@ def _build_int8(folder: Path, base: Path, graphs_in: tuple[Path, Path], resolved
                          base_manifest.pad_token_id, {"fused_operators": fusion, "quantization": quant.describe()})
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
-        source = graphs_in[1]
-        if quant.method is Method.STATIC:
-            source = graphs_in[0].with_name("fused-static.onnx")
-            fusion = optimize_graph(graphs_in[0], source, *heads_width, embed_fusion=False)
+        # int8 graphs keep the embedding Gather unfused, so its table can be quantised per row; static (QDQ)
+        # also keeps attention unfused, since the fused Attention's QKV weights cannot take QDQ
+        source = graphs_in[0].with_name("fused-int8.onnx")
+        fusion = optimize_graph(graphs_in[0], source, *heads_width, embed_fusion=False,
+                                attention_fusion=quant.method is Method.DYNAMIC)
         quantize_onnx(source, folder / ONNX_NAME, quant, tokenizer)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:

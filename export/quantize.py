@@ -65,7 +65,7 @@ def default_calibration_texts() -> tuple[str, ...]:
 
 
 def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int, embed_fusion: bool = True,
-                   ) -> dict[str, int]:
+                   attention_fusion: bool = True) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusion); returns fused-op counts.
 
     The fused graph uses ONNX Runtime contrib ops, so it serves ONNX Runtime only; OpenVINO gets the plain one.
@@ -81,6 +81,7 @@ def optimize_graph(src: Path, dest: Path, num_heads: int, hidden_size: int, embe
     options = FusionOptions("bert")
     # static QDQ quantises the embedding Gather only when it is not fused into EmbedLayerNormalization
     options.enable_embed_layer_norm = embed_fusion
+    options.enable_attention = attention_fusion
     opt = optimizer.optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                    opt_level=1, optimization_options=options)
     opt.save_model_to_file(str(dest))
@@ -94,8 +95,8 @@ def _calibration_feeds(tokenizer: TextTokenizer, texts: tuple[str, ...]) -> Iter
         yield tokenizer.feeds([ids], len(ids))
 
 
-# fused contrib ops with integer kernels (QAttention, QEmbedLayerNormalization); QDQ cannot express them
-_DYNAMIC_ONLY = ["Attention", "EmbedLayerNormalization"]
+# a fused contrib op with an integer kernel (QAttention); QDQ cannot express it
+_DYNAMIC_ONLY = ["Attention"]
 _FFN_OUTPUT = re.compile(r"(/ffn/lin2/|(?<!attention)/output/dense/)MatMul")
 
 
@@ -116,13 +117,14 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
     common: dict[str, Any] = {
         "per_channel": config.per_channel, "reduce_range": config.reduce_range, "weight_type": QuantType.QInt8,
         # dynamic also quantises the fused Attention's QKV projection (QAttention); QDQ cannot express it
-        "op_types_to_quantize": ["MatMul", "Gather"] + (_DYNAMIC_ONLY if config.method is Method.DYNAMIC else []),
+        "op_types_to_quantize": ["MatMul"] + (_DYNAMIC_ONLY if config.method is Method.DYNAMIC else []),
         "nodes_to_exclude": _fp32_nodes(src) if config.keep_ffn_output_fp32 else [],
         # fused contrib ops defeat ONNX shape inference; their outputs are float
         "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     }
     if config.method is Method.DYNAMIC:
         quantize_dynamic(str(src), str(dest), **common)
+        quantize_embedding_rows(dest)
         return
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
@@ -140,6 +142,49 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
         str(src), str(dest), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
         calibrate_method=methods[config.calibration_method], **common,
     )
+    quantize_embedding_rows(dest)
+
+
+def quantize_embedding_rows(path: Path, min_rows: int = 4096) -> int:
+    """Store large embedding tables as int8 with one fp32 scale per row (weight-only, standard ops).
+
+    ONNX Runtime's own Gather / EmbedLayerNormalization quantisation uses one scale for the whole table,
+    which cost 0.7% NDCG@10 on SciFact for all-MiniLM-L6-v2; per-row scales keep each token's vector to
+    within 1/254 of its own largest component. ``Gather(table)`` becomes
+    ``Mul(Cast(Gather(int8 table)), Gather(scales))``. Returns the number of tables rewritten.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    rewritten = 0
+    for node in list(graph.node):
+        table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        if table is None or len(table.dims) != 2 or table.dims[0] < min_rows or table.data_type != 1:
+            continue
+        weights = numpy_helper.to_array(table).astype(np.float32)
+        scale = np.maximum(np.abs(weights).max(axis=1, keepdims=True), 1e-12) / 127.0
+        q = np.clip(np.rint(weights / scale), -127, 127).astype(np.int8)
+        base = node.input[0]
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{base}_row_scale")])
+        ids, out = node.input[1], node.output[0]
+        new = [
+            helper.make_node("Gather", [f"{base}_int8", ids], [f"{out}_q"], name=f"{node.name}_q"),
+            helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{node.name}_cast", to=1),
+            helper.make_node("Gather", [f"{base}_row_scale", ids], [f"{out}_s"], name=f"{node.name}_scale"),
+            helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant"),
+        ]
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, item in enumerate(new):
+            graph.node.insert(index + offset, item)
+        rewritten += 1
+    onnx.save(model, str(path))
+    return rewritten
 
 
 def quantize_openvino(xml: Path, dest_folder: Path, config: QuantConfig, tokenizer: TextTokenizer) -> None:

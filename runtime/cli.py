@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result record here")
     _add_runtime_args(p)
 
+    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run (--help for them)")
+
     p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
     p.add_argument("--model-dir", default=f"models/{DEFAULT_MODEL}")
     _add_runtime_args(p)
@@ -243,8 +246,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError as exc:
+        raise ValueError(
+            f"the benchmark suite lives in the source checkout's benchmarks/ folder ({exc}); "
+            "run embedrt bench from the repository root"
+        ) from exc
+    return bench_main(args.bench_args)
+
+
 _COMMANDS = {"export": cmd_export, "encode": cmd_encode, "search": cmd_search, "info": cmd_info,
-             "eval": cmd_eval, "demo": cmd_demo}
+             "eval": cmd_eval, "demo": cmd_demo,
+             "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())
