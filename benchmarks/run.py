@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import peak, systems, workloads
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RECIPES = {
+RECIPES: dict[str, dict[str, Any]] = {
     "dynamic": {"quantize": "dynamic"},
     "dynamic-ffn32": {"quantize": "dynamic", "keep_ffn_output_fp32": True},
     "static": {"quantize": "static"},
