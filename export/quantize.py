@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from embedrt._enums import parse_enum
 from embedrt.cpu import SATURATING_TARGETS, TARGETS
 from embedrt.tokenize import TextTokenizer
 
@@ -25,10 +26,7 @@ class Method(str, enum.Enum):
     @classmethod
     def parse(cls, value: str) -> Method:
         """Return the member named ``value``; the error lists the valid names."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown quantisation {value!r}; valid: dynamic, static") from None
+        return parse_enum(cls, value, "quantisation")
 
 
 @dataclasses.dataclass(frozen=True)

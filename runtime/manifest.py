@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from embedrt._enums import parse_enum
 from embedrt.errors import ModelFolderError
 from embedrt.ops import Pooling, Similarity
 
@@ -33,10 +34,7 @@ class Precision(str, enum.Enum):
     @classmethod
     def parse(cls, value: str) -> Precision:
         """Return the member named ``value``; the error lists the valid names."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"unknown precision {value!r}; valid: {', '.join(m.value for m in cls)}") from None
+        return parse_enum(cls, value, "precision")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,8 @@ import enum
 import numpy as np
 import numpy.typing as npt
 
+from embedrt._enums import parse_enum
+
 FloatArray = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
@@ -29,7 +31,7 @@ class Pooling(str, enum.Enum):
     @classmethod
     def parse(cls, value: str) -> Pooling:
         """Return the member named ``value``; the error lists the valid names."""
-        return _parse_enum(cls, value, "pooling")
+        return parse_enum(cls, value, "pooling")
 
 
 class Similarity(str, enum.Enum):
@@ -43,15 +45,7 @@ class Similarity(str, enum.Enum):
     def parse(cls, value: str) -> Similarity:
         """Return the member named ``value``; the error lists the valid names."""
         aliases = {"cos": "cosine", "cos_sim": "cosine", "dot_product": "dot", "dot_score": "dot"}
-        return _parse_enum(cls, aliases.get(value, value), "similarity")
-
-
-def _parse_enum(cls: type[enum.Enum], value: str, what: str):  # type: ignore[no-untyped-def]
-    try:
-        return cls(value)
-    except ValueError:
-        valid = ", ".join(m.value for m in cls)
-        raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None
+        return parse_enum(cls, aliases.get(value, value), "similarity")
 
 
 def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], mode: Pooling) -> FloatArray:
