@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     model = embedrt.load(args.model, device=args.device, threads=args.threads)
 
     def call() -> None:
-        batch = [" ".join(rng.choices(words, k=rng.randint(1, 200))) for _ in range(rng.randint(1, 8))]
+        batch = [" ".join(rng.choices(words, k=rng.randint(1, 120))) for _ in range(rng.randint(1, 4))]
         model.encode(batch)
 
     for _ in range(args.warmup):

@@ -135,7 +135,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 COLD = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 kind, path, device, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if kind == "embedrt":
@@ -151,7 +151,9 @@ else:
 enc(["hello world"])
 t1 = time.perf_counter()
 enc([line for line in sys.stdin.read().splitlines()])
-print(json.dumps({"cold_start_s": t1 - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: ru_maxrss carries the parent's peak across fork + exec
+hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+print(json.dumps({"cold_start_s": t1 - t0, "peak_rss_mb": int(hwm) / 1024}))
 """
 
 
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passages", type=int, default=64)
     p.add_argument("--no-cold-start", action="store_true")
     p.add_argument("--tag", default="")
+    p.add_argument("--cold-start-only", action="store_true",
+                   help="re-measure cold start and RSS into the latest record of the same --tag")
     args = p.parse_args(argv)
     args.systems = args.systems.split(",")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -248,12 +252,17 @@ def main(argv: list[str] | None = None) -> int:
                  "ort_int8_gops": peak.ort_peak(args.threads, True), "numpy_fp32_gflops": peak.numpy_peak()},
         "results": [], "cold_start": [],
     }
-    for model in args.models.split(","):
+    stem = f"bench-{record['date'][:10]}{'-' + args.tag if args.tag else ''}"
+    if args.cold_start_only:
+        record = json.loads((RESULTS / f"{stem}.json").read_text())
+        record["cold_start"] = [row for m in args.models.split(",") for row in cold_starts(m, args)]
+        record["cold_start_measured"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        args.no_cold_start = True
+    for model in args.models.split(",") if not args.cold_start_only else []:
         record["results"] += run_model(model, args)
         if not args.no_cold_start:
             record["cold_start"] += cold_starts(model, args)
     RESULTS.mkdir(exist_ok=True)
-    stem = f"bench-{record['date'][:10]}{'-' + args.tag if args.tag else ''}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown(record))
     plot(record, RESULTS / f"{stem}.png")
