@@ -88,9 +88,14 @@ class EmbeddingModel:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         batches = plan_batches(lengths, batch_size, max_tokens)
         for index in _progress(batches, show_progress):
-            feeds = self._tokenizer.feeds([ids[i] for i in index], int(lengths[index].max()))
+            feeds = self._tokenizer.feeds([ids[i] for i in index], self._padded_length(int(lengths[index].max())))
             out[index] = self._backend.run(feeds)
         return out
+
+    def _padded_length(self, longest: int) -> int:
+        """Round the batch's length up to the backend's bucket, never past max_seq_length."""
+        multiple = self._backend.pad_multiple
+        return min(-(-longest // multiple) * multiple, max(longest, self.manifest.max_seq_length))
 
     def similarity(
         self, a: npt.ArrayLike, b: npt.ArrayLike, metric: ops.Similarity | str | None = None

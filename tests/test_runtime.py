@@ -122,3 +122,12 @@ def test_runtime_never_imports_torch_or_transformers(tiny_bert) -> None:  # type
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_openvino_buckets_padding_without_changing_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    ov = embedrt.load(tiny_bert[1], device="openvino")
+    cpu = embedrt.load(tiny_bert[1], device="cpu")
+    assert ov._padded_length(17) == 32 and ov._padded_length(510) == 512 and ov._padded_length(3) == 16
+    assert cpu._padded_length(17) == 17
+    texts = ["a", "b c d e f g h i j k l m n o p q r s", "word " * 600]
+    np.testing.assert_allclose(ov.encode(texts), cpu.encode(texts), atol=1e-5)
