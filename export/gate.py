@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,9 @@ GATE_QUERIES = (
 def builtin_texts() -> tuple[list[str], list[str]]:
     """(corpus, queries) of the built-in gate: shipped texts only, so it runs anywhere."""
     from embedrt.export.quantize import default_calibration_texts
+    from embedrt.textio import read_package_records
 
-    demo = files("embedrt").joinpath("data/demo_corpus.jsonl").read_text(encoding="utf-8")
-    docs = [f"{r['title']} {r['text']}" for r in map(json.loads, demo.splitlines())]
+    docs = read_package_records("embedrt", "data/demo_corpus.jsonl")[1]
     return [*default_calibration_texts(), *docs], list(GATE_QUERIES)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 from embedrt._optional import require
@@ -62,8 +63,6 @@ def make_checkpoint(folder: Path, spec: StandIn) -> Path:
         modules.append(st.models.Normalize())
     model_st = st.SentenceTransformer(modules=modules, device="cpu", similarity_fn_name=spec.similarity)
     model_st.save(str(folder))
-    import shutil
-
     shutil.rmtree(hf_dir)
     (folder / "embedrt_stand_in.json").write_text(json.dumps(dataclasses.asdict(spec)) + "\n")
     return folder
@@ -102,8 +101,6 @@ def _tokenizer(architecture: str):  # type: ignore[no-untyped-def]
 
 
 def _uncased_vocab() -> Path:
-    from embedrt.models import find_entry
-
     entry = find_entry("all-MiniLM-L6-v2")
     path = entry.offline_path() if entry else None
     if path is None or not (path / "vocab.txt").is_file():

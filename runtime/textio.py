@@ -12,6 +12,14 @@ class InputFileError(EmbedrtError):
     """An input file is missing or has a bad line."""
 
 
+def read_package_records(package: str, name: str, field: str = "text") -> tuple[list[str], list[str]]:
+    """``read_records`` for a data file shipped inside an installed package."""
+    from importlib.resources import as_file, files
+
+    with as_file(files(package).joinpath(name)) as path:
+        return read_records(path, field)
+
+
 def read_records(path: str | Path, field: str = "text") -> tuple[list[str], list[str]]:
     """Read ``(ids, texts)`` from a text file.
 
