@@ -45,6 +45,23 @@ def ort_peak(threads: int, int8: bool, m: int = 4096, k: int = 768, n: int = 307
     return 2.0 * m * k * n / best / 1e9
 
 
+def openvino_peak(threads: int, m: int = 4096, k: int = 768, n: int = 3072, reps: int = 5) -> float | None:
+    """Best GFLOP/s of the same fp32 matmul in OpenVINO (oneDNN), fp32 kept; None without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    model = core.read_model(_matmul_model(False, m, k, n), b"")
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                 "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+    a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    request.infer({0: a})
+    best = min(_timed(lambda: request.infer({0: a})) for _ in range(reps))
+    return 2.0 * m * k * n / best / 1e9
+
+
 def numpy_peak(m: int = 4096, k: int = 768, n: int = 3072, reps: int = 5) -> float:
     """Best GFLOP/s of numpy's sgemm (its BLAS thread count as configured)."""
     rng = np.random.default_rng(2)
@@ -58,3 +75,28 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def measure(threads: int) -> dict[str, float | None]:
+    """Every peak, and the fp32 reference: the best sgemm any of the three libraries reaches here."""
+    out: dict[str, float | None] = {"ort_fp32_gflops": ort_peak(threads, False),
+                                    "openvino_fp32_gflops": openvino_peak(threads),
+                                    "numpy_fp32_gflops": numpy_peak(), "ort_int8_gops": ort_peak(threads, True)}
+    out["fp32_gflops"] = max(v for k, v in out.items() if k.endswith("fp32_gflops") and v is not None)
+    return out
+
+
+def describe(peaks: dict[str, float | None]) -> str:
+    """One sentence for the report."""
+    parts = [f"{name} {peaks[key]:.0f}" for name, key in (("ONNX Runtime", "ort_fp32_gflops"),
+             ("OpenVINO", "openvino_fp32_gflops"), ("numpy", "numpy_fp32_gflops")) if peaks.get(key)]
+    fp32 = peaks.get("fp32_gflops") or peaks["ort_fp32_gflops"]
+    return (f"Peak fp32 matmul on this machine (4096 x 768 x 3072): {', '.join(parts)} GFLOP/s; the best, "
+            f"{fp32:.0f}, is the fp32 reference. int8 gemm (ONNX Runtime u8 x s8): {peaks['ort_int8_gops']:.0f} GOP/s.")
+
+
+def fraction(peaks: dict[str, float | None], rate: float, precision: str) -> str:
+    """A system's achieved rate as a share of the peak for its precision."""
+    if precision == "int8":
+        return f"{100 * rate / float(peaks['ort_int8_gops'] or 1):.0f}% int8"
+    return f"{100 * rate / float(peaks.get('fp32_gflops') or peaks['ort_fp32_gflops'] or 1):.0f}%"

@@ -77,11 +77,12 @@ def _build_systems(model: str, args: argparse.Namespace) -> tuple[list[systems.S
         onnx_system = systems.st_onnx(folders["checkpoint"], threads)
         if onnx_system:
             built.append(onnx_system)
-    plan = [("embedrt-fp32", "fp32", "cpu"), (f"embedrt-int8-{args.int8_recipe}", "int8", "cpu"),
+    plan = [("embedrt-fp32", "fp32", "cpu"), ("embedrt-fp32-fixed32", "fp32", "cpu"),
+            (f"embedrt-int8-{args.int8_recipe}", "int8", "cpu"),
             ("embedrt-openvino-fp32", "fp32", "openvino"), ("embedrt-openvino-int8", "ov-int8", "openvino")]
     for name, key, device in plan:
-        if any(name.startswith(s) for s in args.systems):
-            built.append(systems.embedrt_system(name, folders[key], device, threads))
+        if name in args.systems or (name.startswith("embedrt-int8-") and "embedrt-int8" in args.systems):
+            built.append(systems.embedrt_system(name, folders[key], device, threads, name.endswith("fixed32")))
     return built, folders
 
 
@@ -182,15 +183,14 @@ def markdown(record: dict[str, Any]) -> str:
     """The README table."""
     m = record["machine"]
     lines = [f"Measured {record['date']} on {m['cpu']}, {m['threads']} threads (int8 target {m['int8_target']}); "
-             f"texts: {record['data_source']}. Peak on this machine: ONNX Runtime sgemm "
-             f"{record['peak']['ort_fp32_gflops']:.0f} GFLOP/s, int8 gemm {record['peak']['ort_int8_gops']:.0f} GOP/s.",
+             f"texts: {record['data_source']}. {peak.describe(record['peak'])}",
              "",
-             "| model | workload | system | texts/s or p50 | p95 | x PyTorch | % sgemm peak | cos to ST (mean / min) |",
+             "| model | workload | system | texts/s or p50 | p95 | x PyTorch | % of peak | cos to ST (mean / min) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["results"]:
         speed = f"{r['texts_per_s']:.1f}/s" if "texts_per_s" in r else f"{r['latency_p50_ms']:.1f} ms"
         p95 = f"{r['p95_s']:.2f} s" if "texts_per_s" in r else f"{r['latency_p95_ms']:.1f} ms"
-        frac = f"{100 * r['gflops'] / record['peak']['ort_fp32_gflops']:.0f}%" if "gflops" in r else ""
+        frac = peak.fraction(record["peak"], r["gflops"], r["precision"]) if "gflops" in r else ""
         lines.append(f"| {r['model']} | {r['workload']} | {r['system']} | {speed} | {p95} | "
                      f"{r['speedup_vs_torch']:.2f} | {frac} | {r['cos_mean']:.5f} / {r['cos_min']:.5f} |")
     if record.get("cold_start"):
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run, then write JSON, markdown and a PNG under benchmarks/results/."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", default="all-MiniLM-L6-v2,distilbert-base")
-    p.add_argument("--systems", default="st-onnx,embedrt-fp32,embedrt-int8,embedrt-openvino-fp32,embedrt-openvino-int8")
+    p.add_argument("--systems", default="st-onnx,embedrt-fp32,embedrt-fp32-fixed32,embedrt-int8,"
+                   "embedrt-openvino-fp32,embedrt-openvino-int8")
     p.add_argument("--int8-recipe", default="dynamic", choices=sorted(RECIPES))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
@@ -248,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": _machine(args.threads), "versions": _versions(), "data_source": workloads.source_name(),
         "int8_recipe": RECIPES[args.int8_recipe], "reps": args.reps,
-        "peak": {"ort_fp32_gflops": peak.ort_peak(args.threads, False),
-                 "ort_int8_gops": peak.ort_peak(args.threads, True), "numpy_fp32_gflops": peak.numpy_peak()},
+        "peak": peak.measure(args.threads),
         "results": [], "cold_start": [],
     }
     stem = f"bench-{record['date'][:10]}{'-' + args.tag if args.tag else ''}"

@@ -58,11 +58,15 @@ def st_onnx(checkpoint: Path, threads: int) -> System | None:
     return System("st-onnx-fp32", encode, "onnxruntime via optimum", "fp32")
 
 
-def embedrt_system(name: str, folder: Path, device: str, threads: int) -> System:
-    """An embedrt model folder on a device."""
+def embedrt_system(name: str, folder: Path, device: str, threads: int, fixed_batches: bool = False) -> System:
+    """An embedrt model folder on a device; ``fixed_batches`` turns cost-based batching off (a control row)."""
     import embedrt
 
     model = embedrt.load(folder, device=device, threads=threads)
+    if fixed_batches:
+        # what sentence-transformers does: runs of batch_size texts in length order, padded to the longest;
+        # separates the kernels' share of the speed-up from the batch planner's
+        model._backend.call_overhead, model._backend.token_budget = 0.0, None
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size)

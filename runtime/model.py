@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from embedrt import ops
 from embedrt.backends import Backend, OpenVinoBackend, OrtBackend
+from embedrt.batching import BatchCost, padded_lengths, plan_batches
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import (
     ONNX_NAME,
@@ -25,7 +26,7 @@ from embedrt.manifest import (
     read_manifest,
 )
 from embedrt.providers import DeviceRequest, cuda_unavailable_reason, default_thread_count, parse_device
-from embedrt.tokenize import TextTokenizer, check_texts, plan_batches
+from embedrt.tokenize import TextTokenizer, check_texts
 
 log = logging.getLogger("embedrt")
 
@@ -68,17 +69,22 @@ class EmbeddingModel:
     ) -> ops.FloatArray:
         """Embed texts exactly as the source sentence-transformers model would.
 
+        Texts are sorted by length and grouped into calls that waste little on padding (see
+        :mod:`embedrt.batching`); the result is in input order and does not depend on the grouping.
+
         Args:
             texts: a sequence of str (an empty sequence gives shape ``(0, dim)``).
             batch_size: most texts per inference call.
-            show_progress: show a progress bar over batches.
-            max_tokens: if set, also cap each batch at this many padded tokens.
+            show_progress: show a progress bar over calls.
+            max_tokens: most padded tokens (texts x padded length) per call; default the backend's
+                budget (4096 on CPU and OpenVINO CPU, no cap on CUDA). A single text always fits.
 
         Returns:
             float32 ``(len(texts), dim)``, in input order.
 
         Raises:
             TypeError: ``texts`` is a single str, or an item is not a str (the message names its index).
+            ValueError: ``batch_size`` or ``max_tokens`` is below 1.
         """
         items = check_texts(texts)
         out = np.empty((len(items), self.dim), dtype=np.float32)
@@ -86,16 +92,24 @@ class EmbeddingModel:
             return out
         ids = self._tokenizer.encode(items)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        batches = plan_batches(lengths, batch_size, max_tokens)
+        padded = self._padded_lengths(lengths)
+        batches = plan_batches(lengths, batch_size, self.batch_cost(max_tokens), padded)
         for index in _progress(batches, show_progress):
-            feeds = self._tokenizer.feeds([ids[i] for i in index], self._padded_length(int(lengths[index].max())))
+            feeds = self._tokenizer.feeds([ids[i] for i in index], int(padded[index].max()))
             out[index] = self._backend.run(feeds)
         return out
 
-    def _padded_length(self, longest: int) -> int:
-        """Round the batch's length up to the backend's bucket, never past max_seq_length."""
-        multiple = self._backend.pad_multiple
-        return min(-(-longest // multiple) * multiple, max(longest, self.manifest.max_seq_length))
+    def batch_cost(self, max_tokens: int | None = None) -> BatchCost:
+        """The cost model that groups texts into calls on this backend."""
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        budget = self._backend.token_budget if max_tokens is None else max_tokens
+        # attention adds 4 x L x hidden FLOPs per token to the 2 x (4 + 2 x 4) x hidden^2 of the linear layers
+        return BatchCost(self._backend.call_overhead, 6.0 * self.dim, budget)
+
+    def _padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
+        """Each length rounded up to the backend's shape bucket, never past max_seq_length."""
+        return padded_lengths(lengths, self._backend.shape_buckets, self.manifest.max_seq_length)
 
     def similarity(
         self, a: npt.ArrayLike, b: npt.ArrayLike, metric: ops.Similarity | str | None = None

@@ -58,28 +58,3 @@ class TextTokenizer:
             feeds[TYPE_IDS] = np.zeros_like(batch)  # one segment: type 0 everywhere, as sentence-transformers
         return feeds
 
-
-def plan_batches(lengths: np.ndarray, batch_size: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Group text indices into batches of similar length, longest first.
-
-    Args:
-        lengths: token count of each text.
-        batch_size: most texts in one batch.
-        max_tokens: if set, most padded tokens (rows x longest) in one batch; a single text always fits.
-
-    Returns:
-        Index arrays, one per batch; together they cover every index once.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    start = 0
-    while start < len(order):
-        longest = int(lengths[order[start]])
-        rows = batch_size
-        if max_tokens is not None:
-            rows = max(1, min(batch_size, max_tokens // max(longest, 1)))
-        batches.append(order[start : start + rows])
-        start += rows
-    return batches

@@ -127,7 +127,8 @@ def test_runtime_never_imports_torch_or_transformers(tiny_bert) -> None:  # type
 def test_openvino_buckets_padding_without_changing_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     ov = embedrt.load(tiny_bert[1], device="openvino")
     cpu = embedrt.load(tiny_bert[1], device="cpu")
-    assert ov._padded_length(17) == 32 and ov._padded_length(510) == 512 and ov._padded_length(3) == 16
-    assert cpu._padded_length(17) == 17
+    padded = ov._padded_lengths(np.array([17, 64, 65, 250, 300, 510, 3, 900]))
+    assert padded.tolist() == [24, 64, 80, 256, 320, 512, 8, 900]
+    assert cpu._padded_lengths(np.array([17, 510])).tolist() == [17, 510]
     texts = ["a", "b c d e f g h i j k l m n o p q r s", "word " * 600]
     np.testing.assert_allclose(ov.encode(texts), cpu.encode(texts), atol=1e-5)

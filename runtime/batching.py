@@ -1,0 +1,126 @@
+"""Batches formed by cost, not by a fixed count: few padded tokens, few calls, bounded memory.
+
+A fixed count of texts per call pads every text to the longest in its batch. On 64 SciFact passages of
+187-512 tokens in two batches of 32 that is 40% padding, and one 32 x 512 call holds 400 MB of attention
+scores. The planner here sorts texts by length and cuts the sorted run where the padding saved is worth
+another call, under a cap on padded tokens per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchCost:
+    """How much one inference call costs, in units of one padded token through the encoder.
+
+    Attributes:
+        call_overhead: fixed cost of a call (weights streamed, kernels launched) in padded tokens.
+        attention_span: a padded token in a sequence of length ``L`` costs ``1 + L / attention_span``
+            (attention grows with length; ``6 x hidden`` for a BERT layer with a 4x feed-forward).
+        token_budget: most padded tokens (rows x length) in one call, bounding activation memory;
+            None for no cap. A single text always fits.
+    """
+
+    call_overhead: float = 0.0
+    attention_span: float = math.inf
+    token_budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.call_overhead < 0:
+            raise ValueError(f"call_overhead must be >= 0, got {self.call_overhead}")
+        if self.attention_span <= 0:
+            raise ValueError(f"attention_span must be > 0, got {self.attention_span}")
+        if self.token_budget is not None and self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1 or None, got {self.token_budget}")
+
+    def call(self, rows: int, padded_length: int) -> float:
+        """Cost of one call of ``rows`` texts padded to ``padded_length``."""
+        return self.call_overhead + rows * padded_length * (1.0 + padded_length / self.attention_span)
+
+
+# Shape buckets for backends that keep state per input shape: (longest length, pad to a multiple of).
+# Short texts get fine steps (a 17-token query padded to 32 costs 27% more than to 24 on DistilBERT-base),
+# long ones coarse steps; 28 distinct lengths up to 512 in all.
+SHAPE_BUCKETS: tuple[tuple[int, int], ...] = ((64, 8), (256, 16), (2**31, 32))
+EXACT: tuple[tuple[int, int], ...] = ()
+
+
+def padded_lengths(lengths: np.ndarray, buckets: tuple[tuple[int, int], ...], max_length: int) -> np.ndarray:
+    """Each length rounded up to its bucket's multiple, never past ``max_length`` (nor below the length)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    out = lengths.copy()
+    lower = 0
+    for upper, multiple in buckets:
+        inside = (lengths > lower) & (lengths <= upper)
+        out[inside] = -(-lengths[inside] // multiple) * multiple
+        lower = upper
+    return np.minimum(out, np.maximum(lengths, max_length))
+
+
+def plan_batches(
+    lengths: np.ndarray, batch_size: int, cost: BatchCost | None = None, padded: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Group text indices into calls, longest first, at the least total cost.
+
+    Args:
+        lengths: token count of each text.
+        batch_size: most texts in one call.
+        cost: the cost model; None (or a zero ``call_overhead``) gives consecutive runs of ``batch_size``
+            texts in length order, capped only by the token budget.
+        padded: the length each text would be padded to if it were a batch's longest (bucketing);
+            ``lengths`` if None.
+
+    Returns:
+        Index arrays, one per call; together they cover every index exactly once.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    pad = np.asarray(lengths if padded is None else padded)[order].astype(np.float64)
+    cost = cost or BatchCost()
+    limits = np.minimum(batch_size, len(order) - np.arange(len(order)))
+    if cost.token_budget is not None:
+        limits = np.minimum(limits, np.maximum(1, cost.token_budget // np.maximum(pad, 1)).astype(np.int64))
+    if cost.call_overhead == 0:
+        sizes = _greedy(limits)
+    else:
+        sizes = _cheapest(pad * (1.0 + pad / cost.attention_span), limits, cost.call_overhead)
+    bounds = np.cumsum([0, *sizes])
+    return [order[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _greedy(limits: np.ndarray) -> list[int]:
+    sizes, start = [], 0
+    while start < len(limits):
+        sizes.append(int(limits[start]))
+        start += sizes[-1]
+    return sizes
+
+
+def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float) -> list[int]:
+    """Exact minimum of sum(overhead + rows x per_row[first]) over cuts of the sorted run (dynamic programme).
+
+    ``per_row[i]`` is the cost of one row in a call whose longest text is sorted text ``i``; ``limits[i]``
+    the most rows such a call may hold. O(n x batch_size).
+    """
+    n = len(per_row)
+    best = np.zeros(n + 1)
+    take = np.ones(n, dtype=np.int64)
+    for i in range(n - 1, -1, -1):
+        k = np.arange(1, int(limits[i]) + 1)
+        total = best[i + k] + k * per_row[i]
+        j = len(total) - 1 - int(np.argmin(total[::-1]))  # on a tie, the larger call
+        best[i] = overhead + total[j]
+        take[i] = k[j]
+    sizes, start = [], 0
+    while start < n:
+        sizes.append(int(take[start]))
+        start += sizes[-1]
+    return sizes
