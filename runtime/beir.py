@@ -91,12 +91,13 @@ def score_rankings(
 
 
 def evaluate(model: Any, data: BeirData, batch_size: int = 32, show_progress: bool = False,
-             corpus_embeddings: np.ndarray | None = None) -> dict[str, Any]:
+             corpus_embeddings: np.ndarray | None = None, max_tokens: int | None = None) -> dict[str, Any]:
     """Embed the corpus and queries with ``model`` and score retrieval with its similarity function."""
     corpus = corpus_embeddings
     if corpus is None:
-        corpus = model.encode(data.corpus_texts, batch_size=batch_size, show_progress=show_progress)
-    queries = model.encode(data.query_texts, batch_size=batch_size)
+        corpus = model.encode(data.corpus_texts, batch_size=batch_size, show_progress=show_progress,
+                              max_tokens=max_tokens)
+    queries = model.encode(data.query_texts, batch_size=batch_size, max_tokens=max_tokens)
     metric: Similarity = model.similarity_metric
     idx, _ = top_k(queries, corpus, k=101, metric=metric)
     rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=False)}

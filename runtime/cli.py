@@ -23,7 +23,9 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="most texts per inference call (default: 32)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most padded tokens per inference call (default: the device's budget, 4096 on CPU)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
@@ -150,14 +152,18 @@ def cmd_encode(args: argparse.Namespace) -> int:
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)
     start = time.perf_counter()
-    emb = model.encode(texts, batch_size=args.batch_size, show_progress=_progress())
+    emb = model.encode(texts, show_progress=_progress(), **_encode_options(args))
     elapsed = time.perf_counter() - start
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
-    with os.fdopen(fd, "wb") as fh:
-        np.save(fh, emb)
-    os.replace(tmp, out)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, emb)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}")
     return 0
 
@@ -167,17 +173,21 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     ids, texts = read_records(args.corpus, args.field)
     model = _load(args)
-    _search_and_print(model, ids, texts, args.query, args.k, args.batch_size)
+    _search_and_print(model, ids, texts, args.query, args.k, _encode_options(args))
     return 0
 
 
+def _encode_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"batch_size": args.batch_size, "max_tokens": args.max_tokens}
+
+
 def _search_and_print(model: Any, ids: list[str], texts: list[str], queries: list[str], k: int,
-                      batch_size: int) -> None:
+                      options: dict[str, Any]) -> None:
     start = time.perf_counter()
-    corpus = model.encode(texts, batch_size=batch_size, show_progress=_progress())
+    corpus = model.encode(texts, show_progress=_progress(), **options)
     t_corpus = time.perf_counter() - start
     start = time.perf_counter()
-    indices, scores = model.search(queries, corpus, k=k)
+    indices, scores = model.search(queries, corpus, k=k, **options)
     t_query = time.perf_counter() - start
     for query, row, row_scores in zip(queries, indices, scores, strict=False):
         print(f"\nquery: {query}")
@@ -207,13 +217,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = load_beir(args.beir_dir, args.split)
     model = _load(args)
     start = time.perf_counter()
-    result = evaluate(model, data, batch_size=args.batch_size, show_progress=_progress())
+    result = evaluate(model, data, show_progress=_progress(), **_encode_options(args))
     result.update(model=str(args.model), device=model.device, seconds=round(time.perf_counter() - start, 2))
     print(f"{Path(args.beir_dir).name} ({args.split}): NDCG@10 {result['ndcg@10']:.2f}  "
           f"recall@100 {result['recall@100']:.2f}  ({result['queries']} queries, {result['corpus']} docs, "
           f"{result['seconds']}s on {model.device})")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        from embedrt.manifest import write_json_atomic
+
+        write_json_atomic(Path(args.json), result)
     return 0
 
 
@@ -237,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "why do leaves change colour in autumn",
         "how can I make my Python code faster",
     ]
-    _search_and_print(model, ids, texts, queries, k=3, batch_size=args.batch_size)
+    _search_and_print(model, ids, texts, queries, 3, _encode_options(args))
     return 0
 
 

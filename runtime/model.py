@@ -118,10 +118,16 @@ class EmbeddingModel:
         return ops.similarity(a, b, metric or self.similarity_metric)
 
     def search(
-        self, queries: Sequence[str], corpus_embeddings: npt.ArrayLike, k: int = 10, batch_size: int = 32
+        self,
+        queries: Sequence[str],
+        corpus_embeddings: npt.ArrayLike,
+        k: int = 10,
+        batch_size: int = 32,
+        max_tokens: int | None = None,
     ) -> tuple[ops.IntArray, ops.FloatArray]:
         """Top-``k`` corpus rows for each query text, with the model's similarity function."""
-        return ops.top_k(self.encode(queries, batch_size=batch_size), corpus_embeddings, k, self.similarity_metric)
+        queries_embedded = self.encode(queries, batch_size=batch_size, max_tokens=max_tokens)
+        return ops.top_k(queries_embedded, corpus_embeddings, k, self.similarity_metric)
 
 
 def _progress(batches: list[np.ndarray], show: bool) -> Any:

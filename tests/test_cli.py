@@ -70,3 +70,14 @@ def test_errors_exit_2_with_message(tmp_path, capsys) -> None:  # type: ignore[n
     assert "model folder not found" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "no" / "such"), "-o", str(tmp_path / "o")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+def test_max_tokens_is_passed_through_and_checked(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    folder = tiny_bert[1]
+    args = ["encode", str(folder), "--text", "one two three", "--text", "four", "-o"]
+    assert main([*args, str(tmp_path / "a.npy"), "--max-tokens", "3"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), embedrt.load(folder).encode(["one two three", "four"]),
+                               atol=2e-6)
+    assert main([*args, str(tmp_path / "b.npy"), "--max-tokens", "0"]) == 2
+    assert "max_tokens must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "b.npy").exists()
