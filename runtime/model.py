@@ -222,7 +222,6 @@ def _make_backend(root: Path, manifest: Manifest, request: DeviceRequest, option
         check_files(root, manifest, [OPENVINO_XML, OPENVINO_BIN], full_hash=options["verify"])
         return OpenVinoBackend(
             root / OPENVINO_XML, request, options["threads"], options["cache_dir"], options["hint"],
-            fp32_inference=manifest.precision is Precision.FP32,
         )
     if "onnx" not in manifest.graphs:
         raise ProviderUnavailableError(

@@ -69,3 +69,17 @@ def test_runtime_warns_when_cpu_lacks_the_target(static_int8, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="embedrt"):
         embedrt.load(static_int8)
     assert any("was quantised for" in r.getMessage() and "lacks" in r.getMessage() for r in caplog.records)
+
+
+def test_openvino_int8_runs_f32_outside_int8_and_ignores_padding(static_int8) -> None:  # type: ignore[no-untyped-def]
+    # OpenVINO would pick bf16 for the non-int8 ops on bf16 CPUs; its bf16 attention went wrong at one
+    # sequence length (all-MiniLM-L6-v2, length 32 = head size), so every padded length must agree
+    model = embedrt.load(static_int8, device="openvino")
+    assert str(model._backend._compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    texts = ["a short query about the weather", "rain and floods in the north of the country this week"]
+    ids = model.tokenize(texts)
+    exact = np.stack([model._backend.run(model._tokenizer.feeds([x], len(x)))[0] for x in ids])
+    for length in range(max(map(len, ids)), 80):
+        padded = model._backend.run(model._tokenizer.feeds(ids, length))
+        cos = (padded * exact).sum(1) / np.linalg.norm(padded, axis=1) / np.linalg.norm(exact, axis=1)
+        assert cos.min() > 0.999, f"padded to {length}: cosine {cos.min():.4f} to the unpadded embedding"
