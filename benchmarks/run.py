@@ -94,6 +94,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     config = json.loads((folders["checkpoint"] / "config.json").read_text())
     tokenizer = embedrt.load(folders["fp32"])
     rows = []
+    ndcg = scifact_quality(model, built) if args.ndcg else {}
     for wl in workloads.build(n_passages=args.passages):
         texts = list(wl.texts)
         lengths = [len(t) for t in tokenizer.tokenize(texts)]
@@ -129,10 +130,36 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                 row.update(latency_p50_ms=1000 * med, latency_p95_ms=1000 * _percentile(t, 95))
             else:
                 row.update(texts_per_s=len(texts) / med, gflops=useful / med / 1e9)
+            if system.name in ndcg:
+                row["scifact_ndcg10"] = ndcg[system.name]
             rows.append(row)
             logging.info("%s %s %s: %.3fs (x%.2f) cos %.5f", model, wl.name, system.name, med, base / med,
                          quality[system.name]["cos_mean"])
     return rows
+
+
+def scifact_quality(model: str, built: list[systems.System]) -> dict[str, float]:
+    """SciFact NDCG@10 of each system, where the data is present.
+
+    all-MiniLM-L6-v2 only: the DistilBERT-base stand-in has random weights and ranks nothing. The fixed-batch
+    control row is the same model on the same device, so it is not re-scored.
+    """
+    if model != "all-MiniLM-L6-v2" or not (workloads.SCIFACT / "corpus.jsonl").is_file():
+        return {}
+    from embedrt import top_k
+    from embedrt.beir import load_beir, score_rankings
+
+    data = load_beir(workloads.SCIFACT)
+    out = {}
+    for system in built:
+        if system.name.endswith("fixed32"):
+            continue
+        corpus, queries = system.encode(data.corpus_texts, 32), system.encode(data.query_texts, 32)
+        idx, _ = top_k(queries, corpus, k=101, metric="cosine")  # all-MiniLM-L6-v2's similarity function
+        rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=True)}
+        out[system.name] = score_rankings(rankings, data.qrels)["ndcg@10"]
+        logging.info("%s %s: SciFact NDCG@10 %.2f", model, system.name, out[system.name])
+    return out
 
 
 COLD = """
@@ -185,18 +212,22 @@ def markdown(record: dict[str, Any]) -> str:
     lines = [f"Measured {record['date']} on {m['cpu']}, {m['threads']} threads (int8 target {m['int8_target']}); "
              f"texts: {record['data_source']}. {peak.describe(record['peak'])}",
              "",
-             "| model | workload | system | texts/s or p50 | p95 | x PyTorch | % of peak | cos to ST (mean / min) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | workload | system | texts/s or p50 | p95 | x PyTorch | % of peak | cos to ST (mean / min) "
+             "| SciFact NDCG@10 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in record["results"]:
         speed = f"{r['texts_per_s']:.1f}/s" if "texts_per_s" in r else f"{r['latency_p50_ms']:.1f} ms"
         p95 = f"{r['p95_s']:.2f} s" if "texts_per_s" in r else f"{r['latency_p95_ms']:.1f} ms"
         frac = peak.fraction(record["peak"], r["gflops"], r["precision"]) if "gflops" in r else ""
+        ndcg = f"{r['scifact_ndcg10']:.2f}" if "scifact_ndcg10" in r else ""
         lines.append(f"| {r['model']} | {r['workload']} | {r['system']} | {speed} | {p95} | "
-                     f"{r['speedup_vs_torch']:.2f} | {frac} | {r['cos_mean']:.5f} / {r['cos_min']:.5f} |")
+                     f"{r['speedup_vs_torch']:.2f} | {frac} | {r['cos_mean']:.5f} / {r['cos_min']:.5f} | {ndcg} |")
+    sizes = {(r["model"], r["system"]): r["size_bytes"] for r in record["results"] if r.get("size_bytes")}
     if record.get("cold_start"):
-        lines += ["", "| model | system | cold start (import + load + 1 text) | peak RSS |", "|---|---|---|---|"]
-        lines += [f"| {c['model']} | {c['system']} | {c['cold_start_s']:.2f} s | {c['peak_rss_mb']:.0f} MB |"
-                  for c in record["cold_start"]]
+        lines += ["", "| model | system | size on disk | cold start (import + load + 1 text) | peak RSS |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['model']} | {c['system']} | {sizes.get((c['model'], c['system']), 0) / 1e6:.1f} MB | "
+                  f"{c['cold_start_s']:.2f} s | {c['peak_rss_mb']:.0f} MB |" for c in record["cold_start"]]
     return "\n".join(lines) + "\n"
 
 
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--passages", type=int, default=64)
     p.add_argument("--no-cold-start", action="store_true")
+    p.add_argument("--no-ndcg", dest="ndcg", action="store_false",
+                   help="skip SciFact NDCG@10 per system (all-MiniLM-L6-v2, when ../shared/data is present)")
     p.add_argument("--tag", default="")
     p.add_argument("--cold-start-only", action="store_true",
                    help="re-measure cold start and RSS into the latest record of the same --tag")
