@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedrt._optional import require
-from embedrt.batching import EXACT, SHAPE_BUCKETS
+from embedrt.batching import ACCELERATOR_CALLS, CPU_CALLS, EXACT, SHAPE_BUCKETS
 from embedrt.errors import ModelFolderError, ProviderUnavailableError
 from embedrt.ops import FloatArray
 from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, check_session_providers, cuda_unavailable_reason
@@ -76,12 +76,7 @@ class OrtBackend:
         # the CPU provider has no per-shape state, so exact lengths cost least; CUDA keeps per-shape
         # kernel choices and allocations, so bucket there
         self.shape_buckets = EXACT if self._cuda_index is None else SHAPE_BUCKETS
-        # measured on DistilBERT-base, 2 threads: a call costs ~20-30 tokens' worth on top of its tokens, and
-        # the per-token cost is flat from ~512 to ~4096 padded tokens per call, then rises (bigger attention
-        # buffers). A GPU wants large calls: its per-token cost is tiny next to a launch (not yet measured).
-        on_cpu = self._cuda_index is None
-        self.call_overhead: float = 32.0 if on_cpu else 1024.0
-        self.token_budget: int | None = 4096 if on_cpu else None
+        self.call_overhead, self.token_budget = CPU_CALLS if self._cuda_index is None else ACCELERATOR_CALLS
         self._ort = ort
         self.input_names = [i.name for i in self._session.get_inputs()]
 
@@ -139,10 +134,7 @@ class OpenVinoBackend:
         # OpenVINO keeps compiled state per input shape: without buckets its memory grew 17.7% over 10,000
         # calls of random lengths
         self.shape_buckets = SHAPE_BUCKETS
-        # measured on the CPU plugin as for ORT above (call ~20-30 tokens, flat per-token cost to ~4096)
-        on_cpu = device.startswith("CPU")
-        self.call_overhead: float = 32.0 if on_cpu else 1024.0
-        self.token_budget: int | None = 4096 if on_cpu else None
+        self.call_overhead, self.token_budget = CPU_CALLS if device.startswith("CPU") else ACCELERATOR_CALLS
         self.input_names = [next(iter(i.get_names())) for i in self._compiled.inputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
