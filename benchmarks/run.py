@@ -146,8 +146,7 @@ def scifact_quality(model: str, built: list[systems.System]) -> dict[str, float]
     """
     if model != "all-MiniLM-L6-v2" or not (workloads.SCIFACT / "corpus.jsonl").is_file():
         return {}
-    from embedrt import top_k
-    from embedrt.beir import load_beir, score_rankings
+    from embedrt.beir import load_beir, score_embeddings
 
     data = load_beir(workloads.SCIFACT)
     out = {}
@@ -155,9 +154,8 @@ def scifact_quality(model: str, built: list[systems.System]) -> dict[str, float]
         if system.name.endswith("fixed32"):
             continue
         corpus, queries = system.encode(data.corpus_texts, 32), system.encode(data.query_texts, 32)
-        idx, _ = top_k(queries, corpus, k=101, metric="cosine")  # all-MiniLM-L6-v2's similarity function
-        rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=True)}
-        out[system.name] = score_rankings(rankings, data.qrels)["ndcg@10"]
+        # cosine: all-MiniLM-L6-v2's similarity function
+        out[system.name] = score_embeddings(data, queries, corpus, "cosine")["ndcg@10"]
         logging.info("%s %s: SciFact NDCG@10 %.2f", model, system.name, out[system.name])
     return out
 

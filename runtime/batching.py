@@ -98,26 +98,28 @@ def plan_batches(
     if cost.token_budget is not None:
         limits = np.minimum(limits, np.maximum(1, cost.token_budget // np.maximum(pad, 1)).astype(np.int64))
     if cost.call_overhead == 0:
-        sizes = _greedy(limits)
+        sizes = _walk(limits)  # every call as large as allowed
     else:
-        sizes = _cheapest(pad * (1.0 + pad / cost.attention_span), limits, cost.call_overhead)
+        sizes = _walk(_cheapest(pad * (1.0 + pad / cost.attention_span), limits, cost.call_overhead))
     bounds = np.cumsum([0, *sizes])
     return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
 
-def _greedy(limits: np.ndarray) -> list[int]:
+def _walk(take: np.ndarray) -> list[int]:
+    """Call sizes from the start of the sorted run, where ``take[i]`` is the size of a call starting at i."""
     sizes, start = [], 0
-    while start < len(limits):
-        sizes.append(int(limits[start]))
+    while start < len(take):
+        sizes.append(int(take[start]))
         start += sizes[-1]
     return sizes
 
 
-def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float) -> list[int]:
-    """Exact minimum of sum(overhead + rows x per_row[first]) over cuts of the sorted run (dynamic programme).
+def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float) -> np.ndarray:
+    """Size of the best call starting at each sorted text, minimising sum(overhead + rows x per_row[first]).
 
-    ``per_row[i]`` is the cost of one row in a call whose longest text is sorted text ``i``; ``limits[i]``
-    the most rows such a call may hold. O(n x batch_size).
+    An exact dynamic programme over the cuts of the sorted run. ``per_row[i]`` is the cost of one row in a
+    call whose longest text is sorted text ``i``; ``limits[i]`` the most rows such a call may hold.
+    O(n x batch_size).
     """
     n = len(per_row)
     best = np.zeros(n + 1)
@@ -128,8 +130,4 @@ def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float) -> list[
         j = len(total) - 1 - int(np.argmin(total[::-1]))  # on a tie, the larger call
         best[i] = overhead + total[j]
         take[i] = k[j]
-    sizes, start = [], 0
-    while start < n:
-        sizes.append(int(take[start]))
-        start += sizes[-1]
-    return sizes
+    return take

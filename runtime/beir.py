@@ -99,6 +99,14 @@ def evaluate(model: Any, data: BeirData, batch_size: int = 32, show_progress: bo
                               max_tokens=max_tokens)
     queries = model.encode(data.query_texts, batch_size=batch_size, max_tokens=max_tokens)
     metric: Similarity = model.similarity_metric
+    return {**score_embeddings(data, queries, corpus, metric), "corpus": len(data.corpus_ids),
+            "similarity": metric.value}
+
+
+def score_embeddings(
+    data: BeirData, queries: np.ndarray, corpus: np.ndarray, metric: Similarity | str
+) -> dict[str, float]:
+    """NDCG@10 and recall@100 of ranking ``corpus`` rows for each query row with ``metric``."""
     idx, _ = top_k(queries, corpus, k=101, metric=metric)
-    rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=False)}
-    return {**score_rankings(rankings, data.qrels), "corpus": len(data.corpus_ids), "similarity": metric.value}
+    rankings = {qid: [data.corpus_ids[i] for i in row] for qid, row in zip(data.query_ids, idx, strict=True)}
+    return score_rankings(rankings, data.qrels)
