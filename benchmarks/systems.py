@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -76,9 +77,18 @@ def embedrt_system(name: str, folder: Path, device: str, threads: int, fixed_bat
     return System(name, encode, ",".join(model.providers), model.manifest.precision.value, size)
 
 
+def _exported_by(folder: Path) -> str | None:
+    """The ``extra.exporter`` of a model folder's manifest; None when there is no readable one."""
+    try:
+        return str(json.loads((folder / "embedrt.json").read_text())["extra"]["exporter"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
     """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
     from embedrt.export import export_model
+    from embedrt.export.pipeline import EXPORTER
     from embedrt.export.synthetic import StandIn, make_checkpoint
     from embedrt.models import find_entry
 
@@ -106,7 +116,7 @@ def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
         "ov-int8": (root / "ov-int8-static", {"formats": "openvino", "quantize": "static", **gate}),
     }
     for key, (folder, kwargs) in plans.items():
-        if not (folder / "embedrt.json").is_file():
+        if _exported_by(folder) != EXPORTER:  # missing, or written by another exporter version
             log.warning("exporting %s %s -> %s", model, key, folder)
             export_model(str(checkpoint), folder, overwrite=True, **kwargs)
         folders[key] = folder

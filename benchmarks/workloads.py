@@ -45,7 +45,8 @@ def build(n_queries: int = 256, n_passages: int = 64, n_long: int = 16, n_single
     rng = random.Random(42)
     rng.shuffle(passages)
     long_docs = [" ".join(passages[i : i + 4]) for i in range(0, 4 * n_long, 4)]  # > 512 tokens, truncated
-    q = [x for x in queries if 6 <= len(x.split()) <= 20]
+    # 5-13 words: 18.4 WordPiece tokens on average (single-query texts 17.6), the "~18 tokens"
+    q = [x for x in queries if 5 <= len(x.split()) <= 13]
     return [
         Workload("queries", tuple(q[:n_queries]), 32),
         Workload("passages", tuple(passages[:n_passages]), 32),

@@ -46,6 +46,8 @@ from embedrt.ops import Similarity
 from embedrt.tokenize import TextTokenizer
 
 log = logging.getLogger("embedrt.export")
+# recorded in every manifest (extra.exporter); folders written by another exporter may hold other graphs
+EXPORTER = f"embedrt {__version__}, torch.onnx (TorchScript) opset {OPSET}, eager attention"
 
 
 class Format(str, enum.Enum):
@@ -333,7 +335,7 @@ def _manifest(
         extra={
             "similarity_source": "override" if options.similarity else spec.similarity_source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "exporter": f"embedrt {__version__}, torch.onnx (TorchScript) opset {OPSET}, eager attention",
+            "exporter": EXPORTER,
             "versions": _versions(),
             **extra,
         },

@@ -19,7 +19,7 @@ from embedrt.manifest import Manifest, Precision, read_manifest
 from embedrt.model import EmbeddingModel, load
 from embedrt.ops import Pooling, Similarity, l2_normalize, pool, similarity, top_k
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "EmbeddingModel",

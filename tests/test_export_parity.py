@@ -99,3 +99,27 @@ def test_onnx_graph_contract(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     manifest = json.loads((folder / "embedrt.json").read_text())
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "openvino_model.xml", "openvino_model.bin"}
     assert manifest["parity"]["onnx"]["min_cosine"] >= 0.99999
+
+
+def test_cpu_graph_keeps_residual_layernorm_unfused(tiny_bert, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ONNX Runtime's CPU SkipLayerNormalization is ~4x slower than Add + LayerNormalization: neither the
+    exported graph nor the CPU session may fuse them (the other fusions stay)."""
+    import onnx
+
+    from embedrt import backends
+
+    _, folder = tiny_bert
+    exported = {n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert {"Attention", "LayerNormalization"} <= exported and "SkipLayerNormalization" not in exported, exported
+    optimized = tmp_path / "optimized.onnx"
+    make_options = backends._session_options
+
+    def recording(ort, threads):  # type: ignore[no-untyped-def]
+        options = make_options(ort, threads)
+        options.optimized_model_filepath = str(optimized)  # what the session actually runs
+        return options
+
+    monkeypatch.setattr(backends, "_session_options", recording)
+    embedrt.load(folder, device="cpu").encode(["a residual connection"])
+    ran = {n.op_type for n in onnx.load(str(optimized)).graph.node}
+    assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran, ran

@@ -53,8 +53,8 @@ def test_session_that_silently_lost_cuda_is_caught(tiny_bert, monkeypatch) -> No
     monkeypatch.setattr("embedrt.backends.cuda_unavailable_reason", lambda ort: None)
     real = onnxruntime.InferenceSession
 
-    def cpu_only_session(path, sess_options=None, providers=None):  # type: ignore[no-untyped-def]
-        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+    def cpu_only_session(path, sess_options=None, providers=None, **kwargs):  # type: ignore[no-untyped-def]
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", cpu_only_session)
     with pytest.raises(ProviderUnavailableError, match=r"asked for CUDAExecutionProvider but .* came up with"):
