@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -78,10 +77,13 @@ def embedrt_system(name: str, folder: Path, device: str, threads: int, fixed_bat
 
 
 def _exported_by(folder: Path) -> str | None:
-    """The ``extra.exporter`` of a model folder's manifest; None when there is no readable one."""
+    """The ``extra.exporter`` of a model folder's manifest; None when there is no valid one."""
+    from embedrt.errors import ModelFolderError
+    from embedrt.manifest import read_manifest
+
     try:
-        return str(json.loads((folder / "embedrt.json").read_text())["extra"]["exporter"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_manifest(folder).extra.get("exporter")
+    except ModelFolderError:
         return None
 
 
