@@ -21,6 +21,18 @@ LENGTHS = (8, 12, 16, 18, 20, 24, 32, 48, 64)
 FFN = (6, 768, 3072)  # DistilBERT-base: layers, width, FFN width
 
 
+def timings(calls: int, warmup: int, fn, *args) -> list[float]:  # type: ignore[no-untyped-def]
+    """Seconds of ``calls`` calls of ``fn(*args)`` after ``warmup`` untimed ones, sorted."""
+    for _ in range(warmup):
+        fn(*args)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return sorted(times)
+
+
 def ffn_stack(layers: int, width: int, inner: int) -> bytes:
     """An ONNX graph of ``layers`` FFN matmul pairs (width -> inner -> width) with distinct fp32 weights."""
     from onnx import TensorProto, helper, numpy_helper
@@ -67,14 +79,7 @@ def matmul_rates(threads: int, rows: list[int], calls: int) -> dict[str, dict[in
         out[name] = {}
         for m in rows:
             x = np.random.default_rng(1).standard_normal((m, width), dtype=np.float32)
-            for _ in range(10):
-                run(x)
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                run(x)
-                times.append(time.perf_counter() - start)
-            t = statistics.median(times)
+            t = statistics.median(timings(calls, 10, run, x))
             out[name][m] = {"p50_ms": round(1000 * t, 2), "gflops": round(2 * m * weight_bytes / 4 / t / 1e9, 1),
                             "weights_gb_per_s": round(weight_bytes / t / 1e9, 1)}
     return out
@@ -113,14 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for tokens in args.lengths:
             text = text_of(model, tokens)
-            for _ in range(20):  # warm-up
-                model.encode([text])
-            times = []
-            for _ in range(args.calls):
-                start = time.perf_counter()
-                model.encode([text])
-                times.append(time.perf_counter() - start)
-            times.sort()
+            times = timings(args.calls, 20, model.encode, [text])
             rows[tokens] = {"p50_ms": round(1000 * statistics.median(times), 2),
                             "p95_ms": round(1000 * times[int(0.95 * (len(times) - 1))], 2)}
         record["latency"] = rows
