@@ -29,6 +29,8 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                   help="leave the model's memory in 4 KB pages (default: 2 MB pages where the host allows)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +108,7 @@ def _load(args: argparse.Namespace) -> Any:
     from embedrt.model import load
 
     return load(args.model, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
-                openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint)
+                openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint, huge_pages=args.huge_pages)
 
 
 def _progress() -> bool:

@@ -44,6 +44,10 @@ class TextTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated, special tokens included, not padded."""
+        if len(texts) == 1:
+            # encode_batch wakes the tokenizers thread pool, whose spinning threads then take CPU from the
+            # inference that follows: ~0.1 ms on an 18-token query with 2 cores
+            return [self._tok.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
 
     def feeds(self, ids: Sequence[Sequence[int]], pad_to: int) -> dict[str, np.ndarray]:

@@ -81,3 +81,19 @@ def test_max_tokens_is_passed_through_and_checked(tiny_bert, tmp_path, capsys) -
     assert main([*args, str(tmp_path / "b.npy"), "--max-tokens", "0"]) == 2
     assert "max_tokens must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "b.npy").exists()
+
+
+@pytest.mark.parametrize(("flag", "want"), [([], True), (["--no-huge-pages"], False)])
+def test_huge_pages_flag_reaches_load(tiny_bert, tmp_path, monkeypatch, flag, want) -> None:  # type: ignore[no-untyped-def]
+    import embedrt.model
+
+    seen = {}
+    real = embedrt.model.load
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(embedrt.model, "load", spy)
+    assert main(["encode", str(tiny_bert[1]), "--text", "x", "-o", str(tmp_path / "x.npy"), *flag]) == 0
+    assert seen["huge_pages"] is want
