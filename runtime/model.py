@@ -91,13 +91,20 @@ class EmbeddingModel:
             ValueError: ``batch_size`` or ``max_tokens`` is below 1.
         """
         items = check_texts(texts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cost = self.batch_cost(max_tokens)
+        if len(items) == 1:  # the latency path: one call, nothing to plan
+            ids = self._tokenizer.encode(items)
+            pad_to = int(self._padded_lengths(np.array([len(ids[0])]))[0])
+            return np.asarray(self._backend.run(self._tokenizer.feeds(ids, pad_to)), dtype=np.float32)
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if not items:
             return out
         ids = self._tokenizer.encode(items)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         padded = self._padded_lengths(lengths)
-        batches = plan_batches(lengths, batch_size, self.batch_cost(max_tokens), padded)
+        batches = plan_batches(lengths, batch_size, cost, padded)
         for index in _progress(batches, show_progress):
             feeds = self._tokenizer.feeds([ids[i] for i in index], int(padded[index].max()))
             out[index] = self._backend.run(feeds)
