@@ -89,8 +89,6 @@ def plan_batches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     lengths = np.asarray(lengths)
-    if len(lengths) == 1:  # the latency path: one text, one call
-        return [np.zeros(1, dtype=np.int64)]
     order = np.argsort(-lengths, kind="stable")
     pad = np.asarray(lengths if padded is None else padded)[order].astype(np.float64)
     cost = cost or BatchCost()

@@ -175,7 +175,7 @@ def load(
         performance_hint: OpenVINO's ``latency`` or ``throughput`` hint.
         huge_pages: on the CPU under Linux, move the memory this load allocates (the weights, as the
             backend laid them out) into 2 MB transparent huge pages, in a background thread
-            (see :mod:`embedrt.hugepages`); about 4% off single-text latency. Memory allocated
+            (see :mod:`embedrt.hugepages`); 1-5% off single-text latency here. Memory allocated
             before the load is never touched.
 
     Returns:
