@@ -30,7 +30,7 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25  # Linux >= 6.1
 HUGE_PAGE = 2 << 20
 MIN_RANGE = 4 << 20  # smaller new mappings are not weights
-STEP = 32 << 20  # collapse in steps, so that a stop() is honoured within a few tens of ms
+STEP = 32 << 20  # collapse in steps, so that ``collapsed`` counts what moved when part of a range was freed
 
 Ranges = list[tuple[int, int]]
 
@@ -106,7 +106,6 @@ class Collapse:
     def __init__(self, ranges: Ranges) -> None:
         self.ranges = ranges
         self.collapsed = 0
-        self._stop = threading.Event()
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         self._libc.madvise.restype = ctypes.c_int
@@ -122,15 +121,12 @@ class Collapse:
     def _run(self) -> None:
         for start, end in self.ranges:
             for a in range(start, end, STEP):
-                if self._stop.is_set():
-                    return
                 b = min(a + STEP, end)
                 err = self._madvise(a, b - a, MADV_COLLAPSE)  # ctypes drops the GIL meanwhile
-                if err == errno.EINVAL:  # a kernel before 6.1 (no MADV_COLLAPSE): khugepaged does it slowly
-                    log.debug("embedrt: MADV_COLLAPSE unsupported; left to khugepaged")
-                    return
                 if err == 0:
                     self.collapsed += b - a
+                elif err == errno.EINVAL:  # this range cannot be collapsed, or a kernel before 6.1: next range
+                    break
                 # ENOMEM: unmapped since (freed by the library); EAGAIN: no free huge page now. Both harmless.
         log.debug("embedrt: %d MB of model memory in huge pages", self.collapsed >> 20)
 
@@ -138,10 +134,6 @@ class Collapse:
         """Wait for the collapse to finish; True if it has."""
         self._thread.join(timeout)
         return not self._thread.is_alive()
-
-    def stop(self) -> None:
-        """Stop after the current step."""
-        self._stop.set()
 
 
 def collapse_new(before: Ranges | None) -> Collapse | None:

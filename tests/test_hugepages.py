@@ -94,3 +94,17 @@ def test_no_move_where_the_host_decides(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setattr(hugepages, "thp_mode", lambda mode=mode: mode)
         assert hugepages.snapshot() is None
     assert hugepages.collapse_new(None) is None
+
+
+def test_a_range_that_cannot_collapse_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    first, second = (0, 4 * HUGE_PAGE), (8 * HUGE_PAGE, 12 * HUGE_PAGE)
+
+    def fake_madvise(self, start: int, length: int, advice: int) -> int:  # type: ignore[no-untyped-def]
+        return errno.EINVAL if advice == hugepages.MADV_COLLAPSE and start < second[0] else 0
+
+    monkeypatch.setattr(hugepages.Collapse, "_madvise", fake_madvise)
+    move = hugepages.Collapse([first, second])
+    assert move.wait(timeout=10)
+    assert move.collapsed == second[1] - second[0]
