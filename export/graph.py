@@ -21,6 +21,17 @@ def graph_inputs(architecture: str) -> tuple[str, ...]:
     return ("input_ids", "attention_mask")  # DistilBERT, RoBERTa and MPNet take no token_type_ids
 
 
+def graph_limits(config: Any, architecture: str, pad_token_id: int) -> dict[str, int]:
+    """The longest input the position table serves and the embedding table's size, stamped into the graph.
+
+    RoBERTa, XLM-RoBERTa and MPNet number positions from ``pad_token_id + 1``, so 514 positions serve 512 tokens.
+    """
+    positions = int(config.max_position_embeddings)
+    if architecture in ("roberta", "xlm-roberta", "mpnet"):
+        positions -= pad_token_id + 1
+    return {"max_positions": positions, "vocab_size": int(config.vocab_size)}
+
+
 def build_pipeline(st_model: Any, spec: CheckpointSpec) -> Any:
     """A torch module mapping token feeds to ``sentence_embedding``, following ``modules.json`` order."""
     import torch

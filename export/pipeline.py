@@ -8,7 +8,6 @@ import enum
 import json
 import logging
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from embedrt._optional import require
 from embedrt.cpu import parse_target
 from embedrt.errors import SourceError
 from embedrt.export.gate import run_gate
-from embedrt.export.graph import OPSET, build_pipeline, export_onnx, graph_inputs
+from embedrt.export.graph import OPSET, build_pipeline, export_onnx, graph_inputs, graph_limits
 from embedrt.export.openvino_ir import convert_to_ir
 from embedrt.export.quantize import (
     Method,
@@ -30,6 +29,7 @@ from embedrt.export.quantize import (
 )
 from embedrt.export.source import CheckpointSpec, ResolvedSource, read_checkpoint, resolve_source
 from embedrt.export.validate import FP16_MIN_COSINE, FP32_MIN_COSINE, PROBE_TEXTS, check_parity, reference_embeddings
+from embedrt.export.workdir import claim_work_dir
 from embedrt.manifest import (
     MANIFEST_NAME,
     ONNX_NAME,
@@ -165,13 +165,9 @@ def export_model(
     if target_dir.exists() and not options.overwrite:
         raise FileExistsError(f"{target_dir} exists; pass overwrite=True (--overwrite) to replace it")
     spec = read_checkpoint(resolved.path, resolved.catalogue)
-    target_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{target_dir.name}.tmp-", dir=target_dir.parent))
-    try:
+    with claim_work_dir(target_dir) as work:  # also sweeps what exports killed earlier left behind
         _build_folder(resolved, spec, options, work)
         _publish(work, target_dir, options.overwrite)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     log.info("exported %s -> %s", resolved.source_id, target_dir)
     return target_dir
 
@@ -197,8 +193,9 @@ def _build_folder(resolved: ResolvedSource, spec: CheckpointSpec, options: Expor
     reference = reference_embeddings(reference_model, texts)
     fp32_options = dataclasses.replace(options, quantize=None) if options.quantize else options
     base = work / "model" if options.quantize is None else scratch / "fp32"
+    limits = graph_limits(eager[0].auto_model.config, spec.architecture, pad_id if pad_id is not None else 0)
     _assemble(base, (plain, fused), resolved, spec, fp32_options, reference_model, pad_id,
-              {"fused_operators": fusion})
+              {"fused_operators": fusion, "limits": limits})
     _check_all(base, texts, reference, fp32_options)
     if options.quantize is not None:
         _build_int8(work / "model", base, (plain, fused), resolved, spec, options, reference_model,
@@ -226,12 +223,18 @@ def _assemble(folder: Path, graphs_in: tuple[Path, Path], resolved: ResolvedSour
         raise SourceError(f"{resolved.path}: the tokenizer has no fast (tokenizer.json) form; cannot export it")
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
-        _finish_onnx(plain if options.precision is Precision.FP16 else fused, folder / ONNX_NAME, options.precision)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
-        convert_to_ir(plain, folder, fp16_weights=options.precision is Precision.FP16)
         graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
-    return _manifest(resolved, spec, options, model, graphs, pad_id, folder, extra or {})
+    manifest = _manifest(resolved, spec, options, model, graphs, pad_id, extra or {})
+    if "onnx" in graphs:
+        _finish_onnx(plain if options.precision is Precision.FP16 else fused, folder / ONNX_NAME, options.precision)
+        _stamp_onnx(folder / ONNX_NAME, manifest)
+    if "openvino" in graphs:
+        convert_to_ir(plain, folder, manifest.contract(), fp16_weights=options.precision is Precision.FP16)
+    manifest = dataclasses.replace(manifest, files=describe_files(folder))
+    write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
+    return manifest
 
 
 def _check_all(folder: Path, texts: list[str], reference: Any, options: ExportOptions,
@@ -258,7 +261,8 @@ def _build_int8(folder: Path, base: Path, graphs_in: tuple[Path, Path], resolved
     heads_width = _heads_and_width(model[0].auto_model.config)
     int8_options = dataclasses.replace(options, precision=Precision.INT8)
     skeleton = _assemble(folder, graphs_in, resolved, spec, dataclasses.replace(int8_options, formats=()), model,
-                         base_manifest.pad_token_id, {"fused_operators": fusion, "quantization": quant.describe()})
+                         base_manifest.pad_token_id, {"fused_operators": fusion, "quantization": quant.describe(),
+                                                      "limits": base_manifest.extra.get("limits", {})})
     graphs: dict[str, dict[str, Any]] = {}
     if Format.ONNX in options.formats:
         # int8 graphs keep the embedding Gather unfused, so its table can be quantised per row; static (QDQ)
@@ -269,7 +273,7 @@ def _build_int8(folder: Path, base: Path, graphs_in: tuple[Path, Path], resolved
         quantize_onnx(source, folder / ONNX_NAME, quant, tokenizer)
         graphs["onnx"] = {"file": ONNX_NAME, "opset": OPSET}
     if Format.OPENVINO in options.formats:
-        quantize_openvino(base / OPENVINO_XML, folder, quant, tokenizer)
+        quantize_openvino(base / OPENVINO_XML, folder, quant, tokenizer, skeleton.contract())
         graphs["openvino"] = {"xml": OPENVINO_XML, "bin": OPENVINO_BIN}
     extra = {**skeleton.extra, "fused_operators": fusion}
     manifest = dataclasses.replace(skeleton, graphs=graphs, extra=extra)
@@ -312,7 +316,6 @@ def _manifest(
     model: Any,
     graphs: dict[str, dict[str, Any]],
     pad_id: int | None,
-    folder: Path,
     extra: dict[str, Any],
 ) -> Manifest:
     similarity = options.similarity or spec.similarity
@@ -340,10 +343,6 @@ def _manifest(
             **extra,
         },
     )
-    if "onnx" in graphs:
-        _stamp_onnx(folder / ONNX_NAME, manifest)
-    manifest = dataclasses.replace(manifest, files=describe_files(folder))
-    write_json_atomic(folder / MANIFEST_NAME, manifest.to_json())
     return manifest
 
 

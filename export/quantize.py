@@ -189,9 +189,11 @@ def quantize_embedding_rows(path: Path, min_rows: int = 4096) -> int:
     return rewritten
 
 
-def quantize_openvino(xml: Path, dest_folder: Path, config: QuantConfig, tokenizer: TextTokenizer) -> None:
+def quantize_openvino(xml: Path, dest_folder: Path, config: QuantConfig, tokenizer: TextTokenizer,
+                      contract: dict[str, Any]) -> None:
     """NNCF post-training int8 quantisation of an OpenVINO IR with the same calibration texts."""
     from embedrt._optional import require
+    from embedrt.export.openvino_ir import stamp_ir
 
     nncf = require("nncf", "quantize")
     ov = require("openvino", "openvino")
@@ -201,4 +203,5 @@ def quantize_openvino(xml: Path, dest_folder: Path, config: QuantConfig, tokeniz
         model, dataset, model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(config.calibration_texts),
     )
+    stamp_ir(quantized, contract)
     ov.save_model(quantized, str(dest_folder / xml.name), compress_to_fp16=False)

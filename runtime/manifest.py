@@ -102,7 +102,9 @@ class Manifest:
         keys = ("architecture", "dim", "pooling", "normalize", "similarity", "max_seq_length",
                 "do_lower_case", "inputs", "pad_token_id", "precision", "source")
         full = self.to_json()
-        return {"format_version": FORMAT_VERSION, **{k: full[k] for k in keys}}
+        # the graph's own limits (position table, vocabulary), checked against the manifest at load
+        limits = self.extra.get("limits", {})
+        return {"format_version": FORMAT_VERSION, **{k: full[k] for k in keys}, "limits": limits}
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
@@ -156,11 +158,7 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
     dim, max_len = field("dim", int), field("max_seq_length", int)
     if dim < 1 or max_len < 1:
         raise ModelFolderError(f"{path}: dim and max_seq_length must be positive, got {dim}, {max_len}")
-    files = {}
-    for name, entry in field("files", dict).items():
-        if not isinstance(entry, dict) or not {"bytes", "sha256"} <= entry.keys():
-            raise ModelFolderError(f"{path}: files[{name!r}] needs 'bytes' and 'sha256'")
-        files[name] = FileEntry(bytes=int(entry["bytes"]), sha256=str(entry["sha256"]))
+    files = {name: _file_entry(path, name, entry) for name, entry in field("files", dict).items()}
     graphs = field("graphs", dict)
     if not graphs:
         raise ModelFolderError(f"{path}: field 'graphs' is empty; the folder holds no model")
@@ -173,7 +171,7 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         similarity=sim,
         max_seq_length=max_len,
         do_lower_case=field("do_lower_case", bool),
-        inputs=tuple(field("inputs", list)),
+        inputs=_inputs(path, field("inputs", list)),
         pad_token_id=field("pad_token_id", int),
         precision=precision,
         graphs=graphs,
@@ -181,6 +179,24 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         parity=field("parity", dict),
         extra=data.get("extra", {}),
     )
+
+
+def _inputs(path: Path, names: list[Any]) -> tuple[str, ...]:
+    if not all(isinstance(n, str) for n in names) or not {"input_ids", "attention_mask"} <= set(names):
+        raise ModelFolderError(f"{path}: field 'inputs' must list input_ids and attention_mask (and "
+                               f"token_type_ids where the graph takes it), got {names!r}")
+    return tuple(names)
+
+
+def _file_entry(path: Path, name: str, entry: Any) -> FileEntry:
+    if not isinstance(entry, dict) or not {"bytes", "sha256"} <= entry.keys():
+        raise ModelFolderError(f"{path}: files[{name!r}] needs 'bytes' and 'sha256'")
+    size, digest = entry["bytes"], entry["sha256"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ModelFolderError(f"{path}: files[{name!r}].bytes must be a whole number >= 0, got {size!r}")
+    if not isinstance(digest, str) or len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ModelFolderError(f"{path}: files[{name!r}].sha256 must be 64 lowercase hex digits, got {digest!r}")
+    return FileEntry(bytes=size, sha256=digest)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

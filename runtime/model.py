@@ -12,8 +12,9 @@ import numpy as np
 import numpy.typing as npt
 
 from embedrt import hugepages, ops
-from embedrt.backends import Backend, OpenVinoBackend, OrtBackend
+from embedrt.backends import OUTPUT_NAME, Backend, OpenVinoBackend, OrtBackend
 from embedrt.batching import BatchCost, padded_lengths, plan_batches
+from embedrt.contract import check_graph
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import (
     ONNX_NAME,
@@ -26,9 +27,13 @@ from embedrt.manifest import (
     read_manifest,
 )
 from embedrt.providers import DeviceRequest, cuda_unavailable_reason, default_thread_count, parse_device
-from embedrt.tokenize import TextTokenizer, check_texts
+from embedrt.tokenize import TextTokenizer, check_count, check_texts
 
 log = logging.getLogger("embedrt")
+# texts tokenized and planned together: bounds encode's memory whatever the input size (tokenizing 8,000
+# texts of 512 tokens up front took 760 MB), while a thousand length-sorted texts keep the planner's padding
+# savings (a call holds at most a few dozen texts)
+WINDOW = 1024
 
 
 class EmbeddingModel:
@@ -73,13 +78,15 @@ class EmbeddingModel:
     ) -> ops.FloatArray:
         """Embed texts exactly as the source sentence-transformers model would.
 
-        Texts are sorted by length and grouped into calls that waste little on padding (see
-        :mod:`embedrt.batching`); the result is in input order and does not depend on the grouping.
+        Texts are taken in windows of :data:`WINDOW`; each window is tokenized, sorted by length and grouped
+        into calls that waste little on padding (see :mod:`embedrt.batching`), so memory is bounded by the
+        window, not by ``len(texts)``. The result is in input order and does not depend on the grouping.
+        Safe to call from several threads at once on one model.
 
         Args:
-            texts: a sequence of str (an empty sequence gives shape ``(0, dim)``).
+            texts: a sequence of str (an empty sequence gives shape ``(0, dim)``); not a dict or a set.
             batch_size: most texts per inference call.
-            show_progress: show a progress bar over calls.
+            show_progress: show a progress bar over texts.
             max_tokens: most padded tokens (texts x padded length) per call; default the backend's
                 budget (4096 on CPU and OpenVINO CPU, no cap on CUDA). A single text always fits.
 
@@ -87,34 +94,41 @@ class EmbeddingModel:
             float32 ``(len(texts), dim)``, in input order.
 
         Raises:
-            TypeError: ``texts`` is a single str, or an item is not a str (the message names its index).
+            TypeError: ``texts`` is a single str, a dict or a set, an item is not a str (the message names
+                its index), or ``batch_size`` / ``max_tokens`` is not an int.
             ValueError: ``batch_size`` or ``max_tokens`` is below 1.
         """
         items = check_texts(texts)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        size = check_count(batch_size, "batch_size")
         cost = self.batch_cost(max_tokens)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
         if len(items) == 1:  # the latency path: one call, nothing to plan
             ids = self._tokenizer.encode(items)
-            pad_to = int(self._padded_lengths(np.array([len(ids[0])]))[0])
-            return np.asarray(self._backend.run(self._tokenizer.feeds(ids, pad_to)), dtype=np.float32)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        if not items:
+            out[:] = self._run(ids, int(self._padded_lengths(np.array([len(ids[0])]))[0]))
             return out
-        ids = self._tokenizer.encode(items)
+        bar = _progress(len(items), show_progress)
+        for start in range(0, len(items), WINDOW):
+            window = items[start : start + WINDOW]
+            self._encode_window(window, size, cost, out[start : start + len(window)])
+            if bar is not None:
+                bar.update(len(window))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def _encode_window(self, texts: list[str], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
+        ids = self._tokenizer.encode_compact(texts)
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         padded = self._padded_lengths(lengths)
-        batches = plan_batches(lengths, batch_size, cost, padded)
-        for index in _progress(batches, show_progress):
-            feeds = self._tokenizer.feeds([ids[i] for i in index], int(padded[index].max()))
-            out[index] = self._backend.run(feeds)
-        return out
+        for index in plan_batches(lengths, batch_size, cost, padded):
+            out[index] = self._run([ids[i] for i in index], int(padded[index].max()))
+
+    def _run(self, ids: Sequence[Sequence[int] | np.ndarray], pad_to: int) -> ops.FloatArray:
+        return np.asarray(self._backend.run(self._tokenizer.feeds(ids, pad_to)), dtype=np.float32)
 
     def batch_cost(self, max_tokens: int | None = None) -> BatchCost:
         """The cost model that groups texts into calls on this backend."""
-        if max_tokens is not None and max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        budget = self._backend.token_budget if max_tokens is None else max_tokens
+        budget = self._backend.token_budget if max_tokens is None else check_count(max_tokens, "max_tokens")
         # attention adds 4 x L x hidden FLOPs per token to the 2 x (4 + 2 x 4) x hidden^2 of the linear layers
         return BatchCost(self._backend.call_overhead, 6.0 * self.dim, budget)
 
@@ -141,14 +155,14 @@ class EmbeddingModel:
         return ops.top_k(queries_embedded, corpus_embeddings, k, self.similarity_metric)
 
 
-def _progress(batches: list[np.ndarray], show: bool) -> Any:
+def _progress(total: int, show: bool) -> Any:
     if not show:
-        return batches
+        return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return batches
-    return tqdm(batches, desc="encode", unit="batch")
+        return None
+    return tqdm(total=total, desc="encode", unit="text")
 
 
 def load(
@@ -208,6 +222,7 @@ def load(
                 raise
             log.warning("%s; falling back to the CPU as allow_fallback=True", exc)
             backend = _make_backend(root, manifest, DeviceRequest("cpu"), options)
+    check_graph(root, manifest, backend.graph, tokenizer.vocab_size, OUTPUT_NAME)
     _warn_if_cpu_lacks_int8_target(root, manifest, backend.device)
     log.info("embedrt: loaded %s on %s (providers %s)", root, backend.device, backend.providers)
     on_host = backend.device == "cpu" or backend.device.startswith("openvino:CPU")

@@ -137,22 +137,29 @@ def top_k(
         chunk_size: corpus rows scored at a time.
 
     Returns:
-        ``(indices, scores)``, int64 and float32, each ``[n, min(k, m)]``, ordered by score, then by index.
+        ``(indices, scores)``, int64 and float32, each ``[n, min(k, m)]``: the first ``k`` rows ordered by
+        score descending, then by index ascending, whatever ``chunk_size`` is (ties at the k-th place go to
+        the lowest index).
 
     Raises:
-        ValueError: ``k`` or ``chunk_size`` below 1, or mismatched dimensions.
+        ValueError: ``k`` or ``chunk_size`` below 1, mismatched dimensions, or a query or corpus row with
+            NaN/inf values (names the array and the first such row).
     """
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
     metric = Similarity.parse(metric) if isinstance(metric, str) else metric
     q, c = _as_matrix(queries, "queries"), _as_matrix(corpus, "corpus")
-    if metric is Similarity.COSINE:  # normalise once, not once per chunk
-        q, c, metric = l2_normalize(q), l2_normalize(c), Similarity.DOT
+    _check_finite(q, "queries", 0)
+    cosine = metric is Similarity.COSINE
+    if cosine:  # normalise the queries once, not once per chunk; each corpus chunk is normalised as it is scored
+        q, metric = l2_normalize(q), Similarity.DOT
     k = min(k, c.shape[0])
     best_idx = np.zeros((q.shape[0], 0), dtype=np.int64)
     best_score = np.zeros((q.shape[0], 0), dtype=np.float32)
     for start in range(0, c.shape[0], chunk_size):
-        scores = similarity(q, c[start : start + chunk_size], metric)
+        chunk = c[start : start + chunk_size]
+        _check_finite(chunk, "corpus", start)  # chunk by chunk, so the check's memory stays bounded too
+        scores = similarity(q, l2_normalize(chunk) if cosine else chunk, metric)
         idx = np.broadcast_to(np.arange(start, start + scores.shape[1], dtype=np.int64), scores.shape)
         best_idx, best_score = _merge_top_k(
             np.concatenate([best_idx, idx], axis=1), np.concatenate([best_score, scores], axis=1), k
@@ -160,10 +167,27 @@ def top_k(
     return best_idx, best_score
 
 
+def _check_finite(x: FloatArray, name: str, offset: int) -> None:
+    """Raise naming the first row of ``x`` (numbered from ``offset``) that holds NaN or inf."""
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        # a NaN score sorts anywhere, so such a row would return arbitrary hits instead of an error
+        raise ValueError(f"{name} row {offset + int(np.argmax(bad))} has NaN/inf values")
+
+
 def _merge_top_k(idx: IntArray, scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
+    """The first ``k`` candidates of each row by score descending, then index ascending."""
     if scores.shape[1] > k:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        part = np.argpartition(-scores, k - 1, axis=1)
+        kth = np.take_along_axis(scores, part[:, k - 1 : k], 1)
+        tied = scores >= kth
+        width = max(int(tied.sum(axis=1).max()), k)  # k at least, should a score overflow to NaN
+        if width > k:
+            # argpartition picks an arbitrary subset of the scores tied at the k-th place; keep them all
+            # (they come first in a stable sort on "not tied") so the lexsort below picks the lowest indices
+            part = np.argsort(~tied, axis=1, kind="stable")
+        part = part[:, :width]
         idx, scores = np.take_along_axis(idx, part, 1), np.take_along_axis(scores, part, 1)
     # sort by score descending, then index ascending, so results are deterministic
-    order = np.lexsort((idx, -scores), axis=1)
+    order = np.lexsort((idx, -scores), axis=1)[:, :k]
     return np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,42 @@ TYPE_IDS = "token_type_ids"
 
 
 def check_texts(texts: Any) -> list[str]:
-    """Return ``texts`` as a list of str, or raise TypeError naming the first bad item's index."""
+    """Return ``texts`` as a list of str, or raise TypeError naming the first bad item's index.
+
+    Lone UTF-16 surrogates (``"\\ud800"``, left by bad decoding or JSON escapes), which the tokenizer
+    cannot take, become U+FFFD; a valid surrogate pair becomes the character it encodes.
+    """
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of str, not a single str; wrap it in a list")
-    if not isinstance(texts, Sequence):
-        texts = list(texts)
-    for i, text in enumerate(texts):
+    # a dict would embed its keys and a set has no order to match rows to inputs: neither is a list of texts
+    if isinstance(texts, (Mapping, AbstractSet)):
+        raise TypeError(f"texts must be an ordered sequence of str (a list), not a {type(texts).__name__}")
+    items = list(texts)
+    for i, text in enumerate(items):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
-    return list(texts)
+        if not text.isascii() and _has_surrogates(text):
+            items[i] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return items
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_count(value: Any, name: str, optional: bool = False) -> int | None:
+    """``value`` as a positive int (None allowed if ``optional``), or TypeError / ValueError naming ``name``."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
 
 
 class TextTokenizer:
@@ -41,6 +69,7 @@ class TextTokenizer:
         self._tok.enable_truncation(max_length=max_length)
         self.pad_id = pad_id
         self.input_names = tuple(input_names)
+        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated, special tokens included, not padded."""
@@ -50,7 +79,18 @@ class TextTokenizer:
             return [self._tok.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
 
-    def feeds(self, ids: Sequence[Sequence[int]], pad_to: int) -> dict[str, np.ndarray]:
+    def encode_compact(self, texts: list[str], chunk: int = 256) -> list[np.ndarray]:
+        """``encode`` as int32 arrays, ``chunk`` texts at a time.
+
+        A tokenizers Encoding keeps tokens, offsets and masks besides the ids (~70 bytes a token) and a
+        list of ids ~36 bytes a token; an int32 array keeps 4. Tokenizing in chunks bounds the former.
+        """
+        out: list[np.ndarray] = []
+        for start in range(0, len(texts), chunk):
+            out.extend(np.array(ids, dtype=np.int32) for ids in self.encode(texts[start : start + chunk]))
+        return out
+
+    def feeds(self, ids: Sequence[Sequence[int] | np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
         """Right-padded int64 feeds of shape ``[len(ids), pad_to]`` for the graph's inputs."""
         batch = np.full((len(ids), pad_to), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), pad_to), dtype=np.int64)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,8 +50,9 @@ def test_info_and_verify(tiny_bert, capsys) -> None:  # type: ignore[no-untyped-
     assert info["format"] == "embedrt-model" and info["pooling"] == "mean"
 
 
-def test_eval_on_a_small_beir_folder(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    beir = tmp_path / "beir"
+def small_beir(root: Path) -> Path:
+    """A three-document BEIR folder whose queries are their documents' exact texts."""
+    beir = root / "beir"
     (beir / "qrels").mkdir(parents=True)
     docs = {"d1": "cats purr", "d2": "dogs bark", "d3": "fish swim"}
     (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": k, "title": "", "text": v}) + "\n"
@@ -57,6 +60,11 @@ def test_eval_on_a_small_beir_folder(tiny_bert, tmp_path, capsys) -> None:  # ty
     (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{k}", "text": v}) + "\n"
                                                 for k, v in docs.items()))
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nqd1\td1\t1\nqd2\td2\t1\n")
+    return beir
+
+
+def test_eval_on_a_small_beir_folder(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    beir = small_beir(tmp_path)
     out_json = tmp_path / "r.json"
     assert main(["eval", str(tiny_bert[1]), str(beir), "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
@@ -97,3 +105,76 @@ def test_huge_pages_flag_reaches_load(tiny_bert, tmp_path, monkeypatch, flag, wa
     monkeypatch.setattr(embedrt.model, "load", spy)
     assert main(["encode", str(tiny_bert[1]), "--text", "x", "-o", str(tmp_path / "x.npy"), *flag]) == 0
     assert seen["huge_pages"] is want
+
+
+def bad_output(tmp_path: Path, case: str, name: str) -> tuple[Path, str]:
+    """An output path that cannot be written, and a fragment of the error that must name why."""
+    if case == "parent is a file":
+        (tmp_path / "a-file").write_text("not a folder")
+        return tmp_path / "a-file" / name, f"{tmp_path / 'a-file'} is a file, not a folder"
+    if case == "output is a folder":
+        (tmp_path / name).mkdir()
+        return tmp_path / name, "is a folder, not a file"
+    # tests run as root, so chmod cannot make a folder unwritable; nothing can be created under /proc
+    return Path("/proc/embedrt-test") / name, "cannot create files in /proc"
+
+
+@pytest.fixture()
+def refuse_long_work(monkeypatch):  # type: ignore[no-untyped-def]
+    """Loading a model or exporting fails the test: a bad output path must be refused before either."""
+    import embedrt.export
+    import embedrt.model
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("long work started before the output path was checked")
+
+    monkeypatch.setattr(embedrt.model, "load", refuse)
+    monkeypatch.setattr(embedrt.export, "export_model", refuse)
+
+
+CASES = ["parent is a file", "output is a folder", "unwritable location"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_encode_refuses_a_bad_output_before_loading(tmp_path, capsys, refuse_long_work, case) -> None:  # type: ignore[no-untyped-def]
+    out, why = bad_output(tmp_path, case, "x.npy")
+    assert main(["encode", str(tmp_path / "model"), "--text", "x", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"embedrt encode: error: {out}: " in err and why in err
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_eval_refuses_a_bad_json_path_before_loading(tmp_path, capsys, refuse_long_work, case) -> None:  # type: ignore[no-untyped-def]
+    out, why = bad_output(tmp_path, case, "r.json")
+    assert main(["eval", str(tmp_path / "model"), str(small_beir(tmp_path)), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"embedrt eval: error: {out}: " in err and why in err
+
+
+@pytest.mark.parametrize("case", ["parent is a file", "output is a file", "unwritable location"])
+def test_export_refuses_a_bad_output_before_exporting(tmp_path, capsys, refuse_long_work, case) -> None:  # type: ignore[no-untyped-def]
+    if case == "output is a file":  # even with --overwrite: a folder must not silently replace a file
+        (tmp_path / "out").write_text("a file")
+        out, why = tmp_path / "out", "exists and is not a folder"
+    else:
+        out, why = bad_output(tmp_path, case, "out")
+    assert main(["export", str(tmp_path / "ckpt"), "-o", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"embedrt export: error: {out}: " in err and why in err
+
+
+def test_a_write_error_names_the_output(tiny_bert, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import embedrt.manifest
+
+    def disk_full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "save", disk_full)
+    out = tmp_path / "x.npy"
+    assert main(["encode", str(tiny_bert[1]), "--text", "x", "-o", str(out)]) == 2
+    assert f"embedrt encode: error: {out}: cannot write: No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+    monkeypatch.setattr(embedrt.manifest, "write_json_atomic", disk_full)
+    out = tmp_path / "r.json"
+    assert main(["eval", str(tiny_bert[1]), str(small_beir(tmp_path)), "--json", str(out)]) == 2
+    assert f"embedrt eval: error: {out}: cannot write: No space left on device" in capsys.readouterr().err

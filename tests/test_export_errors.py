@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from embedrt.errors import ParityError, SourceError
+from embedrt.errors import OutputPathError, ParityError, SourceError
 from embedrt.export import export_model
 
 
@@ -23,6 +31,30 @@ def test_unknown_module_is_an_error(checkpoint, tmp_path) -> None:  # type: igno
     with pytest.raises(SourceError, match=r"module 3 has type 'sentence_transformers\.models\.LSTM'"):
         export_model(str(checkpoint), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+_TRANSFORMER = {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ({"0": _TRANSFORMER}, "expected a JSON list of modules, got an object"),
+    ([_TRANSFORMER, 5], "module 1 is not a JSON object"),
+    ([_TRANSFORMER, {"idx": 1, "path": "1_Pooling"}], "module 1 has no string 'type'"),
+    ([_TRANSFORMER, {"idx": 1, "path": 1, "type": "sentence_transformers.models.Pooling"}],
+     "module 1 has no string 'path'"),
+], ids=["object", "item not an object", "no type", "path not a string"])
+def test_malformed_modules_json_names_file_and_module(checkpoint, tmp_path, content, why) -> None:  # type: ignore[no-untyped-def]
+    (checkpoint / "modules.json").write_text(json.dumps(content))
+    with pytest.raises(SourceError, match=f"^{re.escape(str(checkpoint / 'modules.json'))}: {why}"):
+        export_model(str(checkpoint), tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["modules.json", "1_Pooling/config.json"])
+def test_invalid_utf8_names_the_file(checkpoint, tmp_path, name) -> None:  # type: ignore[no-untyped-def]
+    path = checkpoint / name
+    path.write_bytes(path.read_bytes().replace(b"{", b"{\"\xff\": 1, ", 1))  # a Latin-1 byte, not UTF-8
+    with pytest.raises(SourceError, match=f"^{re.escape(str(path))}: not valid UTF-8"):
+        export_model(str(checkpoint), tmp_path / "out")
 
 
 def test_unsupported_pooling_lists_supported(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -66,3 +98,87 @@ def test_existing_output_needs_overwrite(checkpoint, tmp_path) -> None:  # type:
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         export_model(str(checkpoint), tmp_path / "out")
+
+
+def test_an_unwritable_output_location_is_named(checkpoint) -> None:  # type: ignore[no-untyped-def]
+    # tests run as root, so chmod cannot make a folder unwritable; nothing can be created under /proc
+    out = Path("/proc/embedrt-test/out")
+    with pytest.raises(OutputPathError, match=f"^{re.escape(str(out))}: cannot write: "):
+        export_model(str(checkpoint), out)
+
+
+def _temp_folders(parent: Path, name: str) -> list[Path]:
+    return sorted(p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+def test_next_export_removes_what_a_dead_export_left(checkpoint, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    no_lock = tmp_path / ".model.tmp-abc"  # from before work folders were locked
+    (no_lock / "scratch").mkdir(parents=True)
+    (no_lock / "scratch" / "plain.onnx").write_bytes(b"\0" * 300_000)
+    an_hour_ago = time.time() - 3600
+    os.utime(no_lock, (an_hour_ago, an_hour_ago))
+    unheld = tmp_path / ".model.tmp-def"  # its export died, so the kernel dropped its lock
+    unheld.mkdir()
+    (unheld / ".embedrt-export.lock").write_text("12345\n")
+    other = tmp_path / ".other.tmp-abc"  # another output's: not this export's business
+    other.mkdir()
+    with caplog.at_level(logging.WARNING, logger="embedrt.export"):
+        export_model(str(checkpoint), tmp_path / "model", formats="onnx")
+    assert _temp_folders(tmp_path, "model") == [] and other.is_dir()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"removed leftover temporary folder {no_lock} (300.0 kB) from an export that did not finish" in w
+               for w in warnings), warnings
+    assert any(f"removed leftover temporary folder {unheld}" in w for w in warnings), warnings
+
+
+def test_a_work_folder_locked_by_a_live_process_is_left_alone(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.export.workdir import LOCK_NAME, sweep_stale
+
+    live, dead = tmp_path / ".model.tmp-live", tmp_path / ".model.tmp-dead"
+    for folder in (live, dead):
+        folder.mkdir()
+        (folder / LOCK_NAME).write_text("")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)", str(live / LOCK_NAME)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert sweep_stale(tmp_path / "model") == [dead]
+        assert live.is_dir() and (live / LOCK_NAME).is_file() and not dead.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sweep_stale(tmp_path / "model") == [live]  # its holder is gone now
+
+
+def test_a_young_work_folder_without_a_lock_may_be_starting(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.export.workdir import sweep_stale
+
+    # mkdtemp and taking the lock are two steps; a fresh folder may be a live export between them
+    (tmp_path / ".model.tmp-new").mkdir()
+    assert sweep_stale(tmp_path / "model") == []
+    assert (tmp_path / ".model.tmp-new").is_dir()
+
+
+def test_export_after_a_kill_9_completes_and_cleans_up(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import embedrt
+
+    out = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-m", "embedrt.cli", "export", str(tiny_bert[0]), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any((p / ".embedrt-export.lock").is_file() for p in _temp_folders(tmp_path, "model")):
+            assert proc.poll() is None, f"the export ended (rc {proc.returncode}) before its work folder appeared"
+            assert time.monotonic() < deadline, "no locked work folder within 60 s"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the export finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and len(_temp_folders(tmp_path, "model")) == 1 and not out.exists()
+    export_model(str(tiny_bert[0]), out, formats="onnx")
+    assert _temp_folders(tmp_path, "model") == []
+    assert embedrt.load(out).encode(["after the crash"]).shape == (1, 32)

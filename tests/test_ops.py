@@ -88,3 +88,48 @@ def test_bad_metric_and_shapes_are_named() -> None:
         similarity(np.ones((1, 2)), np.ones((1, 3)))
     with pytest.raises(ValueError, match="k and chunk_size"):
         top_k(np.ones((1, 2)), np.ones((1, 2)), k=0)
+
+
+def naive_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Score everything, sort by score descending then index ascending, keep the first ``k``."""
+    full = similarity(q, c, metric)
+    idx = np.broadcast_to(np.arange(full.shape[1]), full.shape)
+    order = np.lexsort((idx, -full), axis=1)[:, :k]
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(full, order, 1)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 17, 1000])
+@pytest.mark.parametrize("k", [1, 4, 53])
+@pytest.mark.parametrize("n_queries", [1, 6])
+@pytest.mark.parametrize("metric", ["dot", "euclidean"])
+def test_top_k_ties_match_naive_whatever_the_chunk(chunk: int, k: int, n_queries: int, metric: str) -> None:
+    # values in {-1, 0, 1} and dim 3: 53 rows share at most 27 vectors, so exact ties are everywhere,
+    # also at the k-th place and across chunk borders; integer scores are exact in float32
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        q = rng.integers(-1, 2, size=(n_queries, 3)).astype(np.float32)
+        c = rng.integers(-1, 2, size=(53, 3)).astype(np.float32)
+        idx, scores = top_k(q, c, k=k, metric=metric, chunk_size=chunk)
+        want_idx, want_scores = naive_top_k(q, c, k, metric)
+        np.testing.assert_array_equal(idx, want_idx, err_msg=f"seed {seed}")
+        np.testing.assert_array_equal(scores, want_scores, err_msg=f"seed {seed}")
+
+
+def test_top_k_all_equal_scores_keep_the_lowest_indices() -> None:
+    c = np.ones((40, 4), dtype=np.float32)
+    for chunk in (1, 5, 17, 100):
+        idx, _ = top_k(np.ones((2, 4)), c, k=6, metric="dot", chunk_size=chunk)
+        np.testing.assert_array_equal(idx, np.tile(np.arange(6), (2, 1)), err_msg=f"chunk_size={chunk}")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_top_k_names_the_non_finite_row(bad: float, metric: str) -> None:
+    q, c = np.ones((5, 4), dtype=np.float32), np.ones((30, 4), dtype=np.float32)
+    q[3, 2] = bad
+    with pytest.raises(ValueError, match=r"queries row 3 has NaN/inf values"):
+        top_k(q, c, k=2, metric=metric, chunk_size=7)
+    q[3, 2] = 1.0
+    c[23, 0] = bad  # in the fourth chunk of 7
+    with pytest.raises(ValueError, match=r"corpus row 23 has NaN/inf values"):
+        top_k(q, c, k=2, metric=metric, chunk_size=7)
