@@ -50,16 +50,23 @@ def _raw_request(model: Any, folder: Path, texts: list[str], threads: int, hint:
     """One OpenVINO infer request, no pool: the pre-pool path, re-created here from the public manifest."""
     import openvino as ov
 
+    from embedrt.batching import SHAPE_BUCKETS, padded_lengths
+
     core = ov.Core()
     compiled = core.compile_model(str(folder / "openvino_model.xml"), "CPU", {
         "PERFORMANCE_HINT": hint.upper(), "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
-    ids = model.tokenize(texts)
     start = time.perf_counter()
-    for row in ids:
-        feeds = {"input_ids": np.array([row]), "attention_mask": np.ones((1, len(row)), dtype=np.int64)}
+    for text in texts:  # tokenized in the loop, as encode does
+        row = model.tokenize([text])[0]
+        # the same shape buckets as embedrt's OpenVINO backend, so only the pool differs
+        pad = int(padded_lengths(np.array([len(row)]), SHAPE_BUCKETS, model.manifest.max_seq_length)[0])
+        feeds = {"input_ids": np.full((1, pad), model.manifest.pad_token_id, dtype=np.int64),
+                 "attention_mask": np.zeros((1, pad), dtype=np.int64)}
+        feeds["input_ids"][0, : len(row)] = row
+        feeds["attention_mask"][0, : len(row)] = 1
         if "token_type_ids" in model.manifest.inputs:
-            feeds["token_type_ids"] = np.zeros((1, len(row)), dtype=np.int64)
+            feeds["token_type_ids"] = np.zeros((1, pad), dtype=np.int64)
         request.infer(feeds)
     return len(texts) / (time.perf_counter() - start)
 

@@ -27,7 +27,7 @@ from embedrt.manifest import (
     read_manifest,
 )
 from embedrt.providers import DeviceRequest, cuda_unavailable_reason, default_thread_count, parse_device
-from embedrt.tokenize import TextTokenizer, check_count, check_texts
+from embedrt.tokenize import TextTokenizer, Tokenized, check_count, check_texts, check_token_ids
 
 log = logging.getLogger("embedrt")
 # texts tokenized and planned together: bounds encode's memory whatever the input size (tokenizing 8,000
@@ -69,6 +69,43 @@ class EmbeddingModel:
         """Token ids of each text as the model sees them (truncated, special tokens included)."""
         return self._tokenizer.encode(check_texts(texts))
 
+    def tokenize_batch(self, texts: Sequence[str]) -> Tokenized:
+        """Token ids (int32 arrays) of each text and whether truncation cut it; for ``encode_tokens``.
+
+        Raises:
+            TypeError: as ``encode``.
+        """
+        return self._tokenizer.encode_compact(check_texts(texts))
+
+    def encode_tokens(
+        self, ids: Sequence[Sequence[int]], batch_size: int = 32, max_tokens: int | None = None
+    ) -> ops.FloatArray:
+        """Embed pre-tokenized inputs (as ``tokenize`` / ``tokenize_batch`` return them), with encode's planning.
+
+        ``encode_tokens(tokenize_batch(texts).ids)`` equals ``encode(texts)``. The ids are used as they
+        are: special tokens are not added.
+
+        Args:
+            ids: per input, its token ids (a list of int or an int array), at most ``max_seq_length``.
+            batch_size: most inputs per inference call.
+            max_tokens: most padded tokens per call (see ``encode``).
+
+        Returns:
+            float32 ``(len(ids), dim)``, in input order.
+
+        Raises:
+            TypeError: ``ids`` is not a list of int sequences (names the row).
+            ValueError: a row is empty, too long, or holds an id outside the vocabulary (names the row).
+        """
+        rows = check_token_ids(ids, self._tokenizer.vocab_size, self.manifest.max_seq_length)
+        size = check_count(batch_size, "batch_size")
+        cost = self.batch_cost(max_tokens)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        for start in range(0, len(rows), WINDOW):
+            window = rows[start : start + WINDOW]
+            self._run_planned(window, size, cost, out[start : start + len(window)])
+        return out
+
     def encode(
         self,
         texts: Sequence[str],
@@ -104,7 +141,7 @@ class EmbeddingModel:
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if len(items) == 1:  # the latency path: one call, nothing to plan
             ids = self._tokenizer.encode(items)
-            out[:] = self._run(ids, int(self._padded_lengths(np.array([len(ids[0])]))[0]))
+            out[:] = self._run(ids, int(self.padded_lengths(np.array([len(ids[0])]))[0]))
             return out
         bar = _progress(len(items), show_progress)
         for start in range(0, len(items), WINDOW):
@@ -117,9 +154,11 @@ class EmbeddingModel:
         return out
 
     def _encode_window(self, texts: list[str], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
-        ids = self._tokenizer.encode_compact(texts)
+        self._run_planned(self._tokenizer.encode_compact(texts).ids, batch_size, cost, out)
+
+    def _run_planned(self, ids: list[np.ndarray], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        padded = self._padded_lengths(lengths)
+        padded = self.padded_lengths(lengths)
         for index in plan_batches(lengths, batch_size, cost, padded):
             out[index] = self._run([ids[i] for i in index], int(padded[index].max()))
 
@@ -132,7 +171,7 @@ class EmbeddingModel:
         # attention adds 4 x L x hidden FLOPs per token to the 2 x (4 + 2 x 4) x hidden^2 of the linear layers
         return BatchCost(self._backend.call_overhead, 6.0 * self.dim, budget)
 
-    def _padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
+    def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
         """Each length rounded up to the backend's shape bucket, never past max_seq_length."""
         return padded_lengths(lengths, self._backend.shape_buckets, self.manifest.max_seq_length)
 

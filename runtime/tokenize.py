@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -54,6 +55,48 @@ def check_count(value: Any, name: str, optional: bool = False) -> int | None:
     return int(value)
 
 
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    """Texts as the model sees them.
+
+    Attributes:
+        ids: each text's token ids (int32, special tokens included, truncated to ``max_seq_length``).
+        truncated: per text, whether truncation cut tokens off.
+    """
+
+    ids: list[np.ndarray]
+    truncated: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of each text (int64)."""
+        return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
+
+
+def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndarray]:
+    """Pre-tokenized inputs as int32 arrays, or TypeError / ValueError naming the first bad row.
+
+    Each row must be a non-empty sequence of ints in ``[0, vocab_size)`` of at most ``max_length`` ids.
+    """
+    if isinstance(rows, (str, bytes, Mapping, AbstractSet)) or not isinstance(rows, Sequence):
+        raise TypeError(f"token ids must be a list of lists of int, not a {type(rows).__name__}")
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)):
+            raise TypeError(f"token ids [{i}] is {type(row).__name__}, not a list of int")
+        arr = np.asarray(row)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise TypeError(f"token ids [{i}] must be a flat list of int")
+        if arr.size == 0:
+            raise ValueError(f"token ids [{i}] is empty")
+        if arr.size > max_length:
+            raise ValueError(f"token ids [{i}] has {arr.size} ids; the model takes at most {max_length}")
+        if arr.min() < 0 or arr.max() >= vocab_size:
+            raise ValueError(f"token ids [{i}] holds an id outside the model's vocabulary [0, {vocab_size})")
+        out.append(arr.astype(np.int32))
+    return out
+
+
 class TextTokenizer:
     """Turns texts into padded int64 feeds for the graph's inputs."""
 
@@ -79,16 +122,22 @@ class TextTokenizer:
             return [self._tok.encode(texts[0], add_special_tokens=True).ids]
         return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
 
-    def encode_compact(self, texts: list[str], chunk: int = 256) -> list[np.ndarray]:
-        """``encode`` as int32 arrays, ``chunk`` texts at a time.
+    def encode_compact(self, texts: list[str], chunk: int = 256) -> Tokenized:
+        """``encode`` as int32 arrays with truncation flags, ``chunk`` texts at a time.
 
         A tokenizers Encoding keeps tokens, offsets and masks besides the ids (~70 bytes a token) and a
         list of ids ~36 bytes a token; an int32 array keeps 4. Tokenizing in chunks bounds the former.
         """
-        out: list[np.ndarray] = []
+        ids: list[np.ndarray] = []
+        truncated = np.zeros(len(texts), dtype=bool)
         for start in range(0, len(texts), chunk):
-            out.extend(np.array(ids, dtype=np.int32) for ids in self.encode(texts[start : start + chunk]))
-        return out
+            part = texts[start : start + chunk]
+            encodings = ([self._tok.encode(part[0], add_special_tokens=True)] if len(part) == 1
+                         else self._tok.encode_batch(part, add_special_tokens=True))
+            for j, enc in enumerate(encodings):
+                ids.append(np.array(enc.ids, dtype=np.int32))
+                truncated[start + j] = bool(enc.overflowing)  # what truncation cut off
+        return Tokenized(ids, truncated)
 
     def feeds(self, ids: Sequence[Sequence[int] | np.ndarray], pad_to: int) -> dict[str, np.ndarray]:
         """Right-padded int64 feeds of shape ``[len(ids), pad_to]`` for the graph's inputs."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -83,31 +81,11 @@ def test_openvino_request_pool_lends_each_request_to_one_caller() -> None:
 
 # ---------------------------------------------------------------- memory bounded by the window, not the input
 
-_MEMORY_PROBE = """
-import gc, sys
-import embedrt
-
-def kib(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1])
-
-model = embedrt.load(sys.argv[1], device="cpu", threads=1, huge_pages=False)
-model.encode(["warm up " * 400] * 64)
-texts = [f"text {i} " + "many different words in a long passage " * 60 for i in range(int(sys.argv[2]))]
-gc.collect()
-open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-base = kib("VmRSS")
-out = model.encode(texts)
-print(kib("VmHWM") - base, out.nbytes // 1024)
-"""
-
-
 def _encode_peak_kib(folder: Path, n: int) -> tuple[int, int]:
-    run = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(folder), str(n)], capture_output=True,
-                         text=True, timeout=600, check=True)
-    peak, output = run.stdout.split()
-    return int(peak), int(output)
+    from benchmarks.encode_memory import encode_peak
+
+    row = encode_peak(folder, n, threads=1)
+    return int(row["peak_above_base_kib"]), int(row["output_kib"])
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")

@@ -127,8 +127,31 @@ def test_runtime_never_imports_torch_or_transformers(tiny_bert) -> None:  # type
 def test_openvino_buckets_padding_without_changing_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     ov = embedrt.load(tiny_bert[1], device="openvino")
     cpu = embedrt.load(tiny_bert[1], device="cpu")
-    padded = ov._padded_lengths(np.array([17, 64, 65, 250, 300, 510, 3, 900]))
+    padded = ov.padded_lengths(np.array([17, 64, 65, 250, 300, 510, 3, 900]))
     assert padded.tolist() == [24, 64, 80, 256, 320, 512, 8, 900]
-    assert cpu._padded_lengths(np.array([17, 510])).tolist() == [17, 510]
+    assert cpu.padded_lengths(np.array([17, 510])).tolist() == [17, 510]
     texts = ["a", "b c d e f g h i j k l m n o p q r s", "word " * 600]
     np.testing.assert_allclose(ov.encode(texts), cpu.encode(texts), atol=1e-5)
+
+
+def test_encode_tokens_equals_encode_and_names_bad_rows(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1])
+    texts = ["short", "a much longer text " * 200, "", "medium length text here"]
+    batch = model.tokenize_batch(texts)
+    assert batch.truncated.tolist() == [False, True, False, False]
+    assert [len(x) for x in batch.ids] == [len(x) for x in model.tokenize(texts)]
+    assert batch.lengths.max() == model.manifest.max_seq_length
+    np.testing.assert_array_equal(model.encode_tokens(batch.ids), model.encode(texts))
+    np.testing.assert_array_equal(model.encode_tokens([list(map(int, x)) for x in batch.ids], batch_size=1),
+                                  model.encode(texts, batch_size=1))
+    vocab = model.tokenize_batch(["x"]).ids[0].max() + 10**6
+    with pytest.raises(ValueError, match=r"token ids \[1\] holds an id outside"):
+        model.encode_tokens([[1, 2], [1, int(vocab)]])
+    with pytest.raises(ValueError, match=r"token ids \[0\] has 9999 ids"):
+        model.encode_tokens([[1] * 9999])
+    with pytest.raises(ValueError, match=r"token ids \[1\] is empty"):
+        model.encode_tokens([[1], []])
+    with pytest.raises(TypeError, match=r"token ids \[0\] is str"):
+        model.encode_tokens(["abc"])
+    with pytest.raises(TypeError, match=r"token ids \[0\] must be a flat list of int"):
+        model.encode_tokens([[1.5, 2.0]])
