@@ -521,8 +521,8 @@ class _Job:
         if self.bar is not None:
             self.bar.update(position - self.bar.n)
             elapsed = max(time.perf_counter() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"{self.run_texts / elapsed:.1f} texts/s, {self.run_tokens / elapsed:.0f} tokens/s",
-                                     refresh=False)
+            rates = f"{self.run_texts / elapsed:.1f} texts/s, {self.run_tokens / elapsed:.0f} tokens/s"
+            self.bar.set_postfix_str(rates, refresh=False)
 
     def _bad(self, raw: RawRow, problem: str) -> None:
         if not self.options.skip_bad:

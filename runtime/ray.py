@@ -117,7 +117,7 @@ def embed_dataset(
               "max_tokens": max_tokens}
     # Ray Data's own default is unlimited restarts; a bounded count turns an actor that dies on every
     # batch (out of memory on a huge text, a broken node) into an error instead of a job that never ends
-    retries = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
+    retries: Any = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
     with warnings.catch_warnings():  # Ray 2.60 deprecates ray_remote_args_fn but names no other way to set these
         warnings.simplefilter("ignore", DeprecationWarning)
         return dataset.map_batches(
