@@ -66,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="where to write the [n, dim] float32 .npy")
     _add_runtime_args(p)
 
+    p = sub.add_parser("embed", help="embed a whole corpus into a Parquet dataset (streamed, resumable; or on Ray)")
+    p.add_argument("model", help="model folder")
+    p.add_argument("input", help=".jsonl, .parquet, .csv or .tsv file, or a BEIR folder (its corpus.jsonl)")
+    p.add_argument("-o", "--output", required=True, help="Parquet dataset folder (a rerun resumes the job in it)")
+    p.add_argument("--id-field", default="_id", help="column / field holding the row id (default: _id)")
+    p.add_argument("--field", default="text", help="column / field holding the text (default: text; a title is joined)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="embedding element type")
+    p.add_argument("--skip-bad", action="store_true", help="write bad rows to OUTPUT/_bad_rows.jsonl and go on")
+    p.add_argument("--part-rows", type=int, default=None, help="rows per Parquet part (default: 16 MiB of embeddings)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: on the cluster at ADDRESS, or without one on a local Ray started for the job")
+    p.add_argument("--actors", type=int, default=None, help="Ray: actor pool size (default: cluster CPUs // --threads)")
+    _add_runtime_args(p)
+
     p = sub.add_parser("search", help="rank a corpus file for one or more queries")
     p.add_argument("model", help="model folder")
     p.add_argument("--corpus", required=True, help=".txt or .jsonl corpus")
@@ -178,6 +192,37 @@ def _save_npy_atomic(out: Path, array: np.ndarray) -> None:
         raise
 
 
+def cmd_embed(args: argparse.Namespace) -> int:
+    from embedrt.bulk import BulkOptions, EmbedDtype, embed_corpus
+
+    check_output_path(args.output, folder=True)
+    options = BulkOptions(id_field=args.id_field, field=args.field, dtype=EmbedDtype.parse(args.dtype),
+                          skip_bad=args.skip_bad, part_rows=args.part_rows, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens, device=args.device, show_progress=_progress())
+    if args.ray is not None:
+        from embedrt.ray import embed_with_ray
+
+        summary = embed_with_ray(args.model, args.input, args.output, options, address=args.ray or None,
+                                 num_actors=args.actors, cpus_per_actor=args.threads or 1)
+        print(f"embedded on Ray -> {args.output}: {summary.texts} texts, {summary.parts} parts, "
+              f"{summary.seconds:.1f}s ({summary.texts / max(summary.seconds, 1e-9):.1f} texts/s)")
+        return 0
+    model = _load(args)
+    on_part = None if options.show_progress else _log_part
+    summary = embed_corpus(model, args.input, args.output, options, on_part=on_part)
+    print(f"embedded -> {args.output}: {summary.line()}")
+    if summary.bad:
+        print(f"{summary.bad} bad rows written to {Path(args.output) / '_bad_rows.jsonl'}", file=sys.stderr)
+    return 0
+
+
+def _log_part(summary: Any) -> None:
+    # without a terminal (a batch job's log), one line per part instead of a progress bar
+    rate = summary.texts / max(summary.seconds, 1e-9)
+    print(f"part {summary.parts}: {summary.texts} texts, {summary.tokens} tokens, {summary.input_rows} input rows, "
+          f"{rate:.1f} texts/s", file=sys.stderr, flush=True)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
@@ -278,9 +323,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args.bench_args)
 
 
-_COMMANDS = {"export": cmd_export, "encode": cmd_encode, "search": cmd_search, "info": cmd_info,
-             "eval": cmd_eval, "demo": cmd_demo,
-             "bench": cmd_bench}
+_COMMANDS = {"export": cmd_export, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search,
+             "info": cmd_info, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

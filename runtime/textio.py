@@ -12,6 +12,16 @@ class InputFileError(EmbedrtError):
     """An input file is missing or has a bad line."""
 
 
+def join_title(title: object, text: str, field: str = "text") -> str:
+    """The text BEIR and MTEB embed for a record: ``title + " " + text`` when the record has a title.
+
+    Only the ``text`` field is joined with a title (another ``field`` is taken as it is).
+    """
+    if field == "text" and isinstance(title, str) and title:
+        return f"{title} {text}".strip()
+    return text
+
+
 def read_package_records(package: str, name: str, field: str = "text") -> tuple[list[str], list[str]]:
     """``read_records`` for a data file shipped inside an installed package."""
     from importlib.resources import as_file, files
@@ -46,9 +56,7 @@ def read_records(path: str | Path, field: str = "text") -> tuple[list[str], list
             raise InputFileError(f"{file}:{number}: not valid JSON: {exc.msg}") from exc
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
-        text = record[field]
-        if field == "text" and isinstance(record.get("title"), str) and record["title"]:
-            text = f"{record['title']} {text}".strip()
+        text = join_title(record.get("title"), record[field], field)
         ids.append(str(record.get("_id", record.get("id", number))))
         texts.append(text)
     return ids, texts

@@ -1,0 +1,615 @@
+"""Embed a whole corpus into a Parquet dataset: streamed, written in atomic parts, resumable after a kill.
+
+The output folder holds ``part-NNNNNN.parquet`` files (columns ``id`` string and ``embedding``
+fixed-size list of float32 or float16, the model's name and dim in the schema metadata under
+``embedrt``), ``_embedrt_bulk.json`` (the job's identity and how far it got) and, with ``skip_bad``,
+``_bad_rows.jsonl``. Names starting with ``_`` or ``.`` are skipped by Parquet dataset readers, so
+``pyarrow.parquet.read_table(folder)`` reads the embeddings only.
+
+Memory is bounded by one part (``part_rows`` rows of embeddings) plus one chunk of texts, except for
+the duplicate-id check (:class:`IdSet`, 8 bytes per id).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from embedrt._enums import parse_enum
+from embedrt._optional import require
+from embedrt.errors import EmbedrtError
+from embedrt.manifest import write_json_atomic
+from embedrt.textio import InputFileError, join_title
+
+if TYPE_CHECKING:
+    from embedrt.model import EmbeddingModel
+
+STATE_NAME = "_embedrt_bulk.json"
+BAD_ROWS_NAME = "_bad_rows.jsonl"
+METADATA_KEY = b"embedrt"
+STATE_FORMAT = "embedrt-bulk"
+STATE_VERSION = 1
+# texts tokenized and embedded together: the model's own planning window, so the padding savings are kept
+CHUNK = 1024
+# embeddings per part by default: 16 MiB of them (10,922 rows of 384 float32), a bounded part and RSS
+PART_BYTES = 16 << 20
+
+
+class InputFormat(str, enum.Enum):
+    """The formats ``embedrt embed`` reads."""
+
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    CSV = "csv"
+    TSV = "tsv"
+
+    @classmethod
+    def parse(cls, value: str) -> InputFormat:
+        """Return the member named ``value``; the error lists the valid names."""
+        return parse_enum(cls, value, "input format")
+
+
+class EmbedDtype(str, enum.Enum):
+    """The element type of the ``embedding`` column."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+    @classmethod
+    def parse(cls, value: str) -> EmbedDtype:
+        """Return the member named ``value``; the error lists the valid names."""
+        return parse_enum(cls, value, "dtype")
+
+
+class BadRowError(InputFileError):
+    """A row of the input cannot be embedded; the message names the row (file:line or row number)."""
+
+
+class ResumeError(EmbedrtError):
+    """The output folder holds another job (other model, input or options), or is not an embedrt output."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkOptions:
+    """How ``embed_corpus`` reads, embeds and writes.
+
+    Attributes:
+        id_field: the column / JSON field holding each row's id (str, or int taken as its decimal string).
+        field: the column / field holding the text; for ``text``, a non-empty ``title`` is joined in front
+            as ``embedrt eval`` (BEIR, MTEB) does.
+        dtype: element type of the ``embedding`` column.
+        skip_bad: write bad rows to ``_bad_rows.jsonl`` and go on, instead of stopping at the first.
+        part_rows: rows per Parquet part; default: ``PART_BYTES`` of embeddings.
+        batch_size: most texts per inference call.
+        max_tokens: most padded tokens per inference call (default: the device's budget).
+        device: the device string the model was loaded with (part of the job's identity).
+        show_progress: a progress bar on stderr (texts/s, tokens/s, ETA).
+    """
+
+    id_field: str = "_id"
+    field: str = "text"
+    dtype: EmbedDtype = EmbedDtype.FLOAT32
+    skip_bad: bool = False
+    part_rows: int | None = None
+    batch_size: int = 32
+    max_tokens: int | None = None
+    device: str = "cpu"
+    show_progress: bool = False
+
+
+@dataclasses.dataclass
+class BulkSummary:
+    """What a job did, cumulative over its runs (a resumed job counts the earlier runs too).
+
+    Attributes:
+        texts: rows embedded. tokens: their tokens (special tokens included, after truncation).
+        truncated: texts cut at the model's max_seq_length. bad: rows written to the bad-rows file.
+        input_rows: input rows consumed. parts: Parquet parts written. seconds: embedding time, all runs.
+        resumed_texts: texts that earlier runs had already embedded when this run started.
+        complete: the whole input is embedded.
+    """
+
+    texts: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    bad: int = 0
+    input_rows: int = 0
+    parts: int = 0
+    seconds: float = 0.0
+    resumed_texts: int = 0
+    complete: bool = False
+
+    def line(self) -> str:
+        """One human-readable line."""
+        rate = self.texts / self.seconds if self.seconds > 0 else 0.0
+        resumed = f" ({self.resumed_texts} from an earlier run)" if self.resumed_texts else ""
+        return (f"{self.texts} texts{resumed}, {self.tokens} tokens, {self.truncated} truncated, "
+                f"{self.bad} bad rows, {self.parts} parts, {self.seconds:.1f}s ({rate:.1f} texts/s)")
+
+
+# --------------------------------------------------------------------------------------------- input
+
+
+@dataclasses.dataclass(frozen=True)
+class RawRow:
+    """One input row before checking: where it is, its id and text values (``MISSING`` if absent)."""
+
+    where: str
+    id: Any
+    text: Any
+    title: Any = None
+    problem: str | None = None  # the row could not even be parsed (bad JSON)
+
+
+MISSING = object()
+
+
+def resolve_input(path: str | os.PathLike[str]) -> tuple[Path, InputFormat]:
+    """The file to read and its format: a BEIR folder means its ``corpus.jsonl``; else by suffix.
+
+    Raises:
+        InputFileError: the path is missing or its suffix is not one of .jsonl, .parquet, .csv, .tsv.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / "corpus.jsonl"
+    if not file.is_file():
+        raise InputFileError(f"{file}: input not found (a .jsonl, .parquet, .csv or .tsv file, or a BEIR folder)")
+    suffix = file.suffix.lower().lstrip(".")
+    if suffix == "tab":
+        suffix = "tsv"
+    try:
+        return file, InputFormat.parse(suffix)
+    except ValueError as exc:
+        raise InputFileError(f"{file}: {exc}") from exc
+
+
+def count_rows(file: Path, fmt: InputFormat) -> int | None:
+    """Rows in the input, for the progress bar's ETA: exact for Parquet, lines (not blank) for the others."""
+    if fmt is InputFormat.PARQUET:
+        return int(require("pyarrow.parquet", "bulk").ParquetFile(file).metadata.num_rows)
+    count, last = 0, b"\n"
+    with file.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    count += last != b"\n"
+    header = fmt in (InputFormat.CSV, InputFormat.TSV)
+    return max(0, count - header)
+
+
+def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterator[RawRow]:
+    """Stream the rows of ``file``, one at a time, each with where it came from."""
+    if fmt is InputFormat.JSONL:
+        return _iter_jsonl(file, id_field, field)
+    if fmt is InputFormat.PARQUET:
+        return _iter_parquet(file, id_field, field)
+    return _iter_csv(file, id_field, field, "\t" if fmt is InputFormat.TSV else ",")
+
+
+def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
+    with _open_text(file) as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():  # a blank line is no row (a trailing newline, an editor's last line)
+                continue
+            where = f"{file}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield RawRow(where, MISSING, MISSING, problem=f"not valid JSON: {exc.msg}")
+                continue
+            if not isinstance(record, dict):
+                yield RawRow(where, MISSING, MISSING, problem=f"not a JSON object but {type(record).__name__}")
+                continue
+            yield RawRow(where, record.get(id_field, MISSING), record.get(field, MISSING), record.get("title"))
+
+
+def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator[RawRow]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than the 128 KiB default
+    with _open_text(file, newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delimiter)
+        if reader.fieldnames is None or id_field not in reader.fieldnames or field not in reader.fieldnames:
+            raise InputFileError(f"{file}:1: header {reader.fieldnames} lacks {id_field!r} or {field!r}")
+        for record in reader:
+            title = record.get("title") or None
+            text = record.get(field)
+            yield RawRow(f"{file}:{reader.line_num}", record.get(id_field),
+                         MISSING if text is None else text, title)
+
+
+def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
+    pq = require("pyarrow.parquet", "bulk")
+    source = pq.ParquetFile(file)
+    names = source.schema_arrow.names
+    for name in (id_field, field):
+        if name not in names:
+            raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
+    columns = [id_field, field] + (["title"] if field == "text" and "title" in names else [])
+    number = 0
+    for batch in source.iter_batches(batch_size=CHUNK, columns=columns):
+        data = batch.to_pydict()
+        titles = data.get("title", [None] * batch.num_rows)
+        for rid, text, title in zip(data[id_field], data[field], titles):
+            number += 1
+            yield RawRow(f"{file}: row {number}", rid, MISSING if text is None else text, title)
+
+
+def _open_text(file: Path, newline: str | None = None) -> Any:
+    try:
+        return file.open(encoding="utf-8", newline=newline)
+    except OSError as exc:
+        raise InputFileError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+
+
+def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
+    """``(id, text)`` to embed, or the reason the row is bad (one short phrase)."""
+    if row.problem is not None:
+        return row.problem
+    rid, text = row.id, row.text
+    if rid is MISSING or rid is None:
+        return f"missing id field {id_field!r}"
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return f"id is {type(rid).__name__}, not a string"
+    rid = str(rid)
+    if not rid.strip():
+        return "empty id"
+    if text is MISSING:
+        return f"missing text field {field!r}"
+    if not isinstance(text, str):
+        return f"text field {field!r} is {type(text).__name__}, not a string"
+    return rid, join_title(row.title, text, field)
+
+
+# ----------------------------------------------------------------------------------------- ids
+
+
+class IdSet:
+    """The ids seen so far, as 8-byte blake2b digests: ~8 bytes per id (800 MB for 100M ids).
+
+    Recent digests sit in a Python set of at most ``pending_max`` (~70 bytes each), merged into one sorted
+    uint64 array. Two different ids share a digest with probability ~n^2 / 2^65 (3e-4 at 100M ids); such
+    a pair would be reported as a duplicate, never missed.
+    """
+
+    def __init__(self, pending_max: int = 1 << 20) -> None:
+        self._sorted = np.empty(0, dtype=np.uint64)
+        self._pending: set[int] = set()
+        self._pending_max = pending_max
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._pending)
+
+    @staticmethod
+    def digest(rid: str) -> int:
+        """The 8-byte digest of an id, as an int."""
+        raw = hashlib.blake2b(rid.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+        return int.from_bytes(raw, "little")
+
+    def add(self, rid: str) -> bool:
+        """Add ``rid``; False if it was already there."""
+        d = self.digest(rid)
+        if d in self._pending:
+            return False
+        pos = int(np.searchsorted(self._sorted, d))
+        if pos < len(self._sorted) and int(self._sorted[pos]) == d:
+            return False
+        self._pending.add(d)
+        if len(self._pending) >= self._pending_max:
+            self._merge()
+        return True
+
+    def _merge(self) -> None:
+        new = np.fromiter(self._pending, dtype=np.uint64, count=len(self._pending))
+        merged = np.concatenate([self._sorted, new])
+        merged.sort(kind="stable")  # timsort: two sorted runs merge in linear time
+        self._sorted, self._pending = merged, set()
+
+
+# ---------------------------------------------------------------------------------------- output
+
+
+def embedding_schema(model: EmbeddingModel, dtype: EmbedDtype) -> Any:
+    """The Arrow schema of the output: ``id`` string, ``embedding`` fixed-size list; metadata names the model."""
+    pa = require("pyarrow", "bulk")
+    value = pa.float16() if dtype is EmbedDtype.FLOAT16 else pa.float32()
+    meta = {"model": model_name(model), "dim": model.dim, "dtype": dtype.value,
+            "source": model.manifest.source, "similarity": model.manifest.similarity.value,
+            "normalize": model.manifest.normalize, "max_seq_length": model.manifest.max_seq_length}
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(value, model.dim))],
+                     metadata={METADATA_KEY: json.dumps(meta).encode()})
+
+
+def model_name(model: EmbeddingModel) -> str:
+    """The catalogue name of the model, else its source id."""
+    source = model.manifest.source
+    return str(source.get("catalogue") or source.get("id") or model.path.name)
+
+
+def embedding_table(ids: list[str], embeddings: np.ndarray, schema: Any) -> Any:
+    """A ``pyarrow.Table`` of ids and embeddings, in ``schema`` (flat values, no Python lists)."""
+    pa = require("pyarrow", "bulk")
+    value_type = schema.field("embedding").type.value_type
+    flat = np.ascontiguousarray(embeddings, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), embeddings.shape[1])
+    return pa.Table.from_arrays([pa.array(ids, type=pa.string()), column], schema=schema)
+
+
+def write_part(table: Any, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically: a dot-named temporary file, fsync, rename."""
+    pq = require("pyarrow.parquet", "bulk")
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def part_name(index: int) -> str:
+    """File name of the ``index``-th part."""
+    return f"part-{index:06d}.parquet"
+
+
+# ------------------------------------------------------------------------------------ job state
+
+
+@dataclasses.dataclass
+class _State:
+    """The job's identity and how far it got; ``_embedrt_bulk.json``, rewritten after every part."""
+
+    identity: dict[str, Any]
+    summary: BulkSummary
+    bad_bytes: int = 0  # size of the bad-rows file after the last complete part
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "format_version": STATE_VERSION, "job": self.identity,
+                "progress": dataclasses.asdict(self.summary), "bad_bytes": self.bad_bytes}
+
+
+def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: BulkOptions,
+                 part_rows: int) -> dict[str, Any]:
+    """What a resumed run must share with the run that started the job: model, input and options.
+
+    ``batch_size``, ``max_tokens`` and threads are not part of it: they change how texts are grouped
+    into calls, not the embeddings (beyond fp32 rounding, see ``EmbeddingModel.encode``).
+    """
+    files = hashlib.sha256()
+    for name, entry in sorted(model.manifest.files.items()):
+        files.update(f"{name}:{entry.sha256}\n".encode())
+    stat = file.stat()
+    return {
+        "model": {"name": model_name(model), "dim": model.dim, "files_sha256": files.hexdigest()},
+        "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
+                  "mtime_ns": stat.st_mtime_ns},
+        "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
+                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": options.device},
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(old.keys() | new.keys()):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
+
+
+def _open_output(out: Path, identity: dict[str, Any]) -> _State:
+    """Start a fresh job in ``out``, or pick up the one there after checking it is the same job."""
+    state_path = out / STATE_NAME
+    if not state_path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
+        out.mkdir(parents=True, exist_ok=True)
+        state = _State(identity, BulkSummary())
+        write_json_atomic(state_path, state.to_json())
+        return state
+    try:
+        data = json.loads(state_path.read_text(encoding="utf-8"))
+        state = _State(data["job"], BulkSummary(**data["progress"]), int(data["bad_bytes"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ResumeError(f"{state_path}: unreadable progress file ({exc}); start in a new folder") from exc
+    diffs = _differences(state.identity, identity)
+    if diffs:
+        raise ResumeError(f"{out} holds another job; refusing to resume with a different "
+                          f"{'; '.join(diffs)} (use a new output folder, or the original model, input and options)")
+    _clean_output(out, state)
+    return state
+
+
+def _clean_output(out: Path, state: _State) -> None:
+    """Drop what a killed run left after its last complete part: temporary files, unrecorded parts, bad rows."""
+    for path in out.glob(".part-*.tmp"):
+        path.unlink()
+    for path in out.glob("part-*.parquet"):
+        if int(path.stem.split("-")[1]) >= state.summary.parts:  # renamed, but killed before the state said so
+            path.unlink()
+    for index in range(state.summary.parts):
+        if not (out / part_name(index)).is_file():
+            raise ResumeError(f"{out / part_name(index)}: part recorded as complete is missing; "
+                              "the folder was changed, start in a new folder")
+    bad = out / BAD_ROWS_NAME
+    if bad.exists() or state.bad_bytes:
+        if not bad.is_file() or bad.stat().st_size < state.bad_bytes:
+            raise ResumeError(f"{bad}: shorter than recorded ({state.bad_bytes} bytes); start in a new folder")
+        os.truncate(bad, state.bad_bytes)
+
+
+def _known_ids(out: Path, parts: int) -> IdSet:
+    """The ids of the complete parts, read back (ids only) so duplicates across runs are caught."""
+    pq = require("pyarrow.parquet", "bulk")
+    seen = IdSet()
+    for index in range(parts):
+        for batch in pq.ParquetFile(out / part_name(index)).iter_batches(columns=["id"], batch_size=65536):
+            for rid in batch.column(0).to_pylist():
+                seen.add(rid)
+    return seen
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+class _Job:
+    """One run of a bulk job: the chunk -> part loop, with its counters and the bad-rows file."""
+
+    def __init__(self, model: EmbeddingModel, out: Path, file: Path, options: BulkOptions, part_rows: int,
+                 state: _State, on_part: Callable[[BulkSummary], None] | None) -> None:
+        self.model, self.out, self.file, self.options = model, out, file, options
+        self.part_rows, self.state, self.on_part = part_rows, state, on_part
+        self.summary = state.summary
+        self.schema = embedding_schema(model, options.dtype)
+        self.buffer = np.empty((part_rows, model.dim), dtype=np.float32)
+        self.ids: list[str] = []
+        self.bad_file: Any = None
+        self.started = time.perf_counter()
+        self.seconds_before = self.summary.seconds
+        self.run_texts = self.run_tokens = 0
+        self.bar: Any = None
+
+    def run(self, rows: Iterator[RawRow], seen: IdSet) -> None:
+        texts: list[str] = []
+        ids: list[str] = []
+        position = self.summary.input_rows
+        for raw in rows:
+            position += 1
+            checked = check_row(raw, self.options.field, self.options.id_field)
+            if isinstance(checked, tuple) and not seen.add(checked[0]):
+                checked = f"duplicate id {checked[0]!r}"
+            if isinstance(checked, str):
+                self._bad(raw, checked)
+                continue
+            ids.append(checked[0])
+            texts.append(checked[1])
+            if len(texts) == CHUNK or len(self.ids) + len(texts) == self.part_rows:
+                self._embed(ids, texts, position)
+                ids, texts = [], []
+            if len(self.ids) == self.part_rows:
+                self._write_part(position)
+        self._embed(ids, texts, position)
+        self._write_part(position, last=True)
+
+    def _embed(self, ids: list[str], texts: list[str], position: int) -> None:
+        if texts:
+            tokens = self.model.tokenize_batch(texts)
+            filled = len(self.ids)
+            self.buffer[filled : filled + len(texts)] = self.model.encode_tokens(
+                tokens.ids, batch_size=self.options.batch_size, max_tokens=self.options.max_tokens)
+            self.ids += ids
+            count = int(tokens.lengths.sum())
+            self.summary.tokens += count
+            self.summary.truncated += int(tokens.truncated.sum())
+            self.run_texts += len(texts)
+            self.run_tokens += count
+        if self.bar is not None:
+            self.bar.update(position - self.bar.n)
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            rates = f"{self.run_texts / elapsed:.1f} texts/s, {self.run_tokens / elapsed:.0f} tokens/s"
+            self.bar.set_postfix_str(rates, refresh=False)
+
+    def _bad(self, raw: RawRow, problem: str) -> None:
+        if not self.options.skip_bad:
+            raise BadRowError(f"{raw.where}: {problem} (--skip-bad writes such rows to {BAD_ROWS_NAME} and goes on)")
+        if self.bad_file is None:
+            self.bad_file = (self.out / BAD_ROWS_NAME).open("a", encoding="utf-8")
+        rid = raw.id if isinstance(raw.id, (str, int)) and not isinstance(raw.id, bool) else None
+        self.bad_file.write(json.dumps({"row": raw.where, "id": rid, "problem": problem}, ensure_ascii=False) + "\n")
+        self.summary.bad += 1
+
+    def _write_part(self, position: int, last: bool = False) -> None:
+        written = bool(self.ids)
+        if written:
+            n = len(self.ids)
+            table = embedding_table(self.ids, self.buffer[:n], self.schema)
+            write_part(table, self.out / part_name(self.summary.parts))
+            self.summary.parts += 1
+            self.summary.texts += n
+            self.ids = []
+        if self.bad_file is not None:
+            self.bad_file.flush()
+            os.fsync(self.bad_file.fileno())
+            self.state.bad_bytes = self.bad_file.tell()
+        self.summary.input_rows = position
+        self.summary.seconds = self.seconds_before + time.perf_counter() - self.started
+        self.summary.complete = last
+        write_json_atomic(self.out / STATE_NAME, self.state.to_json())
+        if self.on_part is not None and written:
+            self.on_part(self.summary)
+
+    def close(self) -> None:
+        if self.bad_file is not None:
+            self.bad_file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def embed_corpus(
+    model: EmbeddingModel,
+    input_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    options: BulkOptions | None = None,
+    on_part: Callable[[BulkSummary], None] | None = None,
+) -> BulkSummary:
+    """Embed every row of a corpus file into a Parquet dataset, resuming a job the folder already holds.
+
+    Rows are read one at a time, embedded ``CHUNK`` at a time and written ``part_rows`` at a time, each
+    part atomically; after each part the progress file records how many input rows are done. A rerun
+    after a kill drops what followed the last complete part and goes on from the next input row, so
+    every id ends up in exactly one part.
+
+    Args:
+        model: the loaded model.
+        input_path: a .jsonl, .parquet, .csv or .tsv file, or a BEIR folder (its ``corpus.jsonl``).
+        output_dir: the dataset folder (created; an existing one must hold this same job, or be empty).
+        options: see :class:`BulkOptions`.
+        on_part: called with the running totals after every part (for logs without a progress bar).
+
+    Returns:
+        The job's totals over all its runs; ``complete`` is True.
+
+    Raises:
+        InputFileError: the input is missing, unreadable or lacks the id / text column.
+        BadRowError: a bad row without ``skip_bad`` (the message names file:line or row number).
+        ResumeError: the folder holds another job (the message names what differs) or was tampered with.
+    """
+    opts = options or BulkOptions()
+    file, fmt = resolve_input(input_path)
+    item = 2 if opts.dtype is EmbedDtype.FLOAT16 else 4
+    part_rows = opts.part_rows or max(1, PART_BYTES // (model.dim * item))
+    out = Path(output_dir)
+    state = _open_output(out, job_identity(model, file, fmt, opts, part_rows))
+    if state.summary.complete:
+        return state.summary
+    state.summary.resumed_texts = state.summary.texts
+    seen = _known_ids(out, state.summary.parts)
+    rows = iter_rows(file, fmt, opts.id_field, opts.field)
+    for _ in range(state.summary.input_rows):  # rows done by earlier runs: read past, not checked again
+        next(rows, None)
+    job = _Job(model, out, file, opts, part_rows, state, on_part)
+    if opts.show_progress:
+        from tqdm.auto import tqdm
+
+        job.bar = tqdm(total=count_rows(file, fmt), initial=state.summary.input_rows, unit="row", desc="embed",
+                       smoothing=0.05)
+    try:
+        job.run(rows, seen)
+    finally:
+        job.close()
+    return state.summary

@@ -1,0 +1,235 @@
+"""Bulk embedding on Ray Data: ``map_batches`` over an actor pool, one model per actor.
+
+Each actor loads the model once and runs ONNX Runtime (or OpenVINO) with as many intra-op threads as
+the CPUs Ray gave it (``cpus_per_actor``): ONNX Runtime sizes its pool from the host's cores and
+ignores ``OMP_NUM_THREADS``, so without ``threads=`` N actors x all cores would oversubscribe the CPU.
+The tokenizers library's Rayon pool gets the same count (``RAYON_NUM_THREADS``).
+Blocks leave the actors as Arrow tables with a flat float32 (or float16) fixed-size-list column, not as
+Python lists, so the object store holds ``dim x 4`` bytes per row plus the id.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from embedrt._optional import require
+from embedrt.bulk import (
+    STATE_NAME,
+    BadRowError,
+    BulkOptions,
+    BulkSummary,
+    EmbedDtype,
+    IdSet,
+    InputFormat,
+    RawRow,
+    ResumeError,
+    _State,
+    check_row,
+    embedding_schema,
+    embedding_table,
+    job_identity,
+    part_name,
+    resolve_input,
+)
+from embedrt.manifest import write_json_atomic
+from embedrt.textio import InputFileError
+
+# rows per Ray batch: a quarter of the model's planning window (embedrt.model.WINDOW), which keeps most of its
+# padding savings, while batches of a few seconds spread evenly over the actors (SciFact-length passages take
+# ~30 ms each on one core: 1,024 rows would be half a minute, and the job's tail one actor working alone)
+BATCH_ROWS = 256
+
+
+class EmbedBatch:
+    """The callable class ``map_batches`` runs on each actor: the model is loaded once, in ``__init__``."""
+
+    def __init__(self, model_dir: str, *, threads: int, device: str, id_field: str, field: str,
+                 dtype: str, batch_size: int, max_tokens: int | None) -> None:
+        from embedrt.model import load
+
+        # one actor = cpus_per_actor cores; huge pages would move memory of every actor in the background
+        self.model = load(model_dir, device=device, threads=threads)
+        self.id_field, self.field, self.batch_size, self.max_tokens = id_field, field, batch_size, max_tokens
+        self.schema = embedding_schema(self.model, EmbedDtype.parse(dtype))
+
+    def __call__(self, batch: Any) -> Any:
+        """A ``pyarrow.Table`` batch of input rows -> a table of ``id`` and ``embedding``."""
+        names = batch.column_names
+        for name in (self.id_field, self.field):
+            if name not in names:
+                raise InputFileError(f"the dataset has no column {name!r} (columns: {', '.join(names)})")
+        rids = batch.column(self.id_field).to_pylist()
+        texts = batch.column(self.field).to_pylist()
+        titles = batch.column("title").to_pylist() if "title" in names else [None] * len(rids)
+        ids, good = [], []
+        for rid, text, title in zip(rids, texts, titles):
+            checked = check_row(RawRow(f"row with id {rid!r}", rid, text, title), self.field, self.id_field)
+            if isinstance(checked, str):
+                raise BadRowError(f"row with id {rid!r}: {checked} (Ray mode has no --skip-bad)")
+            ids.append(checked[0])
+            good.append(checked[1])
+        tokens = self.model.tokenize_batch(good)
+        embeddings = self.model.encode_tokens(tokens.ids, batch_size=self.batch_size, max_tokens=self.max_tokens)
+        return embedding_table(ids, embeddings, self.schema)
+
+
+def embed_dataset(
+    dataset: Any,
+    model_dir: str | os.PathLike[str],
+    *,
+    id_field: str = "_id",
+    field: str = "text",
+    dtype: str = "float32",
+    device: str = "cpu",
+    num_actors: int | None = None,
+    cpus_per_actor: int = 1,
+    batch_rows: int = BATCH_ROWS,
+    batch_size: int = 32,
+    max_tokens: int | None = None,
+    max_restarts: int = 4,
+) -> Any:
+    """Add the embedding step to a Ray Dataset: rows with ``id_field`` and ``field`` -> ``id``, ``embedding``.
+
+    Args:
+        dataset: a ``ray.data.Dataset`` of input rows (a ``title`` column is joined as ``embedrt eval`` does).
+        model_dir: a model folder every node can read at this path.
+        id_field, field, dtype, device, batch_size, max_tokens: as for ``embedrt embed``.
+        num_actors: actor pool size; default: the cluster's CPUs // ``cpus_per_actor``.
+        cpus_per_actor: CPUs Ray reserves per actor, and its intra-op threads.
+        batch_rows: rows per Ray batch (one ``__call__``).
+        max_restarts: restarts per actor, and retries per batch, when an actor dies (killed, OOM, node lost).
+
+    Returns:
+        The lazy ``ray.data.Dataset`` of ``id`` (string) and ``embedding`` (fixed-size list), with the
+        model's name and dim in its schema metadata. Ids are not checked for duplicates here (that takes a
+        pass over all ids; ``embed_with_ray`` does it before it publishes the output).
+    """
+    ray = require("ray", "ray")
+    EmbedDtype.parse(dtype)
+    if num_actors is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        num_actors = max(1, cpus // cpus_per_actor)
+    kwargs = {"model_dir": str(Path(model_dir).resolve()), "threads": cpus_per_actor, "device": device,
+              "id_field": id_field, "field": field, "dtype": dtype, "batch_size": batch_size,
+              "max_tokens": max_tokens}
+    # Ray Data's own default is unlimited restarts; a bounded count turns an actor that dies on every
+    # batch (out of memory on a huge text, a broken node) into an error instead of a job that never ends
+    retries: Any = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
+    with warnings.catch_warnings():  # Ray 2.60 deprecates ray_remote_args_fn but names no other way to set these
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return dataset.map_batches(
+            EmbedBatch, fn_constructor_kwargs=kwargs, batch_size=batch_rows, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor, zero_copy_batch=True,
+            ray_remote_args_fn=retries,
+            # the tokenizers library sizes its Rayon pool from the host's cores too: one per actor CPU
+            runtime_env={"env_vars": {"RAYON_NUM_THREADS": str(cpus_per_actor)}},
+        )
+
+
+def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
+    """A Ray Dataset of the input file's rows; read tasks take no CPU slot, so a full actor pool cannot starve them."""
+    ray = require("ray", "ray")
+    if fmt is InputFormat.PARQUET:
+        return ray.data.read_parquet(str(file), num_cpus=0)
+    if fmt is InputFormat.JSONL:
+        return ray.data.read_json(str(file), lines=True, num_cpus=0, file_extensions=None)
+    pa_csv = require("pyarrow.csv", "bulk")
+    pa = require("pyarrow", "bulk")
+    # ids stay strings ("007" is not 7) and texts are never parsed as numbers or nulls
+    convert = pa_csv.ConvertOptions(column_types={id_field: pa.string(), field: pa.string(), "title": pa.string()},
+                                    strings_can_be_null=False)
+    parse = pa_csv.ParseOptions(delimiter="\t" if fmt is InputFormat.TSV else ",", newlines_in_values=True)
+    return ray.data.read_csv(str(file), num_cpus=0, convert_options=convert, parse_options=parse,
+                             file_extensions=None)
+
+
+def embed_with_ray(
+    model_dir: str | os.PathLike[str],
+    input_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    options: BulkOptions | None = None,
+    *,
+    address: str | None = None,
+    num_actors: int | None = None,
+    cpus_per_actor: int = 1,
+) -> BulkSummary:
+    """``embedrt embed --ray``: the local command's job on a Ray cluster, same output format and folder layout.
+
+    Ray writes into a hidden folder inside ``output_dir``; the ids are checked (each exactly once, 8 bytes
+    per id on the driver), and only then are the files renamed into place as ``part-NNNNNN.parquet``.
+    A Ray job is not resumable: a failed one leaves no parts, and a rerun starts over.
+
+    Args:
+        model_dir: the model folder (the same path on every node).
+        input_path, output_dir, options: as for ``embedrt.bulk.embed_corpus``; ``skip_bad`` is refused.
+        address: a Ray cluster address; None starts a local Ray for the job and stops it afterwards.
+        num_actors, cpus_per_actor: see ``embed_dataset``.
+
+    Returns:
+        Totals: texts, parts and seconds (tokens and truncation are not counted in Ray mode).
+
+    Raises:
+        ValueError: ``skip_bad`` was asked for.
+        ResumeError: the output folder is not empty.
+        BadRowError: a bad or duplicate row (names the id).
+    """
+    ray = require("ray", "ray")
+    opts = options or BulkOptions()
+    if opts.skip_bad:
+        raise ValueError("--skip-bad is not supported with --ray: a bad row stops the job (run without --ray)")
+    file, fmt = resolve_input(input_path)
+    out = Path(output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        raise ResumeError(f"{out}: not empty; a Ray job is not resumable, choose a new or empty folder")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        from embedrt.model import load
+
+        model = load(model_dir, device=opts.device, threads=1, huge_pages=False)  # metadata for the job record
+        identity = job_identity(model, file, fmt, opts, 0)
+        identity["options"]["mode"] = "ray"
+        dataset = embed_dataset(
+            read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
+            dtype=opts.dtype.value, device=opts.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+            batch_size=opts.batch_size, max_tokens=opts.max_tokens)
+        staging = out / f".ray-{uuid.uuid4().hex}"
+        with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # like the reads, writes take no CPU slot: the actor pool holds them all
+            dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
+        summary = _publish(staging, out, time.perf_counter() - start)
+        write_json_atomic(out / STATE_NAME, _State(identity, summary).to_json())
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _publish(staging: Path, out: Path, seconds: float) -> BulkSummary:
+    """Check every id is there once, then rename Ray's files into ``out`` as numbered parts."""
+    pq = require("pyarrow.parquet", "bulk")
+    files = sorted(staging.glob("*.parquet"))
+    seen = IdSet()
+    texts = 0
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["id"], batch_size=65536):
+            for rid in batch.column(0).to_pylist():
+                if not seen.add(rid):
+                    raise BadRowError(f"duplicate id {rid!r} in the input; nothing was published "
+                                      f"(Ray's files are in {staging})")
+            texts += batch.num_rows
+    for index, path in enumerate(files):
+        os.replace(path, out / part_name(index))
+    for leftover in staging.iterdir():
+        leftover.unlink()
+    staging.rmdir()
+    return BulkSummary(texts=texts, input_rows=texts, parts=len(files), seconds=seconds, complete=True)

@@ -1,0 +1,231 @@
+"""embedrt embed (local mode): Parquet output equal to encode, resume after a kill, bad rows, formats."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt import bulk
+from embedrt.bulk import BulkOptions, EmbedDtype, IdSet, ResumeError, embed_corpus
+from embedrt.cli import main
+from embedrt.textio import join_title
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega protein cell gene mutation cancer therapy").split()
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` BEIR-style rows: ids d0..d{n-1}, a title on two rows in three, 1-80 words of text."""
+    rng = random.Random(seed)
+    return [{"_id": f"d{i}", "title": f"title {i}" if i % 3 else "",
+             "text": " ".join(rng.choices(WORDS, k=rng.randint(1, 80)))} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:  # type: ignore[type-arg]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_output(folder: Path) -> tuple[list[str], np.ndarray, pa.Table]:
+    table = pq.read_table(folder)
+    emb = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return table.column("id").to_pylist(), emb.reshape(len(table), -1), table
+
+
+def assert_equals_encode(folder: Path, model: embedrt.EmbeddingModel, rows: list[dict]) -> None:  # type: ignore[type-arg]
+    """Every id exactly once, and each embedding within 1e-6 of ``model.encode`` of its text."""
+    ids, emb, _ = read_output(folder)
+    want_ids = [r["_id"] for r in rows]
+    assert sorted(ids) == sorted(want_ids) and len(set(ids)) == len(ids)
+    want = model.encode([join_title(r.get("title"), r["text"]) for r in rows])
+    order = {rid: i for i, rid in enumerate(want_ids)}
+    got = np.empty_like(want)
+    got[[order[i] for i in ids]] = emb
+    assert float(np.abs(got - want).max()) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert) -> embedrt.EmbeddingModel:  # type: ignore[no-untyped-def]
+    return embedrt.load(tiny_bert[1])
+
+
+def test_jsonl_to_parquet_equals_encode(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(3000)
+    out = tmp_path / "out"
+    summary = embed_corpus(model, write_jsonl(tmp_path / "c.jsonl", rows), out, BulkOptions(part_rows=700))
+    assert summary.complete and summary.texts == 3000 and summary.parts == 5 and summary.bad == 0
+    assert summary.tokens == int(model.tokenize_batch([join_title(r["title"], r["text"]) for r in rows]).lengths.sum())
+    assert sorted(p.name for p in out.glob("part-*")) == [f"part-00000{i}.parquet" for i in range(5)]
+    assert all(pq.ParquetFile(p).metadata.num_rows <= 700 for p in out.glob("part-*"))
+    assert_equals_encode(out, model, rows)
+    _, _, table = read_output(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    meta = json.loads(table.schema.metadata[b"embedrt"])
+    assert meta["dim"] == 32 and meta["model"] and meta["dtype"] == "float32"
+    again = embed_corpus(model, tmp_path / "c.jsonl", out, BulkOptions(part_rows=700))  # complete: nothing to do
+    assert again.texts == 3000 and again.parts == 5
+
+
+def test_parquet_csv_tsv_and_beir_inputs(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(300, seed=1)
+    rows[5]["text"] = 'a "quoted", comma\nand a newline'
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=64)
+    for name, delimiter in (("c.csv", ","), ("c.tsv", "\t")):
+        with (tmp_path / name).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["_id", "title", "text"], delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+    (tmp_path / "beir").mkdir()
+    write_jsonl(tmp_path / "beir" / "corpus.jsonl", rows)
+    for source in ("c.parquet", "c.csv", "c.tsv", "beir"):
+        out = tmp_path / f"out-{source}"
+        assert embed_corpus(model, tmp_path / source, out, BulkOptions(part_rows=128)).texts == 300
+        assert_equals_encode(out, model, rows)
+
+
+def test_float16_output(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(200, seed=2)
+    out = tmp_path / "out"
+    embed_corpus(model, write_jsonl(tmp_path / "c.jsonl", rows), out, BulkOptions(dtype=EmbedDtype.FLOAT16))
+    ids, emb, table = read_output(out)
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 32) and emb.dtype == np.float16
+    want = model.encode([join_title(r["title"], r["text"]) for r in rows]).astype(np.float16)
+    order = [int(i[1:]) for i in ids]
+    np.testing.assert_allclose(emb.astype(np.float32), want[order].astype(np.float32), atol=1e-3)
+
+
+def test_resume_after_failure_between_part_and_progress(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Killed after a part's rename but before the progress file said so: that part is redone, not doubled."""
+    rows = make_rows(2000, seed=3)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    real, calls = bulk.write_json_atomic, []
+
+    def dying(path: Path, data: dict) -> None:  # type: ignore[type-arg]
+        calls.append(path)
+        if len(calls) == 4:  # the fresh-job record, then parts 0 and 1 recorded; part 2 renamed, not recorded
+            raise KeyboardInterrupt("simulated kill")
+        real(path, data)
+
+    monkeypatch.setattr(bulk, "write_json_atomic", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_corpus(model, src, out, BulkOptions(part_rows=300))
+    monkeypatch.setattr(bulk, "write_json_atomic", real)
+    assert len(list(out.glob("part-*.parquet"))) == 3  # the third is an orphan
+    summary = embed_corpus(model, src, out, BulkOptions(part_rows=300))
+    assert summary.complete and summary.texts == 2000 and summary.resumed_texts == 600 and summary.parts == 7
+    assert_equals_encode(out, model, rows)
+
+
+def test_resume_after_sigkill(tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(6000, seed=4)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "embedrt.cli", "embed", str(tiny_bert[1]), str(src), "-o", str(out),
+           "--part-rows", "250", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    state = out / bulk.STATE_NAME
+    deadline = time.monotonic() + 120
+    parts = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file():
+            parts = json.loads(state.read_text())["progress"]["parts"]
+            if parts >= 3:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()!r}"  # type: ignore[union-attr]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["progress"]
+    assert not done["complete"] and 3 <= done["parts"] < 24
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(out), "--part-rows", "250"]) == 0
+    final = json.loads(state.read_text())["progress"]
+    assert final["complete"] and final["texts"] == 6000 and final["resumed_texts"] == done["texts"]
+    assert not list(out.glob(".*.tmp"))
+    assert_equals_encode(out, model, rows)
+
+
+def test_resume_refuses_another_job(model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(50))
+    out = tmp_path / "out"
+    embed_corpus(model, src, out, BulkOptions(part_rows=20))
+    with pytest.raises(ResumeError, match=r"options\.dtype: was 'float32', now 'float16'"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=20, dtype=EmbedDtype.FLOAT16))
+    with pytest.raises(ResumeError, match=r"options\.field: was 'text', now 'body'"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=20, field="body"))
+    write_jsonl(src, make_rows(51))
+    with pytest.raises(ResumeError, match=r"input\.bytes: was"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=20))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("x")
+    with pytest.raises(ResumeError, match=r"not empty and holds no _embedrt_bulk\.json"):
+        embed_corpus(model, src, foreign)
+
+
+BAD_LINES = [
+    json.dumps({"_id": "a", "text": "fine"}),
+    json.dumps({"_id": "b"}),                       # 2: no text
+    json.dumps({"_id": "c", "text": 7}),            # 3: not a string
+    json.dumps({"_id": "", "text": "x"}),           # 4: empty id
+    json.dumps({"_id": "a", "text": "again"}),      # 5: duplicate id
+    "{not json",                                     # 6
+    json.dumps({"text": "no id"}),                  # 7
+    json.dumps({"_id": 8, "text": "an int id is its decimal string"}),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (1, "missing text field 'text'"),
+    (2, "text field 'text' is int, not a string"),
+    (3, "empty id"),
+    (4, "duplicate id 'a'"),
+    (5, "not valid JSON"),
+    (6, "missing id field '_id'"),
+])
+def test_bad_row_is_named(tiny_bert, tmp_path, capsys, bad: int, message: str) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "c.jsonl"
+    src.write_text(BAD_LINES[0] + "\n" + BAD_LINES[bad] + "\n")
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "o")]) == 2
+    assert f"{src}:2: {message}" in capsys.readouterr().err
+
+
+def test_skip_bad_writes_side_file(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(BAD_LINES) + "\n")
+    out = tmp_path / "out"
+    summary = embed_corpus(model, src, out, BulkOptions(skip_bad=True))
+    assert summary.texts == 2 and summary.bad == 6
+    ids, _, _ = read_output(out)
+    assert sorted(ids) == ["8", "a"]
+    bad = [json.loads(line) for line in (out / bulk.BAD_ROWS_NAME).read_text().splitlines()]
+    assert [b["row"].rsplit(":", 1)[1] for b in bad] == ["2", "3", "4", "5", "6", "7"]
+    assert bad[3] == {"row": f"{src}:5", "id": "a", "problem": "duplicate id 'a'"}
+
+
+def test_idset_finds_duplicates_across_merges() -> None:
+    seen = IdSet(pending_max=7)
+    ids = [f"id-{i}" for i in range(100)]
+    assert all(seen.add(i) for i in ids) and len(seen) == 100
+    assert not any(seen.add(i) for i in reversed(ids))
+    assert seen.add("new") and not seen.add("new")
+
+
+def test_bulk_modules_import_no_heavy_packages() -> None:
+    code = "import sys, embedrt.bulk, embedrt.ray; print([m for m in ('pyarrow', 'ray', 'torch') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -1,0 +1,124 @@
+"""embedrt embed --ray / embedrt.ray on a local Ray cluster: same output as local mode, survives a killed actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt.bulk import BadRowError, BulkOptions, ResumeError, embed_corpus
+from embedrt.cli import main
+
+ray = pytest.importorskip("ray")
+pa = pytest.importorskip("pyarrow")
+psutil = pytest.importorskip("psutil")
+
+from tests.test_bulk import assert_equals_encode, make_rows, read_output, write_jsonl  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cluster():  # type: ignore[no-untyped-def]
+    """A two-CPU local Ray for this module, stopped afterwards."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_bert) -> embedrt.EmbeddingModel:  # type: ignore[no-untyped-def]
+    return embedrt.load(tiny_bert[1])
+
+
+def test_ray_output_equals_local(cluster, tiny_bert, model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(3000, seed=5)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "ray"), "--ray"]) == 0
+    assert "3000 texts" in capsys.readouterr().out
+    embed_corpus(model, src, tmp_path / "local", BulkOptions(part_rows=1000))
+    assert_equals_encode(tmp_path / "ray", model, rows)
+    ray_ids, ray_emb, ray_table = read_output(tmp_path / "ray")
+    local_ids, local_emb, local_table = read_output(tmp_path / "local")
+    assert ray_table.schema == local_table.schema  # same columns, types and metadata
+    by_id = dict(zip(local_ids, local_emb))
+    assert float(max(np.abs(e - by_id[i]).max() for i, e in zip(ray_ids, ray_emb))) <= 1e-6
+    assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]  # the staging folder is gone
+    state = json.loads((tmp_path / "ray" / "_embedrt_bulk.json").read_text())
+    assert state["progress"]["complete"] and state["job"]["options"]["mode"] == "ray"
+
+
+def test_embed_dataset_blocks_are_compact(cluster, tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.ray import embed_dataset
+
+    rows = make_rows(100, seed=6)
+    out = embed_dataset(ray.data.from_items(rows), tiny_bert[1], num_actors=1, batch_rows=32).materialize()
+    assert out.count() == 100
+    for ref in out.to_arrow_refs():
+        block = ray.get(ref)
+        assert block.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+        assert json.loads(block.schema.metadata[b"embedrt"])["dim"] == 32
+
+
+def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.ray import embed_with_ray
+
+    rows = make_rows(20)
+    rows[7]["_id"] = rows[3]["_id"]
+    src = write_jsonl(tmp_path / "dup.jsonl", rows)
+    with pytest.raises(BadRowError, match="duplicate id 'd3'"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("part-*"))  # nothing published
+    rows = make_rows(20)
+    rows[4]["_id"] = ""
+    src = write_jsonl(tmp_path / "empty.jsonl", rows)
+    with pytest.raises(Exception, match="empty id"):  # Ray wraps the actor's BadRowError
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out2")
+    with pytest.raises(ResumeError, match="not empty"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out")
+    with pytest.raises(ValueError, match="--skip-bad is not supported with --ray"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out3", BulkOptions(skip_bad=True))
+
+
+def _embed_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "EmbedBatch" in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_killed_actor_still_gives_complete_output(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.ray import embed_with_ray
+
+    rows = make_rows(16000, seed=7)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_one_actor_mid_job() -> None:
+        # wait until Ray has written output for some batch (the job is under way), then SIGKILL an actor
+        while not done.is_set():
+            if any(out.glob(".ray-*/*.parquet")):
+                workers = _embed_workers()
+                if workers:
+                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed.append(workers[0].pid)
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_actor_mid_job)
+    killer.start()
+    try:
+        summary = embed_with_ray(tiny_bert[1], src, out)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no actor was killed before the job ended"
+    assert summary.texts == 16000
+    assert_equals_encode(out, model, rows)
