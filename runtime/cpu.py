@@ -52,6 +52,17 @@ def parse_target(value: str) -> str:
     return value
 
 
+# CPU flags that give OpenVINO native bf16 matmuls: AMX tiles (Sapphire Rapids and later) or AVX512_BF16
+# dot products (Cooper Lake, Zen 4); without them bf16 is emulated and slower than f32
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bf16_units(flags: frozenset[str] | None = None) -> str | None:
+    """The bf16 matrix units this CPU has (``amx_bf16`` or ``avx512_bf16``), or None."""
+    have = cpu_flags() if flags is None else flags
+    return next((f for f in BF16_FLAGS if f in have), None)
+
+
 def missing_features(target: str, flags: frozenset[str] | None = None) -> list[str]:
     """Flags ``target`` needs that this CPU lacks."""
     have = cpu_flags() if flags is None else flags
