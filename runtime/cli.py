@@ -116,7 +116,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a SIGTERM/SIGINT drain may take (default: 30)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
 
-    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py)")
+    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py); "
+                       "'embedrt bench serve ...' runs the server load benchmark (benchmarks/serve_load.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run (--help for them)")
 
     p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
@@ -363,6 +364,10 @@ def _access_log(enabled: bool) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.bench_args[:1] == ["serve"]:  # embedrt bench serve ...: the server load benchmark
+            from benchmarks.serve_load import main as serve_main
+
+            return serve_main(args.bench_args[1:])
         from benchmarks.run import main as bench_main
     except ImportError as exc:
         raise ValueError(

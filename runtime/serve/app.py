@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -231,7 +232,8 @@ def _tokenize(model: Any, parsed: protocol.EmbeddingRequest) -> Any:
         return model.tokenize_ids(parsed.token_ids)
     except (TypeError, ValueError) as exc:  # an id outside the vocabulary: the message names the row
         message = str(exc).replace("token ids [", "input[")
-        raise protocol.bad_request(message, "input") from None
+        where = re.search(r"input\[\d+\]", message)
+        raise protocol.bad_request(message, where.group(0) if where else "input") from None
 
 
 async def embeddings(service: Service, request: Request, info: dict[str, Any]) -> Response:
