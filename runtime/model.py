@@ -77,6 +77,20 @@ class EmbeddingModel:
         """
         return self._tokenizer.encode_compact(check_texts(texts))
 
+    def tokenize_ids(self, ids: Sequence[Sequence[int]]) -> Tokenized:
+        """Text tokens given as ids (no special tokens), made into the model's input as ``tokenize_batch`` does.
+
+        Each row is truncated to ``max_seq_length`` less the special tokens, and the tokenizer's special
+        tokens are added around it ([CLS] ... [SEP] for BERT, <s> ... </s> for RoBERTa), so
+        ``tokenize_ids(ids of a text without special tokens)`` equals ``tokenize_batch([text])``.
+
+        Raises:
+            TypeError: ``ids`` is not a list of int sequences (names the row).
+            ValueError: a row is empty or holds an id outside the vocabulary (names the row).
+        """
+        rows = check_token_ids(ids, self._tokenizer.vocab_size, max_length=2**62)
+        return self._tokenizer.wrap_ids(rows)
+
     def encode_tokens(
         self, ids: Sequence[Sequence[int]], batch_size: int = 32, max_tokens: int | None = None
     ) -> ops.FloatArray:

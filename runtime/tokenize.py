@@ -113,6 +113,30 @@ class TextTokenizer:
         self.pad_id = pad_id
         self.input_names = tuple(input_names)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        self.max_length = max_length
+        self.prefix, self.suffix = self._special_template()
+
+    def _special_template(self) -> tuple[list[int], list[int]]:
+        """The special tokens the post-processor puts before and after a text's tokens ([CLS] / [SEP], <s> / </s>)."""
+        probe = self._tok.encode("a", add_special_tokens=True)
+        mask = probe.special_tokens_mask
+        if all(mask):
+            raise ModelFolderError("tokenizer.json: a probe text came out as special tokens only")
+        first = mask.index(0)
+        last = len(mask) - 1 - mask[::-1].index(0)
+        return list(probe.ids[:first]), list(probe.ids[last + 1 :])
+
+    def wrap_ids(self, rows: list[np.ndarray]) -> Tokenized:
+        """Pre-tokenized text tokens as the model sees them: truncated, then the special tokens added.
+
+        The same as the tokenizer does with a text: the content is cut to ``max_length`` less the special
+        tokens, and the special tokens are added around what is left.
+        """
+        keep = self.max_length - len(self.prefix) - len(self.suffix)
+        prefix = np.asarray(self.prefix, dtype=np.int32)
+        suffix = np.asarray(self.suffix, dtype=np.int32)
+        truncated = np.fromiter((len(r) > keep for r in rows), dtype=bool, count=len(rows))
+        return Tokenized([np.concatenate([prefix, r[:keep], suffix]) for r in rows], truncated)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated, special tokens included, not padded."""

