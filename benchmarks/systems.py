@@ -35,7 +35,7 @@ def st_torch(checkpoint: Path, threads: int) -> System:
     model = SentenceTransformer(str(checkpoint), device="cpu")
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
 
     size = sum(p.stat().st_size for p in checkpoint.rglob("*.safetensors"))
     return System("st-torch-fp32", encode, f"torch {torch.__version__} CPU", "fp32", size)
@@ -53,7 +53,7 @@ def st_onnx(checkpoint: Path, threads: int) -> System | None:
         return None
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
 
     return System("st-onnx-fp32", encode, "onnxruntime via optimum", "fp32")
 

@@ -110,7 +110,7 @@ class OrtBackend:
     def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
         """Embeddings ``[batch, dim]`` float32 for one padded batch."""
         if self._cuda_index is None:
-            return self._session.run([OUTPUT_NAME], feeds)[0]
+            return np.asarray(self._session.run([OUTPUT_NAME], feeds)[0], dtype=np.float32)
         # inputs and the pooled output live on the GPU; only [batch, dim] is copied back
         binding = self._session.io_binding()
         for name, array in feeds.items():
@@ -118,7 +118,7 @@ class OrtBackend:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(OUTPUT_NAME, "cuda", self._cuda_index)
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
 
 class OpenVinoBackend:

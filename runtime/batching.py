@@ -67,7 +67,7 @@ def padded_lengths(lengths: np.ndarray, buckets: tuple[tuple[int, int], ...], ma
         inside = (lengths > lower) & (lengths <= upper)
         out[inside] = -(-lengths[inside] // multiple) * multiple
         lower = upper
-    return np.minimum(out, np.maximum(lengths, max_length))
+    return np.asarray(np.minimum(out, np.maximum(lengths, max_length)), dtype=np.int64)
 
 
 def plan_batches(
