@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from onnx import GraphProto
+    from onnx import GraphProto, ModelProto
 
 # LayerNorm's variance overflows fp16 on long inputs; pooling sums up to 512 token vectors and the
 # L2 norm squares them, so those run in fp32 too. Softmax and the matmuls are where fp16 pays off.
@@ -15,18 +15,18 @@ FP32_OPS = ["LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 FP32_SCOPES = ("/pooling/", "/head.")
 
 
-def convert_fp16(src: Path, dest: Path) -> None:
-    """Write an fp16 copy of ``src`` whose inputs/outputs, LayerNorms, pooling and head stay fp32."""
+def convert_fp16(src: Path) -> ModelProto:
+    """An fp16 copy of ``src`` whose inputs/outputs, LayerNorms, pooling and head stay fp32."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
     keep = [n.name for n in model.graph.node if n.name.startswith(FP32_SCOPES)]
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
+    half: ModelProto = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
     _drop_duplicate_nodes(half.graph)
     _sort_topologically(half.graph)
     onnx.checker.check_model(half)
-    onnx.save(half, str(dest))
+    return half
 
 
 def _drop_duplicate_nodes(graph: GraphProto) -> None:
