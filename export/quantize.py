@@ -32,6 +32,9 @@ class Method(str, enum.Enum):
         return parse_enum(cls, value, "quantisation")
 
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """The int8 recipe."""
@@ -42,6 +45,12 @@ class QuantConfig:
     calibration_method: str = "minmax"
     per_channel: bool = True
     keep_ffn_output_fp32: bool = False
+
+    def __post_init__(self) -> None:
+        # checked here, before any work, not when the static quantizer finally needs it
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.calibration_method!r}; "
+                             f"valid: {', '.join(CALIBRATION_METHODS)}")
 
     @property
     def reduce_range(self) -> bool:
@@ -150,8 +159,6 @@ def _quantize_static(src: Path, dest: Path, config: QuantConfig, tokenizer: Text
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    if config.calibration_method not in methods:
-        raise ValueError(f"unknown calibration method {config.calibration_method!r}; valid: {', '.join(methods)}")
     quantize_static(
         str(src), str(dest), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
         calibrate_method=methods[config.calibration_method], **common,

@@ -42,6 +42,8 @@ def test_min_cosine_is_settable_and_checked() -> None:
     assert ExportOptions.parse(precision="fp16", min_cosine=0.99).parity_threshold == 0.99
     with pytest.raises(ValueError, match="min_cosine must be between -1 and 1"):
         ExportOptions(min_cosine=1.5)
+    with pytest.raises(ValueError, match="unknown calibration method 'kl'; valid: minmax, entropy, percentile"):
+        ExportOptions.parse(quantize="static", calibration_method="kl")
 
 
 class Fake:
