@@ -46,21 +46,19 @@ def _threaded(model: Any, texts: list[str], callers: int) -> tuple[float, list[n
     return len(texts) / (time.perf_counter() - start), out
 
 
-def _raw_request(model: Any, folder: Path, texts: list[str], threads: int, hint: str) -> float:
-    """One OpenVINO infer request, no pool: the pre-pool path, re-created here from the public manifest."""
+def _raw_request(model: Any, folder: Path, texts: list[str]) -> float:
+    """One OpenVINO infer request, no pool: the pre-pool path, re-created here from the model's public plan."""
     import openvino as ov
 
-    from embedrt.batching import SHAPE_BUCKETS, padded_lengths
-
     core = ov.Core()
-    compiled = core.compile_model(str(folder / "openvino_model.xml"), "CPU", {
-        "PERFORMANCE_HINT": hint.upper(), "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"})
+    compiled = core.compile_model(str(folder / "openvino_model.xml"), model.plan.request.openvino_device,
+                                  dict(model.plan.openvino_config))
     request = compiled.create_infer_request()
     start = time.perf_counter()
     for text in texts:  # tokenized in the loop, as encode does
         row = model.tokenize([text])[0]
         # the same shape buckets as embedrt's OpenVINO backend, so only the pool differs
-        pad = int(padded_lengths(np.array([len(row)]), SHAPE_BUCKETS, model.manifest.max_seq_length)[0])
+        pad = int(model.padded_lengths(np.array([len(row)]))[0])
         feeds = {"input_ids": np.full((1, pad), model.manifest.pad_token_id, dtype=np.int64),
                  "attention_mask": np.zeros((1, pad), dtype=np.int64)}
         feeds["input_ids"][0, : len(row)] = row
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.reps):  # rotate the rows so that drift hits each alike
             if args.device.startswith("openvino"):
                 rates.setdefault("raw request, 1 caller", []).append(
-                    _raw_request(model, Path(args.model), texts, args.threads, hint))
+                    _raw_request(model, Path(args.model), texts))
             for callers in (1, 2, 4, 8):
                 rate, got = _threaded(model, texts, callers)
                 mismatches += sum(not np.array_equal(g, w) for g, w in zip(got, want, strict=True))

@@ -49,7 +49,7 @@ def ffn_stack(layers: int, width: int, inner: int) -> bytes:
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["m", width])], weights)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def matmul_rates(threads: int, rows: list[int], calls: int) -> dict[str, dict[int, dict[str, float]]]:

@@ -28,7 +28,7 @@ def _matmul_model(int8: bool, m: int, k: int, n: int) -> bytes:
     graph = helper.make_graph([node], "peak", [a], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
+    return bytes(onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString())
 
 
 def ort_peak(threads: int, int8: bool, m: int = 4096, k: int = 768, n: int = 3072, reps: int = 5) -> float:

@@ -89,6 +89,7 @@ def _build_systems(model: str, args: argparse.Namespace) -> tuple[list[systems.S
 def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every workload x system for one model; returns result rows."""
     import embedrt
+    from embedrt.ops import row_cosine
 
     built, folders = _build_systems(model, args)
     config = json.loads((folders["checkpoint"] / "config.json").read_text())
@@ -104,7 +105,7 @@ def run_model(model: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         quality: dict[str, dict[str, float]] = {}
         for system in built:  # warm-up, and the quality figure
             got = system.encode(texts, wl.batch_size)
-            cos = (got * reference).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+            cos = row_cosine(got, reference)
             quality[system.name] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
         for _ in range(args.reps):
             for system in built:  # alternate systems within each repetition

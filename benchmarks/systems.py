@@ -35,7 +35,7 @@ def st_torch(checkpoint: Path, threads: int) -> System:
     model = SentenceTransformer(str(checkpoint), device="cpu")
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
 
     size = sum(p.stat().st_size for p in checkpoint.rglob("*.safetensors"))
     return System("st-torch-fp32", encode, f"torch {torch.__version__} CPU", "fp32", size)
@@ -53,7 +53,7 @@ def st_onnx(checkpoint: Path, threads: int) -> System | None:
         return None
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
-        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False))
 
     return System("st-onnx-fp32", encode, "onnxruntime via optimum", "fp32")
 
@@ -61,12 +61,11 @@ def st_onnx(checkpoint: Path, threads: int) -> System | None:
 def embedrt_system(name: str, folder: Path, device: str, threads: int, fixed_batches: bool = False) -> System:
     """An embedrt model folder on a device; ``fixed_batches`` turns cost-based batching off (a control row)."""
     import embedrt
+    from embedrt.batching import BatchCost
 
-    model = embedrt.load(folder, device=device, threads=threads)
-    if fixed_batches:
-        # what sentence-transformers does: runs of batch_size texts in length order, padded to the longest;
-        # separates the kernels' share of the speed-up from the batch planner's
-        model._backend.call_overhead, model._backend.token_budget = 0.0, None
+    # fixed: what sentence-transformers does, runs of batch_size texts in length order padded to the longest
+    # (BatchCost(): no call cost, no token budget); separates the kernels' share of the speed-up from the planner's
+    model = embedrt.load(folder, device=device, threads=threads, batch_cost=BatchCost() if fixed_batches else None)
 
     def encode(texts: list[str], batch_size: int) -> np.ndarray:
         return model.encode(texts, batch_size=batch_size)
@@ -90,7 +89,7 @@ def _exported_by(folder: Path) -> str | None:
 def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
     """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
     from embedrt.export import export_model
-    from embedrt.export.pipeline import EXPORTER
+    from embedrt.export.artifacts import EXPORTER
     from embedrt.export.synthetic import StandIn, make_checkpoint
     from embedrt.models import find_entry
 

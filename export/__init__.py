@@ -6,6 +6,7 @@ This package needs the ``export`` extra (torch, transformers, sentence-transform
 
 from __future__ import annotations
 
-from embedrt.export.pipeline import ExportOptions, Format, export_model, parse_formats
+from embedrt.export.options import ExportOptions, Format, parse_formats
+from embedrt.export.pipeline import export_model
 
 __all__ = ["ExportOptions", "Format", "export_model", "parse_formats"]

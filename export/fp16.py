@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnx import GraphProto, ModelProto
 
 # LayerNorm's variance overflows fp16 on long inputs; pooling sums up to 512 token vectors and the
 # L2 norm squares them, so those run in fp32 too. Softmax and the matmuls are where fp16 pays off.
@@ -11,21 +15,21 @@ FP32_OPS = ["LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNorm
 FP32_SCOPES = ("/pooling/", "/head.")
 
 
-def convert_fp16(src: Path, dest: Path) -> None:
-    """Write an fp16 copy of ``src`` whose inputs/outputs, LayerNorms, pooling and head stay fp32."""
+def convert_fp16(src: Path) -> ModelProto:
+    """An fp16 copy of ``src`` whose inputs/outputs, LayerNorms, pooling and head stay fp32."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(src))
     keep = [n.name for n in model.graph.node if n.name.startswith(FP32_SCOPES)]
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
+    half: ModelProto = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS, node_block_list=keep)
     _drop_duplicate_nodes(half.graph)
     _sort_topologically(half.graph)
     onnx.checker.check_model(half)
-    onnx.save(half, str(dest))
+    return half
 
 
-def _drop_duplicate_nodes(graph) -> None:  # type: ignore[no-untyped-def]
+def _drop_duplicate_nodes(graph: GraphProto) -> None:
     """Remove nodes identical to an earlier one (same op, inputs, outputs, attributes).
 
     The converter inserts one Cast per blocked consumer of a tensor, all with the same name and output,
@@ -42,7 +46,7 @@ def _drop_duplicate_nodes(graph) -> None:  # type: ignore[no-untyped-def]
     graph.node.extend(unique)
 
 
-def _sort_topologically(graph) -> None:  # type: ignore[no-untyped-def]
+def _sort_topologically(graph: GraphProto) -> None:
     """Order nodes so each comes after the producers of its inputs (the converter appends its Casts)."""
     available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
     pending = list(graph.node)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.errors import QualityGateError
-from embedrt.ops import top_k
+from embedrt.ops import row_cosine, top_k
 
 # queries for the built-in check; the corpus is the calibration set plus the demo corpus
 GATE_QUERIES = (
@@ -31,7 +31,7 @@ def builtin_texts() -> tuple[list[str], list[str]]:
 def agreement(fp32: Any, int8: Any, corpus: list[str], queries: list[str], k: int = 10) -> dict[str, float]:
     """Cosine of int8 to fp32 embeddings and the share of fp32's top-k that int8 also ranks top-k."""
     a, b = fp32.encode(corpus), int8.encode(corpus)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+    cos = row_cosine(a, b)
     ref_top = top_k(fp32.encode(queries), a, k, fp32.similarity_metric)[0]
     got_top = top_k(int8.encode(queries), b, k, int8.similarity_metric)[0]
     overlap = np.mean([len(set(x) & set(y)) / x.size for x, y in zip(ref_top, got_top)])

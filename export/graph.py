@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from embedrt.export.source import CheckpointSpec
+from embedrt.manifest import OUTPUT_NAME
 from embedrt.ops import Pooling
 
 OPSET = 17
 MAX_IR_VERSION = 10  # onnxruntime 1.20 reads up to 10; our graphs need nothing newer
-OUTPUT_NAME = "sentence_embedding"
 
 
 def graph_inputs(architecture: str) -> tuple[str, ...]:
@@ -91,10 +91,12 @@ def torch_pool(hidden: Any, mask: Any, mode: Pooling) -> Any:
 
 
 def export_onnx(pipeline: Any, path: Path, pad_token_id: int) -> None:
-    """Export the pipeline to ONNX with dynamic batch and sequence axes.
+    """Export the pipeline to ONNX with dynamic batch and sequence axes; ``path`` is written once.
 
     The trace uses a padded batch so the attention-mask path is recorded, not a shortcut for all-ones masks.
     """
+    import io
+
     import onnx
     import torch
 
@@ -111,11 +113,11 @@ def export_onnx(pipeline: Any, path: Path, pad_token_id: int) -> None:
         # tracer notes about Python-side shape checks: the parity check, not these, decides correctness
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*aten::index.*")
+        buffer = io.BytesIO()  # in memory first: the IR version may need lowering before the file is written
         torch.onnx.export(
-            pipeline, args, str(path), dynamo=False, opset_version=OPSET, input_names=list(names),
+            pipeline, args, buffer, dynamo=False, opset_version=OPSET, input_names=list(names),
             output_names=[OUTPUT_NAME], dynamic_axes=axes, do_constant_folding=True,
         )
-    model = onnx.load(str(path))
-    if model.ir_version > MAX_IR_VERSION:
-        model.ir_version = MAX_IR_VERSION
-        onnx.save(model, str(path))
+    model = onnx.load_from_string(buffer.getvalue())
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.save(model, str(path))

@@ -8,13 +8,16 @@ import re
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from embedrt._enums import parse_enum
 from embedrt.cpu import SATURATING_TARGETS, TARGETS
 from embedrt.tokenize import TextTokenizer
+
+if TYPE_CHECKING:
+    from onnx import ModelProto
 
 
 class Method(str, enum.Enum):
@@ -29,6 +32,9 @@ class Method(str, enum.Enum):
         return parse_enum(cls, value, "quantisation")
 
 
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
     """The int8 recipe."""
@@ -39,6 +45,12 @@ class QuantConfig:
     calibration_method: str = "minmax"
     per_channel: bool = True
     keep_ffn_output_fp32: bool = False
+
+    def __post_init__(self) -> None:
+        # checked here, before any work, not when the static quantizer finally needs it
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(f"unknown calibration method {self.calibration_method!r}; "
+                             f"valid: {', '.join(CALIBRATION_METHODS)}")
 
     @property
     def reduce_range(self) -> bool:
@@ -110,11 +122,11 @@ def _fp32_nodes(path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "MatMul" and _FFN_OUTPUT.search(n.name)]
 
 
-def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTokenizer) -> None:
-    """Write an int8 copy of ``src`` (ideally already fused) following ``config``."""
+def quantize_onnx(src: Path, scratch: Path, config: QuantConfig, tokenizer: TextTokenizer) -> ModelProto:
+    """An int8 copy of ``src`` (ideally already fused) following ``config``; ONNX Runtime's quantizer writes its
+    output to ``scratch`` (a path it may create), the per-row embedding tables are then added in memory."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
-    from onnxruntime.quantization.calibrate import CalibrationDataReader
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     common: dict[str, Any] = {
         "per_channel": config.per_channel, "reduce_range": config.reduce_range, "weight_type": QuantType.QInt8,
@@ -125,9 +137,18 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
         "extra_options": {"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
     }
     if config.method is Method.DYNAMIC:
-        quantize_dynamic(str(src), str(dest), **common)
-        quantize_embedding_rows(dest)
-        return
+        quantize_dynamic(str(src), str(scratch), **common)
+    else:
+        _quantize_static(src, scratch, config, tokenizer, common)
+    model = onnx.load(str(scratch))
+    quantize_embedding_rows(model)
+    return model
+
+
+def _quantize_static(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTokenizer,
+                     common: dict[str, Any]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -138,27 +159,22 @@ def quantize_onnx(src: Path, dest: Path, config: QuantConfig, tokenizer: TextTok
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
-    if config.calibration_method not in methods:
-        raise ValueError(f"unknown calibration method {config.calibration_method!r}; valid: {', '.join(methods)}")
     quantize_static(
         str(src), str(dest), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
         calibrate_method=methods[config.calibration_method], **common,
     )
-    quantize_embedding_rows(dest)
 
 
-def quantize_embedding_rows(path: Path, min_rows: int = 4096) -> int:
+def quantize_embedding_rows(model: ModelProto, min_rows: int = 4096) -> int:
     """Store large embedding tables as int8 with one fp32 scale per row (weight-only, standard ops).
 
     ONNX Runtime's own Gather / EmbedLayerNormalization quantisation uses one scale for the whole table,
     which cost 0.7% NDCG@10 on SciFact for all-MiniLM-L6-v2; per-row scales keep each token's vector to
     within 1/254 of its own largest component. ``Gather(table)`` becomes
-    ``Mul(Cast(Gather(int8 table)), Gather(scales))``. Returns the number of tables rewritten.
+    ``Mul(Cast(Gather(int8 table)), Gather(scales))``, in ``model`` itself. Returns the number of tables rewritten.
     """
-    import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     rewritten = 0
@@ -185,7 +201,6 @@ def quantize_embedding_rows(path: Path, min_rows: int = 4096) -> int:
         for offset, item in enumerate(new):
             graph.node.insert(index + offset, item)
         rewritten += 1
-    onnx.save(model, str(path))
     return rewritten
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from embedrt._optional import require
 from embedrt.errors import MissingDependencyError
@@ -68,7 +69,7 @@ def make_checkpoint(folder: Path, spec: StandIn) -> Path:
     return folder
 
 
-def _model(spec: StandIn, vocab_size: int, pad_id: int):  # type: ignore[no-untyped-def]
+def _model(spec: StandIn, vocab_size: int, pad_id: int) -> Any:
     transformers = require("transformers", "export")
     shape = _BASE if spec.size == "base" else _TINY
     if spec.size not in ("tiny", "base"):
@@ -93,7 +94,7 @@ def _model(spec: StandIn, vocab_size: int, pad_id: int):  # type: ignore[no-unty
     raise ValueError(f"unknown architecture {spec.architecture!r}; valid: distilbert, bert, roberta")
 
 
-def _tokenizer(architecture: str):  # type: ignore[no-untyped-def]
+def _tokenizer(architecture: str) -> Any:
     transformers = require("transformers", "export")
     if architecture in ("bert", "distilbert"):
         return transformers.AutoTokenizer.from_pretrained(str(_uncased_vocab().parent))
@@ -111,7 +112,7 @@ def _uncased_vocab() -> Path:
     return path / "vocab.txt"
 
 
-def _roberta_tokenizer():  # type: ignore[no-untyped-def]
+def _roberta_tokenizer() -> Any:
     """A byte-level BPE tokenizer trained offline on a fixed text, wrapped like RoBERTa's."""
     tokenizers = require("tokenizers", "runtime")
     transformers = require("transformers", "export")

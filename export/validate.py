@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.errors import ParityError
-from embedrt.ops import FloatArray
+from embedrt.ops import FloatArray, row_cosine
 
 FP32_MIN_COSINE = 0.99999
 FP16_MIN_COSINE = 0.999
@@ -49,15 +49,12 @@ def reference_embeddings(st_model: Any, texts: list[str], batch_size: int = 16) 
 
 def parity_figures(reference: FloatArray, candidate: FloatArray) -> dict[str, float]:
     """Row-wise cosine and absolute difference between two embedding matrices."""
-    ref = reference.astype(np.float64)
-    got = candidate.astype(np.float64)
-    denom = np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-30)
-    cos = (ref * got).sum(axis=1) / denom
+    cos = row_cosine(reference, candidate)
     return {
         "min_cosine": float(cos.min()),
         "mean_cosine": float(cos.mean()),
-        "max_abs_diff": float(np.abs(ref - got).max()),
-        "n_texts": len(ref),
+        "max_abs_diff": float(np.abs(reference.astype(np.float64) - candidate).max()),
+        "n_texts": len(reference),
     }
 
 

@@ -6,6 +6,7 @@ is loaded. It never imports torch or transformers.
 
 from __future__ import annotations
 
+from embedrt.batching import BatchCost
 from embedrt.errors import (
     EmbedrtError,
     MissingDependencyError,
@@ -18,10 +19,13 @@ from embedrt.errors import (
 from embedrt.manifest import Manifest, Precision, read_manifest
 from embedrt.model import EmbeddingModel, load
 from embedrt.ops import Pooling, Similarity, l2_normalize, pool, similarity, top_k
+from embedrt.plan import DevicePlan
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "BatchCost",
+    "DevicePlan",
     "EmbeddingModel",
     "EmbedrtError",
     "Manifest",

@@ -1,4 +1,8 @@
-"""Inference backends: ONNX Runtime (CPU, CUDA with IOBinding) and OpenVINO. Each maps feeds to embeddings."""
+"""Inference backends: ONNX Runtime (CPU, CUDA with IOBinding) and OpenVINO. Each maps feeds to embeddings.
+
+A backend executes a :class:`embedrt.plan.DevicePlan`: which providers, fusions, threads and OpenVINO
+properties were decided there, not here.
+"""
 
 from __future__ import annotations
 
@@ -13,24 +17,20 @@ from typing import Any, Protocol
 import numpy as np
 
 from embedrt._optional import require
-from embedrt.batching import ACCELERATOR_CALLS, CPU_CALLS, EXACT, SHAPE_BUCKETS
 from embedrt.contract import STAMP_KEY, GraphInfo, parse_stamp
 from embedrt.errors import ModelFolderError, ProviderUnavailableError
+from embedrt.manifest import OUTPUT_NAME
 from embedrt.ops import FloatArray
-from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, check_session_providers, cuda_unavailable_reason
+from embedrt.plan import DevicePlan
+from embedrt.providers import CUDA_EP, check_session_providers
 
 log = logging.getLogger("embedrt")
-OUTPUT_NAME = "sentence_embedding"
 
 
 class Backend(Protocol):
     """What the model needs from a backend."""
 
-    device: str
-    providers: list[str]
-    shape_buckets: tuple[tuple[int, int], ...]  # how lengths are padded (embedrt.batching.padded_lengths)
-    call_overhead: float  # fixed cost of one call, in padded tokens (see embedrt.batching.BatchCost)
-    token_budget: int | None  # most padded tokens per call
+    providers: list[str]  # what the session really runs on, which may differ from the plan's
     graph: GraphInfo  # what the graph file declares, checked against the manifest at load
 
     def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
@@ -38,7 +38,11 @@ class Backend(Protocol):
         ...
 
 
-CPU_DISABLED_FUSIONS = ["SkipLayerNormFusion"]
+def open_backend(root: Path, plan: DevicePlan) -> Backend:
+    """The backend that executes ``plan`` on the graph in ``root``."""
+    if plan.request.kind == "openvino":
+        return OpenVinoBackend(root / plan.graph_files[0], plan)
+    return OrtBackend(root / plan.graph_files[0], plan)
 
 
 def _static_dim(shape: Any) -> int | None:
@@ -72,45 +76,29 @@ def _session_options(ort: Any, threads: int) -> Any:
 class OrtBackend:
     """ONNX Runtime session on the CPU or one CUDA device."""
 
-    def __init__(self, model_path: Path, request: DeviceRequest, threads: int) -> None:
+    def __init__(self, model_path: Path, plan: DevicePlan) -> None:
         ort = require("onnxruntime", "runtime")
-        if request.kind == "cuda":
-            reason = cuda_unavailable_reason(ort)
-            if reason:
-                raise ProviderUnavailableError(f"device {request} unavailable: {reason}")
-            providers: list[Any] = [(CUDA_EP, {"device_id": request.index}), CPU_EP]
-            wanted = CUDA_EP
-        else:
-            providers, wanted = [CPU_EP], CPU_EP
-        # graphs exported by embedrt keep residual Add + LayerNormalization apart; on the CPU ONNX Runtime
-        # must not fuse them back, as its SkipLayerNormalization kernel is ~4x slower (see optimize_graph).
-        # On CUDA the fused kernel is the fast one, so it may.
-        disabled = [] if request.kind == "cuda" else CPU_DISABLED_FUSIONS
+        cuda = plan.request.kind == "cuda"
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=_session_options(ort, threads), providers=providers,
-                disabled_optimizers=disabled,
+                str(model_path), sess_options=_session_options(ort, plan.threads), providers=list(plan.providers),
+                disabled_optimizers=list(plan.disabled_fusions),
             )
         except Exception as exc:  # ORT raises its own exception types for a bad graph or a provider failure
-            if request.kind == "cuda" and "CUDA" in str(exc):
-                raise ProviderUnavailableError(f"device {request} unavailable: {exc}") from exc
+            if cuda and "CUDA" in str(exc):
+                raise ProviderUnavailableError(f"device {plan.device} unavailable: {exc}") from exc
             raise ModelFolderError(f"{model_path}: ONNX Runtime cannot load this graph: {exc}") from exc
         self.providers = list(self._session.get_providers())
-        if request.kind == "cuda":
+        if cuda:
             check_session_providers(CUDA_EP, self.providers)
-        self.device = str(request)
-        self._cuda_index = request.index if wanted == CUDA_EP else None
-        # the CPU provider has no per-shape state, so exact lengths cost least; CUDA keeps per-shape
-        # kernel choices and allocations, so bucket there
-        self.shape_buckets = EXACT if self._cuda_index is None else SHAPE_BUCKETS
-        self.call_overhead, self.token_budget = CPU_CALLS if self._cuda_index is None else ACCELERATOR_CALLS
+        self._cuda_index = plan.request.index if cuda else None
         self._ort = ort
         self.graph = _ort_graph_info(self._session, model_path)
 
     def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
         """Embeddings ``[batch, dim]`` float32 for one padded batch."""
         if self._cuda_index is None:
-            return self._session.run([OUTPUT_NAME], feeds)[0]
+            return np.asarray(self._session.run([OUTPUT_NAME], feeds)[0], dtype=np.float32)
         # inputs and the pooled output live on the GPU; only [batch, dim] is copied back
         binding = self._session.io_binding()
         for name, array in feeds.items():
@@ -118,52 +106,32 @@ class OrtBackend:
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(OUTPUT_NAME, "cuda", self._cuda_index)
         self._session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        return np.asarray(binding.copy_outputs_to_cpu()[0], dtype=np.float32)
 
 
 class OpenVinoBackend:
     """OpenVINO compiled model on an OpenVINO device (CPU, GPU, NPU, ...)."""
 
-    def __init__(
-        self,
-        xml_path: Path,
-        request: DeviceRequest,
-        threads: int,
-        cache_dir: str | None = None,
-        performance_hint: str = "LATENCY",
-    ) -> None:
+    def __init__(self, xml_path: Path, plan: DevicePlan) -> None:
         ov = require("openvino", "openvino")
         core = ov.Core()
-        device = request.openvino_device
+        device = plan.request.openvino_device
         available = list(core.available_devices)
         if device.split(".")[0] not in {d.split(".")[0] for d in available} and device not in ("AUTO", "MULTI"):
             raise ProviderUnavailableError(
                 f"OpenVINO device {device!r} is not available here; available: {', '.join(available) or 'none'}"
             )
-        if cache_dir:
-            core.set_property({"CACHE_DIR": str(cache_dir)})
-        config: dict[str, Any] = {"PERFORMANCE_HINT": performance_hint.upper()}
-        if device.startswith("CPU"):
-            config["INFERENCE_NUM_THREADS"] = threads
-            # OpenVINO runs every op that is not int8 in bf16 by itself on CPUs that have it. fp32 graphs must
-            # stay fp32 to match; int8 graphs too: in OpenVINO 2026.4.1 the bf16 attention of the NNCF
-            # all-MiniLM-L6-v2 goes wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on
-            # some queries; with f32 it is 0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens)
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if plan.openvino_cache_dir:
+            core.set_property({"CACHE_DIR": str(plan.openvino_cache_dir)})
         try:
             model = core.read_model(str(xml_path))
             self.graph = _openvino_graph_info(model, xml_path)
-            self._compiled = core.compile_model(model, device, config)
+            self._compiled = core.compile_model(model, device, dict(plan.openvino_config))
         except RuntimeError as exc:
             raise ModelFolderError(f"{xml_path}: OpenVINO cannot compile this model for {device}: {exc}") from exc
         self._requests = RequestPool(self._compiled)
         self._output = self._compiled.output(OUTPUT_NAME)
-        self.device = str(request)
         self.providers = [f"OpenVINO:{device}"]
-        # OpenVINO keeps compiled state per input shape: without buckets its memory grew 17.7% over 10,000
-        # calls of random lengths
-        self.shape_buckets = SHAPE_BUCKETS
-        self.call_overhead, self.token_budget = CPU_CALLS if device.startswith("CPU") else ACCELERATOR_CALLS
 
     def run(self, feeds: dict[str, np.ndarray]) -> FloatArray:
         """Embeddings ``[batch, dim]`` float32 for one padded batch; safe to call from several threads."""

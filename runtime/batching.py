@@ -44,20 +44,6 @@ class BatchCost:
         return self.call_overhead + rows * padded_length * (1.0 + padded_length / self.attention_span)
 
 
-# Shape buckets for backends that keep state per input shape: (longest length, pad to a multiple of).
-# Short texts get fine steps (a 17-token query padded to 32 costs 27% more than to 24 on DistilBERT-base),
-# long ones coarse steps; 28 distinct lengths up to 512 in all.
-SHAPE_BUCKETS: tuple[tuple[int, int], ...] = ((64, 8), (256, 16), (2**31, 32))
-EXACT: tuple[tuple[int, int], ...] = ()
-
-# (call_overhead, token_budget) per kind of device. Measured on DistilBERT-base, 2 threads, ONNX Runtime
-# and OpenVINO CPU alike: a call costs ~20-30 tokens' worth on top of its tokens, and the per-token cost is
-# flat from ~512 to ~4096 padded tokens per call, then rises (bigger attention buffers). An accelerator
-# wants large calls: its per-token cost is tiny next to a launch (not yet measured on a GPU).
-CPU_CALLS: tuple[float, int | None] = (32.0, 4096)
-ACCELERATOR_CALLS: tuple[float, int | None] = (1024.0, None)
-
-
 def padded_lengths(lengths: np.ndarray, buckets: tuple[tuple[int, int], ...], max_length: int) -> np.ndarray:
     """Each length rounded up to its bucket's multiple, never past ``max_length`` (nor below the length)."""
     lengths = np.asarray(lengths, dtype=np.int64)
@@ -67,7 +53,7 @@ def padded_lengths(lengths: np.ndarray, buckets: tuple[tuple[int, int], ...], ma
         inside = (lengths > lower) & (lengths <= upper)
         out[inside] = -(-lengths[inside] // multiple) * multiple
         lower = upper
-    return np.minimum(out, np.maximum(lengths, max_length))
+    return np.asarray(np.minimum(out, np.maximum(lengths, max_length)), dtype=np.int64)
 
 
 def plan_batches(

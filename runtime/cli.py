@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-ffn-fp32", action="store_true", help="int8: leave FFN down-projections in fp32")
     p.add_argument("--eval", dest="eval_dir", help="BEIR folder for the int8 quality gate (NDCG@10 retention)")
     p.add_argument("--min-retained", type=float, default=99.0, help="gate: percent of fp32 NDCG@10 to keep")
+    p.add_argument("--min-agreement", type=float, default=0.85,
+                   help="built-in int8 gate (no --eval): least top-10 agreement with fp32 (default: 0.85)")
+    p.add_argument("--min-mean-cosine", type=float, default=0.99,
+                   help="built-in int8 gate (no --eval): least mean cosine to fp32 (default: 0.99)")
+    p.add_argument("--min-cosine", type=float, default=None,
+                   help="parity: least cosine to sentence-transformers on any probe text "
+                        "(default: 0.99999 fp32, 0.999 fp16)")
 
     p = sub.add_parser("encode", help="embed texts into a .npy file")
     p.add_argument("model", help="model folder")
@@ -130,10 +137,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a SIGTERM/SIGINT drain may take (default: 30)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
 
-    p = sub.add_parser("bench", help="run the benchmark suite (from a source checkout; see benchmarks/run.py); "
-                       "'embedrt bench serve ...' runs the server load benchmark (benchmarks/serve_load.py)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for benchmarks.run (--help for them)")
-
     p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
     p.add_argument("--model-dir", default=f"models/{DEFAULT_MODEL}")
     _add_runtime_args(p)
@@ -168,17 +171,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.output:  # the default, models/<name>, is only known once the source is resolved
         check_output_path(args.output, folder=True)
     require("torch", "export")
-    from embedrt.export import export_model
+    from embedrt.export import ExportOptions, export_model
     from embedrt.textio import read_records
 
     extra = read_records(args.parity_texts)[1] if args.parity_texts else []
     calibration = read_records(args.calibration_texts)[1] if args.calibration_texts else None
-    out = export_model(
-        args.source, args.output, formats=args.format, precision=args.precision, similarity=args.similarity,
-        revision=args.revision, parity_texts=extra, overwrite=args.overwrite, quantize=args.quantize,
+    options = ExportOptions.parse(
+        formats=args.format, precision=args.precision, similarity=args.similarity, revision=args.revision,
+        parity_texts=extra, min_cosine=args.min_cosine, overwrite=args.overwrite, quantize=args.quantize,
         target=args.target, calibration_texts=calibration, calibration_method=args.calibration_method,
         keep_ffn_output_fp32=args.keep_ffn_fp32, eval_dir=args.eval_dir, min_retained=args.min_retained,
+        min_agreement=args.min_agreement, min_mean_cosine=args.min_mean_cosine,
     )
+    out = export_model(args.source, args.output, options)
     manifest = json.loads((out / "embedrt.json").read_text())
     print(f"exported {manifest['source']['id']} -> {out}")
     for fmt, fig in manifest["parity"].items():
@@ -407,23 +412,8 @@ def _access_log(enabled: bool) -> None:
     logging.getLogger("embedrt.serve").setLevel(logging.INFO)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        if args.bench_args[:1] == ["serve"]:  # embedrt bench serve ...: the server load benchmark
-            from benchmarks.serve_load import main as serve_main
-
-            return serve_main(args.bench_args[1:])
-        from benchmarks.run import main as bench_main
-    except ImportError as exc:
-        raise ValueError(
-            f"the benchmark suite lives in the source checkout's benchmarks/ folder ({exc}); "
-            "run embedrt bench from the repository root"
-        ) from exc
-    return bench_main(args.bench_args)
-
-
 _COMMANDS = {"export": cmd_export, "encode": cmd_encode, "embed": cmd_embed, "search": cmd_search,
-             "info": cmd_info, "eval": cmd_eval, "demo": cmd_demo, "serve": cmd_serve, "bench": cmd_bench}
+             "info": cmd_info, "eval": cmd_eval, "demo": cmd_demo, "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,6 +22,7 @@ TOKENIZER_NAME = "tokenizer.json"
 ONNX_NAME = "model.onnx"
 OPENVINO_XML = "openvino_model.xml"
 OPENVINO_BIN = "openvino_model.bin"
+OUTPUT_NAME = "sentence_embedding"  # the graph output the runtime reads, [batch, dim] float32
 
 
 class Precision(str, enum.Enum):

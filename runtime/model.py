@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -12,21 +13,13 @@ import numpy as np
 import numpy.typing as npt
 
 from embedrt import hugepages, ops
-from embedrt.backends import OUTPUT_NAME, Backend, OpenVinoBackend, OrtBackend
+from embedrt.backends import Backend, open_backend
 from embedrt.batching import BatchCost, padded_lengths, plan_batches
 from embedrt.contract import check_graph
 from embedrt.errors import ProviderUnavailableError
-from embedrt.manifest import (
-    ONNX_NAME,
-    OPENVINO_BIN,
-    OPENVINO_XML,
-    TOKENIZER_NAME,
-    Manifest,
-    Precision,
-    check_files,
-    read_manifest,
-)
-from embedrt.providers import DeviceRequest, cuda_unavailable_reason, default_thread_count, parse_device
+from embedrt.manifest import OUTPUT_NAME, TOKENIZER_NAME, Manifest, Precision, check_files, read_manifest
+from embedrt.plan import DevicePlan, LoadSettings, auto_requests, fallback_request, plan_device
+from embedrt.providers import DeviceRequest, default_thread_count, parse_device
 from embedrt.tokenize import TextTokenizer, Tokenized, check_count, check_texts, check_token_ids
 
 log = logging.getLogger("embedrt")
@@ -44,19 +37,22 @@ class EmbeddingModel:
         manifest: its validated manifest.
         device: the device actually used, e.g. ``"cpu"``, ``"cuda:0"``, ``"openvino:CPU"``.
         providers: the providers the backend really runs on.
+        plan: how it runs there (providers, OpenVINO properties, shape buckets, batch cost); see
+            :mod:`embedrt.plan`.
         dim: embedding dimension.
         similarity_metric: the checkpoint's similarity function, the default for scoring.
     """
 
     def __init__(
-        self, path: Path, manifest: Manifest, backend: Backend, tokenizer: TextTokenizer,
+        self, path: Path, manifest: Manifest, plan: DevicePlan, backend: Backend, tokenizer: TextTokenizer,
         huge_pages: hugepages.Collapse | None = None,
     ) -> None:
         self.path = path
         self.manifest = manifest
+        self.plan = plan
         self._backend = backend
         self._tokenizer = tokenizer
-        self.device = backend.device
+        self.device = plan.device
         self.providers = list(backend.providers)
         self.dim = manifest.dim
         self.similarity_metric = manifest.similarity
@@ -179,15 +175,42 @@ class EmbeddingModel:
     def _run(self, ids: Sequence[Sequence[int] | np.ndarray], pad_to: int) -> ops.FloatArray:
         return np.asarray(self._backend.run(self._tokenizer.feeds(ids, pad_to)), dtype=np.float32)
 
+    def encode_padded(self, ids: Sequence[Sequence[int]], pad_to: int) -> ops.FloatArray:
+        """Embed pre-tokenized inputs in one inference call, all padded to ``pad_to`` tokens (no planning).
+
+        For callers that batch by themselves, and for checking that padding does not change a result.
+
+        Raises:
+            TypeError, ValueError: as ``encode_tokens``; or ``pad_to`` is shorter than the longest row.
+        """
+        rows = check_token_ids(ids, self._tokenizer.vocab_size, self.manifest.max_seq_length)
+        longest = max((len(r) for r in rows), default=0)
+        if check_count(pad_to, "pad_to") < longest:
+            raise ValueError(f"pad_to must be >= the longest row ({longest} ids), got {pad_to}")
+        if not rows:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return self._run(rows, pad_to)
+
     def batch_cost(self, max_tokens: int | None = None) -> BatchCost:
-        """The cost model that groups texts into calls on this backend."""
-        budget = self._backend.token_budget if max_tokens is None else check_count(max_tokens, "max_tokens")
-        # attention adds 4 x L x hidden FLOPs per token to the 2 x (4 + 2 x 4) x hidden^2 of the linear layers
-        return BatchCost(self._backend.call_overhead, 6.0 * self.dim, budget)
+        """The cost model that groups texts into calls (the plan's), with ``max_tokens`` as its budget if given."""
+        cost = self.plan.batch_cost
+        if max_tokens is None:
+            return cost
+        return dataclasses.replace(cost, token_budget=check_count(max_tokens, "max_tokens"))
+
+    def set_batch_cost(self, cost: BatchCost) -> None:
+        """Group texts into calls by ``cost`` from now on (``BatchCost()``: runs of ``batch_size``, no budget).
+
+        Args:
+            cost: the cost model; see :class:`embedrt.batching.BatchCost`.
+        """
+        if not isinstance(cost, BatchCost):
+            raise TypeError(f"cost must be a BatchCost, got {type(cost).__name__}")
+        self.plan = dataclasses.replace(self.plan, batch_cost=cost)
 
     def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
-        """Each length rounded up to the backend's shape bucket, never past max_seq_length."""
-        return padded_lengths(lengths, self._backend.shape_buckets, self.manifest.max_seq_length)
+        """Each length rounded up to the plan's shape bucket, never past max_seq_length."""
+        return padded_lengths(lengths, self.plan.shape_buckets, self.manifest.max_seq_length)
 
     def similarity(
         self, a: npt.ArrayLike, b: npt.ArrayLike, metric: ops.Similarity | str | None = None
@@ -228,6 +251,7 @@ def load(
     openvino_cache_dir: str | None = None,
     performance_hint: str = "latency",
     huge_pages: bool = True,
+    batch_cost: BatchCost | None = None,
 ) -> EmbeddingModel:
     """Load a model folder written by ``embedrt export``.
 
@@ -244,47 +268,65 @@ def load(
             backend laid them out) into 2 MB transparent huge pages, in a background thread
             (see :mod:`embedrt.hugepages`); 1-5% off single-text latency here. Memory allocated
             before the load is never touched.
+        batch_cost: how ``encode`` groups texts into calls; default the device's own cost model
+            (``model.plan.batch_cost``). ``BatchCost()`` gives fixed runs of ``batch_size`` texts.
 
     Returns:
-        The loaded model; ``model.device`` and ``model.providers`` say what it runs on.
+        The loaded model; ``model.device``, ``model.providers`` and ``model.plan`` say what it runs on and how.
 
     Raises:
         ModelFolderError: the folder, manifest, or a file in it is missing or corrupt (names the path).
         ProviderUnavailableError: the device asked for cannot be used, and ``allow_fallback`` is False.
-        ValueError: an unknown device string or performance hint.
+        ValueError: an unknown device string or performance hint, or ``threads`` below 1.
     """
     root = Path(path)
     manifest = read_manifest(root)
     request = parse_device(device)
-    if performance_hint.lower() not in ("latency", "throughput"):
-        raise ValueError(f"unknown performance_hint {performance_hint!r}; valid: latency, throughput")
+    settings = LoadSettings(threads if threads is not None else default_thread_count(), verify,
+                            openvino_cache_dir, performance_hint, batch_cost)
     check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
-    nthreads = threads if threads is not None else default_thread_count()
-    if nthreads < 1:
-        raise ValueError(f"threads must be >= 1, got {nthreads}")
-    options = {"threads": nthreads, "verify": verify, "cache_dir": openvino_cache_dir, "hint": performance_hint}
     before = hugepages.snapshot() if huge_pages else None
-    if request.kind == "auto":
-        backend = _auto_backend(root, manifest, options)
-    else:
-        try:
-            backend = _make_backend(root, manifest, request, options)
-        except ProviderUnavailableError as exc:
-            if not allow_fallback or request.kind == "cpu":
-                raise
-            log.warning("%s; falling back to the CPU as allow_fallback=True", exc)
-            backend = _make_backend(root, manifest, DeviceRequest("cpu"), options)
+    plan, backend = _start(root, manifest, request, settings, allow_fallback)
     check_graph(root, manifest, backend.graph, tokenizer.vocab_size, OUTPUT_NAME)
-    _warn_if_cpu_lacks_int8_target(root, manifest, backend.device)
-    log.info("embedrt: loaded %s on %s (providers %s)", root, backend.device, backend.providers)
-    on_host = backend.device == "cpu" or backend.device.startswith("openvino:CPU")
-    return EmbeddingModel(root, manifest, backend, tokenizer, hugepages.collapse_new(before) if on_host else None)
+    _warn_if_cpu_lacks_int8_target(root, manifest, plan)
+    log.info("embedrt: loaded %s on %s (providers %s)", root, plan.device, backend.providers)
+    pages = hugepages.collapse_new(before) if plan.on_host else None
+    return EmbeddingModel(root, manifest, plan, backend, tokenizer, pages)
 
 
-def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, device: str) -> None:
+def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings,
+           allow_fallback: bool) -> tuple[DevicePlan, Backend]:
+    """The plan and its running backend: ``auto`` tries its candidates in order, else the request, else fallback."""
+    if request.kind == "auto":
+        reasons = []
+        for candidate in auto_requests(manifest):
+            try:
+                return _open(root, manifest, candidate, settings)
+            except (ProviderUnavailableError, ImportError) as exc:  # ImportError: openvino not installed
+                reasons.append(str(exc))
+                log.info("auto: skipping %s: %s", candidate, exc)
+        raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")
+    try:
+        return _open(root, manifest, request, settings)
+    except ProviderUnavailableError as exc:
+        fallback = fallback_request(request, allow_fallback)
+        if fallback is None:
+            raise
+        log.warning("%s; falling back to the CPU as allow_fallback=True", exc)
+        return _open(root, manifest, fallback, settings)
+
+
+def _open(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings,
+          ) -> tuple[DevicePlan, Backend]:
+    plan = plan_device(root, manifest, request, settings)
+    check_files(root, manifest, list(plan.graph_files), full_hash=settings.verify)
+    return plan, open_backend(root, plan)
+
+
+def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DevicePlan) -> None:
     target = manifest.extra.get("quantization", {}).get("target") if manifest.precision is Precision.INT8 else None
-    if not target or device.startswith("cuda"):
+    if not target or plan.request.kind == "cuda":
         return
     from embedrt.cpu import SATURATING_TARGETS, missing_features
 
@@ -296,48 +338,3 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, device: str) 
             root, target, ", ".join(missing),
             " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
         )
-
-
-def _make_backend(root: Path, manifest: Manifest, request: DeviceRequest, options: dict[str, Any]) -> Backend:
-    if request.kind == "openvino":
-        if "openvino" not in manifest.graphs:
-            raise ProviderUnavailableError(
-                f"{root} holds no OpenVINO IR (it has {', '.join(manifest.graphs)}); "
-                "export it with: embedrt export SOURCE --format openvino"
-            )
-        check_files(root, manifest, [OPENVINO_XML, OPENVINO_BIN], full_hash=options["verify"])
-        return OpenVinoBackend(
-            root / OPENVINO_XML, request, options["threads"], options["cache_dir"], options["hint"],
-        )
-    if "onnx" not in manifest.graphs:
-        raise ProviderUnavailableError(
-            f"{root} holds no ONNX graph (it has {', '.join(manifest.graphs)}); use device='openvino' "
-            "or export with --format onnx"
-        )
-    check_files(root, manifest, [ONNX_NAME], full_hash=options["verify"])
-    return OrtBackend(root / ONNX_NAME, request, options["threads"])
-
-
-def _auto_backend(root: Path, manifest: Manifest, options: dict[str, Any]) -> Backend:
-    """CUDA if a CUDA session really comes up, else OpenVINO if the folder has an IR, else CPU."""
-    candidates: list[DeviceRequest] = []
-    if manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:  # int8 is never auto on GPU
-        try:
-            import onnxruntime
-
-            if cuda_unavailable_reason(onnxruntime) is None:
-                candidates.append(DeviceRequest("cuda"))
-        except ImportError:
-            pass
-    if "openvino" in manifest.graphs:
-        candidates.append(DeviceRequest("openvino"))
-    if "onnx" in manifest.graphs:
-        candidates.append(DeviceRequest("cpu"))
-    reasons = []
-    for request in candidates:
-        try:
-            return _make_backend(root, manifest, request, options)
-        except (ProviderUnavailableError, ImportError) as exc:  # ImportError: openvino not installed
-            reasons.append(str(exc))
-            log.info("auto: skipping %s: %s", request, exc)
-    raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")

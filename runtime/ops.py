@@ -62,16 +62,16 @@ def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], 
     h = np.asarray(token_embeddings, dtype=np.float32)
     mask = np.asarray(attention_mask).astype(np.float32)[:, :, None]
     if mode is Pooling.CLS:
-        return h[:, 0, :].copy()
+        return np.array(h[:, 0, :], dtype=np.float32)
     if mode is Pooling.MAX:
         # padded positions must never win the max, the same trick sentence-transformers uses
-        return np.where(mask > 0, h, np.float32(-1e9)).max(axis=1).astype(np.float32)
+        return np.asarray(np.where(mask > 0, h, np.float32(-1e9)).max(axis=1), dtype=np.float32)
     summed = (h * mask).sum(axis=1)
     counts = np.maximum(mask.sum(axis=1), np.float32(_MASK_EPS))
     if mode is Pooling.MEAN:
-        return (summed / counts).astype(np.float32)
+        return np.asarray(summed / counts, dtype=np.float32)
     if mode is Pooling.MEAN_SQRT_LEN:
-        return (summed / np.sqrt(counts)).astype(np.float32)
+        return np.asarray(summed / np.sqrt(counts), dtype=np.float32)
     raise ValueError(f"unsupported pooling {mode!r}")
 
 
@@ -79,7 +79,23 @@ def l2_normalize(x: FloatArray) -> FloatArray:
     """Scale each row to unit L2 norm (rows of zeros stay zero)."""
     x = np.asarray(x, dtype=np.float32)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, np.float32(_NORM_EPS))).astype(np.float32)
+    return np.asarray(x / np.maximum(norms, np.float32(_NORM_EPS)), dtype=np.float32)
+
+
+def row_cosine(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Cosine of each row of ``a`` with the same row of ``b``; a zero row gives 0.
+
+    Computed and returned in float64, unlike the rest of this module: parity figures such as a minimum
+    cosine of 0.9999999999991 need the digits float32 cannot hold.
+
+    Raises:
+        ValueError: ``a`` and ``b`` have different shapes.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"row_cosine needs equal shapes, got {x.shape} and {y.shape}")
+    denom = np.maximum(np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1), 1e-30)
+    return np.asarray((x * y).sum(axis=-1) / denom, dtype=np.float64)
 
 
 def cosine_rows(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
@@ -124,7 +140,7 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
         return (qa @ qb.T).astype(np.float32)
     # |a-b|^2 = |a|^2 + |b|^2 - 2ab, clipped at 0 against rounding
     sq = (qa * qa).sum(1)[:, None] + (qb * qb).sum(1)[None, :] - 2.0 * (qa @ qb.T)
-    return (-np.sqrt(np.maximum(sq, 0.0))).astype(np.float32)
+    return np.asarray(-np.sqrt(np.maximum(sq, 0.0)), dtype=np.float32)
 
 
 def top_k(

@@ -44,12 +44,10 @@ def _has_surrogates(text: str) -> bool:
     return False
 
 
-def check_count(value: Any, name: str, optional: bool = False) -> int | None:
-    """``value`` as a positive int (None allowed if ``optional``), or TypeError / ValueError naming ``name``."""
-    if value is None and optional:
-        return None
+def check_count(value: Any, name: str) -> int:
+    """``value`` as a positive int, or TypeError / ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}")
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)

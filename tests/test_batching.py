@@ -97,7 +97,8 @@ def test_encode_uses_the_backend_budget_and_rejects_a_bad_one(tiny_bert) -> None
 
 
 def test_shape_buckets_are_few_and_fine_for_short_texts() -> None:
-    from embedrt.batching import EXACT, SHAPE_BUCKETS, padded_lengths
+    from embedrt.batching import padded_lengths
+    from embedrt.plan import EXACT, SHAPE_BUCKETS
 
     lengths = np.arange(1, 600)
     padded = padded_lengths(lengths, SHAPE_BUCKETS, 512)

@@ -98,7 +98,25 @@ def test_onnx_graph_contract(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     assert contract["pooling"] == "mean" and contract["normalize"] is True and contract["max_seq_length"] == 512
     manifest = json.loads((folder / "embedrt.json").read_text())
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "openvino_model.xml", "openvino_model.bin"}
-    assert manifest["parity"]["onnx"]["min_cosine"] >= 0.99999
+
+
+def test_recorded_parity_is_what_sentence_transformers_gives(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    """The manifest's parity figures, recomputed here against sentence-transformers (not read back as a pass)."""
+    from sentence_transformers import SentenceTransformer
+
+    checkpoint, folder = tiny_bert
+    ref = SentenceTransformer(str(checkpoint), device="cpu").encode(list(PROBE_TEXTS), batch_size=16)
+    recorded = embedrt.read_manifest(folder).parity
+    for fmt, device in (("onnx", "cpu"), ("openvino", "openvino")):
+        got = embedrt.load(folder, device=device).encode(list(PROBE_TEXTS), batch_size=16)
+        figures = parity_figures(ref, got)
+        assert figures["min_cosine"] >= 0.99999, (fmt, figures)
+        assert recorded[fmt]["n_texts"] == len(PROBE_TEXTS) and recorded[fmt]["device"] == model_device(device)
+        assert recorded[fmt]["min_cosine"] == pytest.approx(figures["min_cosine"], abs=1e-6), fmt
+
+
+def model_device(device: str) -> str:
+    return "openvino:CPU" if device == "openvino" else device
 
 
 def test_cpu_graph_keeps_residual_layernorm_unfused(tiny_bert, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -28,8 +28,9 @@ def test_manifest_records_checkpoint_contract(minilm_dir) -> None:  # type: igno
     manifest = json.loads((minilm_dir / "embedrt.json").read_text())
     assert manifest["max_seq_length"] == 256  # sentence_bert_config.json, not tokenizer.json's 128
     assert manifest["similarity"] == "cosine" and manifest["normalize"] is True and manifest["dim"] == 384
+    # the figures themselves are recomputed against sentence-transformers in test_parity_on_scifact_and_edge_cases
     assert manifest["parity"]["onnx"]["n_texts"] >= len(PROBE_TEXTS)
-    assert manifest["parity"]["openvino"]["min_cosine"] >= 0.99999
+    assert manifest["parity"]["openvino"]["device"] == "openvino:CPU"
 
 
 def test_text_between_128_and_256_tokens_is_not_cut_at_128(minilm_dir, minilm_st) -> None:  # type: ignore[no-untyped-def]

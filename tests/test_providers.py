@@ -50,7 +50,7 @@ def test_session_that_silently_lost_cuda_is_caught(tiny_bert, monkeypatch) -> No
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr("embedrt.providers.cuda_unavailable_reason", lambda ort: None)
-    monkeypatch.setattr("embedrt.backends.cuda_unavailable_reason", lambda ort: None)
+    monkeypatch.setattr("embedrt.plan.cuda_unavailable_reason", lambda ort: None)
     real = onnxruntime.InferenceSession
 
     def cpu_only_session(path, sess_options=None, providers=None, **kwargs):  # type: ignore[no-untyped-def]

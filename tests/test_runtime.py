@@ -124,6 +124,15 @@ def test_runtime_never_imports_torch_or_transformers(tiny_bert) -> None:  # type
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
 
 
+def test_import_embedrt_stays_light() -> None:
+    """``import embedrt`` loads numpy only: the server's and bulk modules' dependencies load when they are used."""
+    heavy = ("torch", "transformers", "sentence_transformers", "onnx", "onnxruntime", "tokenizers", "openvino",
+             "starlette", "uvicorn", "ray", "pyarrow")
+    code = f"import sys, embedrt, embedrt.plan; print('HEAVY', [m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
 def test_openvino_buckets_padding_without_changing_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     ov = embedrt.load(tiny_bert[1], device="openvino")
     cpu = embedrt.load(tiny_bert[1], device="cpu")

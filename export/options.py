@@ -1,0 +1,132 @@
+"""What an export produces and how strictly it is checked: typed, validated once, before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+from pathlib import Path
+
+from embedrt.cpu import parse_target
+from embedrt.export.quantize import Method, QuantConfig, default_calibration_texts
+from embedrt.export.validate import FP16_MIN_COSINE, FP32_MIN_COSINE
+from embedrt.manifest import Precision
+from embedrt.ops import Similarity
+
+
+class Format(str, enum.Enum):
+    """Graph formats a model folder can hold."""
+
+    ONNX = "onnx"
+    OPENVINO = "openvino"
+
+
+def parse_formats(value: str | Sequence[str]) -> tuple[Format, ...]:
+    """``"onnx"``, ``"openvino"``, ``"onnx,openvino"`` (or a list) -> formats; the error lists valid ones."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    formats = []
+    for name in (n.strip().lower() for n in names if n.strip()):
+        try:
+            formats.append(Format(name))
+        except ValueError:
+            raise ValueError(f"unknown format {name!r}; valid: onnx, openvino (comma-separated)") from None
+    if not formats:
+        raise ValueError("no format given; valid: onnx, openvino (comma-separated)")
+    return tuple(dict.fromkeys(formats))
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What to produce and how strictly to check it.
+
+    Attributes:
+        formats: graph formats to write.
+        precision: fp32, or fp16 (for GPUs); int8 comes from ``quantize``.
+        similarity: override of the checkpoint's similarity function.
+        revision: hub revision (hub ids only).
+        parity_texts: more texts to check parity on, besides the built-in probe set.
+        min_cosine: the smallest cosine to sentence-transformers an fp32 / fp16 graph may have on any text;
+            None for the precision's default (0.99999 fp32, 0.999 fp16).
+        overwrite: replace the output folder if it exists.
+        quantize: the int8 recipe, or None for no quantisation.
+        eval_dir: a BEIR folder for the int8 gate (NDCG@10 retention); None for the built-in gate.
+        min_retained: with ``eval_dir``, percent of the fp32 NDCG@10 the int8 model must keep.
+        min_agreement: built-in gate: minimum top-10 agreement of int8 with fp32.
+        min_mean_cosine: built-in gate: minimum mean cosine of int8 to fp32 embeddings.
+    """
+
+    formats: tuple[Format, ...] = (Format.ONNX,)
+    precision: Precision = Precision.FP32
+    similarity: Similarity | None = None
+    revision: str | None = None
+    parity_texts: tuple[str, ...] = ()
+    min_cosine: float | None = None
+    overwrite: bool = False
+    quantize: QuantConfig | None = None
+    eval_dir: Path | None = None
+    min_retained: float = 99.0
+    min_agreement: float = 0.85
+    min_mean_cosine: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.precision is Precision.INT8:
+            raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
+        if self.quantize is not None and self.precision is Precision.FP16:
+            raise ValueError("--quantize and --precision fp16 exclude each other")
+        if not self.formats:
+            raise ValueError("no format given; valid: onnx, openvino")
+        for name in ("min_cosine", "min_agreement", "min_mean_cosine"):
+            value = getattr(self, name)
+            if value is not None and not -1.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between -1 and 1, got {value}")
+        if not 0.0 <= self.min_retained <= 1000.0:
+            raise ValueError(f"min_retained is a percentage >= 0, got {self.min_retained}")
+
+    @property
+    def parity_threshold(self) -> float:
+        """The smallest cosine to sentence-transformers the fp32 / fp16 graphs may have."""
+        if self.min_cosine is not None:
+            return self.min_cosine
+        return FP16_MIN_COSINE if self.precision is Precision.FP16 else FP32_MIN_COSINE
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        formats: str | Sequence[str] = "onnx",
+        precision: str = "fp32",
+        similarity: str | None = None,
+        revision: str | None = None,
+        parity_texts: Sequence[str] = (),
+        min_cosine: float | None = None,
+        overwrite: bool = False,
+        quantize: str | None = None,
+        target: str = "auto",
+        calibration_texts: Sequence[str] | None = None,
+        calibration_method: str = "minmax",
+        keep_ffn_output_fp32: bool = False,
+        eval_dir: str | Path | None = None,
+        min_retained: float = 99.0,
+        min_agreement: float = 0.85,
+        min_mean_cosine: float = 0.99,
+    ) -> ExportOptions:
+        """Options from the plain values a command line or a caller of ``export_model(**kwargs)`` gives.
+
+        Raises:
+            ValueError: an unknown format, precision, similarity, quantisation method or target (the message
+                lists the valid ones), or settings that exclude each other.
+        """
+        quant = None
+        if quantize:
+            quant = QuantConfig(
+                Method.parse(quantize), parse_target(target),
+                tuple(calibration_texts) if calibration_texts else default_calibration_texts(),
+                calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32,
+            )
+        return cls(
+            formats=parse_formats(formats), precision=Precision.parse(precision),
+            similarity=Similarity.parse(similarity) if similarity else None, revision=revision,
+            parity_texts=tuple(parity_texts), min_cosine=min_cosine, overwrite=overwrite, quantize=quant,
+            eval_dir=Path(eval_dir) if eval_dir else None, min_retained=min_retained,
+            min_agreement=min_agreement, min_mean_cosine=min_mean_cosine,
+        )

@@ -1,0 +1,205 @@
+"""Device policy in one place: what a load runs on and how, decided once from the request, folder and CPU.
+
+``load`` builds a :class:`DevicePlan` per device it tries (``auto`` tries several, in
+:func:`auto_requests` order); the backends in :mod:`embedrt.backends` only execute a plan, and the
+model's batching follows it. To change a decision (a new precision on some CPUs, another shape
+bucketing on a new accelerator), change it here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from embedrt._optional import require
+from embedrt.batching import BatchCost
+from embedrt.errors import ProviderUnavailableError
+from embedrt.manifest import ONNX_NAME, OPENVINO_BIN, OPENVINO_XML, Manifest, Precision
+from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, cuda_unavailable_reason
+
+log = logging.getLogger("embedrt")
+
+ShapeBuckets = tuple[tuple[int, int], ...]
+# Shape buckets for backends that keep state per input shape: (longest length, pad to a multiple of).
+# Short texts get fine steps (a 17-token query padded to 32 costs 27% more than to 24 on DistilBERT-base),
+# long ones coarse steps; 28 distinct lengths up to 512 in all.
+SHAPE_BUCKETS: ShapeBuckets = ((64, 8), (256, 16), (2**31, 32))
+EXACT: ShapeBuckets = ()
+
+# (call_overhead, token_budget) per kind of device. Measured on DistilBERT-base, 2 threads, ONNX Runtime
+# and OpenVINO CPU alike: a call costs ~20-30 tokens' worth on top of its tokens, and the per-token cost is
+# flat from ~512 to ~4096 padded tokens per call, then rises (bigger attention buffers). An accelerator
+# wants large calls: its per-token cost is tiny next to a launch (not yet measured on a GPU).
+CPU_CALLS: tuple[float, int | None] = (32.0, 4096)
+ACCELERATOR_CALLS: tuple[float, int | None] = (1024.0, None)
+
+# graphs exported by embedrt keep residual Add + LayerNormalization apart; on the CPU ONNX Runtime must not
+# fuse them back, as its SkipLayerNormalization kernel is ~4x slower (see embedrt.export.quantize's
+# optimize_graph). On CUDA the fused kernel is the fast one, so it may.
+CPU_DISABLED_FUSIONS: tuple[str, ...] = ("SkipLayerNormFusion",)
+HINTS = ("latency", "throughput")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSettings:
+    """What the caller of ``load`` asked for, besides the device."""
+
+    threads: int
+    verify: bool = False
+    openvino_cache_dir: str | None = None
+    performance_hint: str = "latency"
+    batch_cost: BatchCost | None = None  # None: the device's own cost model
+
+    def __post_init__(self) -> None:
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.performance_hint.lower() not in HINTS:
+            raise ValueError(f"unknown performance_hint {self.performance_hint!r}; valid: {', '.join(HINTS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePlan:
+    """How one model folder runs on one device; backends execute it, they decide nothing.
+
+    Attributes:
+        request: the concrete device (never ``auto``).
+        graph_files: the folder's files this device reads (checked against the manifest before use).
+        threads: intra-op threads.
+        providers: ONNX Runtime providers in order (empty for OpenVINO).
+        disabled_fusions: ONNX Runtime graph optimizers turned off for this device.
+        openvino_config: the properties OpenVINO compiles with (hint, threads, inference precision).
+        openvino_cache_dir: OpenVINO's compiled-model cache, if any.
+        inference_precision: what OpenVINO computes non-int8 ops in on the CPU (``f32``); None elsewhere.
+        shape_buckets: how lengths are padded (see :func:`embedrt.batching.padded_lengths`).
+        batch_cost: the cost model that groups texts into calls.
+        on_host: whether the weights live in this process's memory (huge pages apply).
+    """
+
+    request: DeviceRequest
+    graph_files: tuple[str, ...]
+    threads: int
+    providers: tuple[Any, ...]
+    disabled_fusions: tuple[str, ...]
+    openvino_config: Mapping[str, Any]
+    openvino_cache_dir: str | None
+    inference_precision: str | None
+    shape_buckets: ShapeBuckets
+    batch_cost: BatchCost
+    on_host: bool
+
+    @property
+    def device(self) -> str:
+        """The device as ``load`` reports it: ``cpu``, ``cuda:N`` or ``openvino:NAME``."""
+        return str(self.request)
+
+
+def plan_device(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings) -> DevicePlan:
+    """The plan for running the folder at ``root`` on ``request`` (not ``auto``).
+
+    Raises:
+        ProviderUnavailableError: the folder has no graph for this device, or CUDA cannot run here.
+    """
+    if request.kind == "openvino":
+        return _openvino_plan(root, manifest, request, settings)
+    if "onnx" not in manifest.graphs:
+        raise ProviderUnavailableError(
+            f"{root} holds no ONNX graph (it has {', '.join(manifest.graphs)}); use device='openvino' "
+            "or export with --format onnx"
+        )
+    cuda = request.kind == "cuda"
+    if cuda:
+        reason = cuda_unavailable_reason(require("onnxruntime", "runtime"))
+        if reason:
+            raise ProviderUnavailableError(f"device {request} unavailable: {reason}")
+    providers: tuple[Any, ...] = ((CUDA_EP, {"device_id": request.index}), CPU_EP) if cuda else (CPU_EP,)
+    # the CPU provider has no per-shape state, so exact lengths cost least; CUDA keeps per-shape kernel
+    # choices and allocations, so bucket there
+    return DevicePlan(
+        request=request, graph_files=(ONNX_NAME,), threads=settings.threads, providers=providers,
+        disabled_fusions=() if cuda else CPU_DISABLED_FUSIONS, openvino_config=MappingProxyType({}),
+        openvino_cache_dir=None, inference_precision=None, shape_buckets=SHAPE_BUCKETS if cuda else EXACT,
+        batch_cost=settings.batch_cost or _cost(ACCELERATOR_CALLS if cuda else CPU_CALLS, manifest), on_host=not cuda,
+    )
+
+
+def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings) -> DevicePlan:
+    if "openvino" not in manifest.graphs:
+        raise ProviderUnavailableError(
+            f"{root} holds no OpenVINO IR (it has {', '.join(manifest.graphs)}); "
+            "export it with: embedrt export SOURCE --format openvino"
+        )
+    on_cpu = request.openvino_device.startswith("CPU")
+    precision = openvino_cpu_precision(manifest) if on_cpu else None
+    config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
+    if on_cpu:
+        config["INFERENCE_NUM_THREADS"] = settings.threads
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    # OpenVINO keeps compiled state per input shape: without buckets its memory grew 17.7% over 10,000
+    # calls of random lengths
+    return DevicePlan(
+        request=request, graph_files=(OPENVINO_XML, OPENVINO_BIN), threads=settings.threads, providers=(),
+        disabled_fusions=(), openvino_config=MappingProxyType(config), openvino_cache_dir=settings.openvino_cache_dir,
+        inference_precision=precision, shape_buckets=SHAPE_BUCKETS,
+        batch_cost=settings.batch_cost or _cost(CPU_CALLS if on_cpu else ACCELERATOR_CALLS, manifest), on_host=on_cpu,
+    )
+
+
+def openvino_cpu_precision(manifest: Manifest) -> str:
+    """The precision OpenVINO's CPU plugin computes non-int8 ops in, for this folder: always ``f32`` today.
+
+    Left alone, OpenVINO runs every op that is not int8 in bf16 on CPUs that have it. fp32 folders must stay
+    f32 to match sentence-transformers; int8 folders too: in OpenVINO 2026.4.1 the bf16 attention of the
+    NNCF all-MiniLM-L6-v2 goes wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some
+    queries; with f32 it is 0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens). A bf16 choice for CPUs
+    with AMX / avx512_bf16 belongs here, decided from ``manifest.precision`` and the CPU's flags.
+    """
+    del manifest  # the same answer for every folder until a bf16 policy is measured
+    return "f32"
+
+
+def _cost(calls: tuple[float, int | None], manifest: Manifest) -> BatchCost:
+    overhead, budget = calls
+    # attention adds 4 x L x hidden FLOPs per token to the 2 x (4 + 2 x 4) x hidden^2 of the linear layers
+    return BatchCost(overhead, 6.0 * manifest.dim, budget)
+
+
+def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
+    """``auto``'s order: CUDA if a CUDA session can come up (never for int8), else OpenVINO if the folder has an
+    IR, else the CPU. Each is tried in turn; the first whose backend comes up wins."""
+    candidates: list[DeviceRequest] = []
+    if manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:  # int8 is never auto on GPU
+        try:
+            import onnxruntime
+
+            if cuda_unavailable_reason(onnxruntime) is None:
+                candidates.append(DeviceRequest("cuda"))
+        except ImportError:
+            pass
+    if "openvino" in manifest.graphs:
+        candidates.append(DeviceRequest("openvino"))
+    if "onnx" in manifest.graphs:
+        candidates.append(DeviceRequest("cpu"))
+    return candidates
+
+
+def fallback_request(request: DeviceRequest, allow_fallback: bool) -> DeviceRequest | None:
+    """Where a load goes when ``request`` cannot be used: the CPU if the caller allowed it, else nowhere."""
+    if not allow_fallback or request.kind == "cpu":
+        return None
+    return DeviceRequest("cpu")
+
+
+def parity_device(precision: Precision) -> str:
+    """Where the exporter checks an ONNX graph: fp16 where it will run, on CUDA, if this machine has it."""
+    if precision is not Precision.FP16:
+        return "cpu"
+    reason = cuda_unavailable_reason(require("onnxruntime", "runtime"))
+    if reason is None:
+        return "cuda"
+    log.warning("checking the fp16 graph on the CPU (ONNX Runtime upcasts there), not on a GPU: %s", reason)
+    return "cpu"
