@@ -43,9 +43,9 @@ def split_queries(data: Any) -> tuple[Any, Any]:
 
 
 def _fidelity(fp32: np.ndarray, int8: np.ndarray) -> dict[str, float]:
-    from embedrt.ops import cosine_rows
+    from embedrt.ops import row_cosine
 
-    cos = cosine_rows(fp32, int8)
+    cos = row_cosine(fp32, int8)
     return {"min": float(cos.min()), "p1": float(np.percentile(cos, 1)), "mean": float(cos.mean())}
 
 
@@ -53,7 +53,7 @@ def judge(folder: Path, device: str, reference: dict[str, Any], data: dict[str, 
     """Quality, fidelity, speed and batch invariance of one model folder against the fp32 reference."""
     import embedrt
     from embedrt.beir import score_embeddings
-    from embedrt.ops import cosine_rows, top_k
+    from embedrt.ops import row_cosine, top_k
     from embedrt.sts import spearman
 
     model = embedrt.load(folder, device=device)
@@ -67,7 +67,7 @@ def judge(folder: Path, device: str, reference: dict[str, Any], data: dict[str, 
         out[f"ndcg_{name}"] = score_embeddings(part, queries, corpus, model.similarity_metric)["ndcg@10"]
     sts = data["sts"]
     a, b = model.encode(sts.first), model.encode(sts.second)
-    out["sts_spearman"] = 100 * spearman(cosine_rows(a, b), sts.scores)
+    out["sts_spearman"] = 100 * spearman(row_cosine(a, b), sts.scores)
     queries = model.encode(data["beir"].query_texts)
     out["cos_short"] = _fidelity(np.concatenate([reference["queries"], reference["sts"]]),
                                  np.concatenate([queries, a]))

@@ -88,7 +88,8 @@ class EmbeddingModel:
         return self._tokenizer.wrap_ids(rows)
 
     def encode_tokens(
-        self, ids: Sequence[Sequence[int]], batch_size: int = 32, max_tokens: int | None = None
+        self, ids: Sequence[Sequence[int] | npt.NDArray[np.integer]], batch_size: int = 32,
+        max_tokens: int | None = None,
     ) -> ops.FloatArray:
         """Embed pre-tokenized inputs (as ``tokenize`` / ``tokenize_batch`` return them), with encode's planning.
 

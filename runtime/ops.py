@@ -98,15 +98,6 @@ def row_cosine(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray((x * y).sum(axis=-1) / denom, dtype=np.float64)
 
 
-def cosine_rows(a: npt.ArrayLike, b: npt.ArrayLike) -> FloatArray:
-    """Cosine of each row of ``a`` with the same row of ``b`` (``[n]``); a zero row scores 0."""
-    x, y = _as_matrix(a, "a").astype(np.float64), _as_matrix(b, "b").astype(np.float64)
-    if x.shape != y.shape:
-        raise ValueError(f"shape mismatch: a is {x.shape}, b is {y.shape}")
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    return ((x * y).sum(1) / np.maximum(norms, 1e-30)).astype(np.float32)
-
-
 def _as_matrix(x: npt.ArrayLike, name: str) -> FloatArray:
     arr = np.asarray(x, dtype=np.float32)
     if arr.ndim == 1:

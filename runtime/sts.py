@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from embedrt.ops import cosine_rows
+from embedrt.ops import row_cosine
 from embedrt.textio import InputFileError
 
 
@@ -72,4 +72,4 @@ def evaluate_sts(model: Any, data: StsData, batch_size: int = 32) -> dict[str, f
     """Spearman (in percent) of the cosine of each pair's embeddings against the gold scores."""
     a = model.encode(data.first, batch_size=batch_size)
     b = model.encode(data.second, batch_size=batch_size)
-    return {"spearman": 100.0 * spearman(cosine_rows(a, b), data.scores), "pairs": len(data.scores)}
+    return {"spearman": 100.0 * spearman(row_cosine(a, b), data.scores), "pairs": len(data.scores)}

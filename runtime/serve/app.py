@@ -271,7 +271,8 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     job = scheduler.submit(tokenized.ids, lane, arrival + timeout)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait({job.future, watcher}, timeout=max(0.0, arrival + timeout - time.monotonic()),
+        waiting: set[asyncio.Future[Any]] = {job.future, watcher}
+        done, _ = await asyncio.wait(waiting, timeout=max(0.0, arrival + timeout - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
