@@ -249,11 +249,12 @@ async def _mixed(server: Server, queries: list[list[str]], bulk: list[list[str]]
 
 # ---- in-process reference ----
 
-def in_process(folder: Path, threads: int, queries: list[str], passages: list[str], reps: int) -> dict[str, Any]:
+def in_process(folder: Path, threads: int, queries: list[str], passages: list[str], reps: int,
+               device: str = "cpu") -> dict[str, Any]:
     """The same texts through ``model.encode`` in this process: the server's upper bound."""
     import embedrt
 
-    model = embedrt.load(folder, threads=threads)
+    model = embedrt.load(folder, device=device, threads=threads)
     model.encode(queries[:8])
     single = []
     for _ in range(reps):
@@ -329,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="all-MiniLM-L6-v2", help="all-MiniLM-L6-v2 or distilbert-base (exported "
                    "once under models/_bench, as benchmarks.run does)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "ov-int8"],
+                   help="int8: ONNX Runtime dynamic (not batch-invariant); ov-int8: OpenVINO NNCF static "
+                        "(batch-invariant, the recipe a server should use)")
+    p.add_argument("--device", help="device for the server and the in-process reference "
+                                    "(default: openvino for ov-int8, else cpu)")
     p.add_argument("--folder", help="serve this model folder instead of --model/--precision")
     p.add_argument("--url", help="drive an already running server (no in-process reference, no RSS)")
     p.add_argument("--server-model", help="the model name to send to --url")
@@ -363,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         folder, checkpoint = _prepare(args.model, args.precision)
     reference = None
     if args.url is None and folder is not None and args.peer is None:
-        reference = in_process(folder, args.threads, queries, passages[:64], args.reps)
+        reference = in_process(folder, args.threads, queries, passages[:64], args.reps, _device(args))
         print("in-process:", json.dumps(reference), flush=True)
     server = _server(args, folder, checkpoint)
     record: dict[str, Any] = {"server": server.label, "model": args.model if not args.folder else str(folder),
@@ -386,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")
     return 0
+
+
+def _device(args: argparse.Namespace) -> str:
+    return str(args.device or ("openvino" if args.precision == "ov-int8" else "cpu"))
 
 
 def _prepare(model: str, precision: str) -> tuple[Path | None, Path]:
@@ -418,7 +427,7 @@ def _server(args: argparse.Namespace, folder: Path | None, checkpoint: Path | No
             raise SystemExit("--peer infinity needs --model (its checkpoint folder)")
         return start_infinity(checkpoint, args.threads, args.peer_engine)
     assert folder is not None
-    return start_embedrt(folder, args.threads, args.serve_arg)
+    return start_embedrt(folder, args.threads, [*(args.serve_arg or []), f"--device={_device(args)}"])
 
 
 def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int], queries: list[str],
