@@ -9,7 +9,7 @@ from pathlib import Path
 
 from embedrt.cpu import parse_target
 from embedrt.export.quantize import Method, QuantConfig, default_calibration_texts
-from embedrt.export.validate import FP16_MIN_COSINE, FP32_MIN_COSINE
+from embedrt.export.validate import BF16_MIN_COSINE, FP16_MIN_COSINE, FP32_MIN_COSINE
 from embedrt.manifest import Precision
 from embedrt.ops import Similarity
 
@@ -41,12 +41,13 @@ class ExportOptions:
 
     Attributes:
         formats: graph formats to write.
-        precision: fp32, or fp16 (for GPUs); int8 comes from ``quantize``.
+        precision: fp32, fp16 (for GPUs) or bf16 (OpenVINO on CPUs with bf16 units; fp32 weights, checked
+            in bf16); int8 comes from ``quantize``.
         similarity: override of the checkpoint's similarity function.
         revision: hub revision (hub ids only).
         parity_texts: more texts to check parity on, besides the built-in probe set.
         min_cosine: the smallest cosine to sentence-transformers an fp32 / fp16 graph may have on any text;
-            None for the precision's default (0.99999 fp32, 0.999 fp16).
+            None for the precision's default (0.99999 fp32, 0.9999 bf16, 0.999 fp16).
         overwrite: replace the output folder if it exists.
         quantize: the int8 recipe, or None for no quantisation.
         eval_dir: a BEIR folder for the int8 gate (NDCG@10 retention); None for the built-in gate.
@@ -71,8 +72,11 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.precision is Precision.INT8:
             raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
-        if self.quantize is not None and self.precision is Precision.FP16:
-            raise ValueError("--quantize and --precision fp16 exclude each other")
+        if self.quantize is not None and self.precision in (Precision.FP16, Precision.BF16):
+            raise ValueError(f"--quantize and --precision {self.precision.value} exclude each other")
+        if self.precision is Precision.BF16 and self.formats != (Format.OPENVINO,):
+            raise ValueError("--precision bf16 runs on OpenVINO only (ONNX Runtime has no bf16 kernels for x86 CPUs): "
+                             "use --format openvino")
         if not self.formats:
             raise ValueError("no format given; valid: onnx, openvino")
         for name in ("min_cosine", "min_agreement", "min_mean_cosine"):
@@ -87,7 +91,7 @@ class ExportOptions:
         """The smallest cosine to sentence-transformers the fp32 / fp16 graphs may have."""
         if self.min_cosine is not None:
             return self.min_cosine
-        return FP16_MIN_COSINE if self.precision is Precision.FP16 else FP32_MIN_COSINE
+        return {Precision.FP16: FP16_MIN_COSINE, Precision.BF16: BF16_MIN_COSINE}.get(self.precision, FP32_MIN_COSINE)
 
     @classmethod
     def parse(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from embedrt._optional import require
-from embedrt.errors import SourceError
+from embedrt.errors import ProviderUnavailableError, SourceError
 from embedrt.export.artifacts import (
     check_folder,
     embedding_dim,
@@ -111,6 +111,7 @@ def export_model(
         SourceError: the checkpoint cannot be found or is not supported.
         ParityError: an artifact does not reproduce sentence-transformers; nothing is written.
         QualityGateError: the int8 model lost too much quality; nothing is written.
+        ProviderUnavailableError: ``precision="bf16"`` on a CPU without bf16 units (it cannot be checked here).
         FileExistsError: ``output`` exists and ``overwrite`` is False.
         TypeError: both ``options`` and keyword values were given, or an unknown keyword.
         ValueError: an unknown or conflicting setting (the message lists the valid ones).
@@ -118,6 +119,7 @@ def export_model(
     if options is not None and kwargs:
         raise TypeError(f"pass either options or keyword settings, not both (got {', '.join(kwargs)})")
     options = options if options is not None else ExportOptions.parse(**kwargs)
+    _check_precision_runs_here(options.precision)
     resolved = resolve_source(source, options.revision)
     target_dir = Path(output) if output else Path("models") / _default_name(resolved, options.quantize)
     if target_dir.exists() and not options.overwrite:
@@ -133,6 +135,17 @@ def export_model(
         _publish(work, target_dir, options.overwrite)
     log.info("exported %s -> %s", resolved.source_id, target_dir)
     return target_dir
+
+
+def _check_precision_runs_here(precision: Precision) -> None:
+    """A bf16 folder's parity is checked in bf16, which needs this CPU's bf16 units (emulation is not the product)."""
+    from embedrt.cpu import BF16_FLAGS, bf16_units
+
+    if precision is Precision.BF16 and bf16_units() is None:
+        raise ProviderUnavailableError(
+            f"--precision bf16 is checked against sentence-transformers in bf16, which needs a CPU with bf16 units "
+            f"({' or '.join(BF16_FLAGS)}); this one has none. Export it on such a CPU, or export fp32"
+        )
 
 
 def _default_name(resolved: ResolvedSource, quant: QuantConfig | None) -> str:

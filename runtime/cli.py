@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")
     p.add_argument("-o", "--output", help="folder to create (default: models/<name>)")
     p.add_argument("--format", default="onnx", help="onnx, openvino, or onnx,openvino (default: onnx)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="fp16 is for GPUs")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fp16 is for GPUs; bf16 runs on OpenVINO on CPUs with AMX / AVX512_BF16 (--format openvino)")
     p.add_argument("--similarity", choices=["cosine", "dot", "euclidean"], help="override the checkpoint's")
     p.add_argument("--revision", help="hub revision (hub ids only)")
     p.add_argument("--parity-texts", help=".txt or .jsonl of extra texts to check parity on")
@@ -311,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load(args)
     start = time.perf_counter()
     result = evaluate(model, data, show_progress=_progress(), **_encode_options(args))
-    result.update(model=str(args.model), device=model.device, seconds=round(time.perf_counter() - start, 2))
+    result.update(model=str(args.model), device=model.device, precision=model.precision, seconds=round(time.perf_counter() - start, 2))
     print(f"{Path(args.beir_dir).name} ({args.split}): NDCG@10 {result['ndcg@10']:.2f}  "
           f"recall@100 {result['recall@100']:.2f}  ({result['queries']} queries, {result['corpus']} docs, "
           f"{result['seconds']}s on {model.device})")
@@ -333,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ids, texts = read_package_records("embedrt", "data/demo_corpus.jsonl")
     start = time.perf_counter()
     model = _load(args)
-    print(f"loaded {folder} in {1000 * (time.perf_counter() - start):.0f} ms on {model.device}")
+    print(f"loaded {folder} in {1000 * (time.perf_counter() - start):.0f} ms on {model.device} ({model.precision})")
     queries = [
         "How do vaccines train the immune system?",
         "fastest way to travel between cities in Europe",

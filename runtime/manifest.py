@@ -30,6 +30,7 @@ class Precision(str, enum.Enum):
 
     FP32 = "fp32"
     FP16 = "fp16"
+    BF16 = "bf16"  # an fp32 OpenVINO IR that runs (and was checked) in bf16 on CPUs with bf16 units
     INT8 = "int8"
 
     @classmethod

@@ -18,7 +18,7 @@ from embedrt.batching import BatchCost, padded_lengths, plan_batches
 from embedrt.contract import check_graph
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import OUTPUT_NAME, TOKENIZER_NAME, Manifest, Precision, check_files, read_manifest
-from embedrt.plan import DevicePlan, LoadSettings, auto_requests, fallback_request, plan_device
+from embedrt.plan import DevicePlan, LoadSettings, auto_requests, fallback_request, plan_device, running_precision
 from embedrt.providers import DeviceRequest, default_thread_count, parse_device
 from embedrt.tokenize import TextTokenizer, Tokenized, check_count, check_texts, check_token_ids
 
@@ -56,6 +56,7 @@ class EmbeddingModel:
         self.providers = list(backend.providers)
         self.dim = manifest.dim
         self.similarity_metric = manifest.similarity
+        self.precision = running_precision(manifest, plan)  # what the matmuls really run in
         self.huge_pages = huge_pages  # the background move of this model's memory into 2 MB pages, if any
 
     def __repr__(self) -> str:
@@ -284,7 +285,7 @@ def load(
     manifest = read_manifest(root)
     request = parse_device(device)
     settings = LoadSettings(threads if threads is not None else default_thread_count(), verify,
-                            openvino_cache_dir, performance_hint, batch_cost)
+                            openvino_cache_dir, performance_hint, batch_cost, allow_fallback)
     check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
     before = hugepages.snapshot() if huge_pages else None

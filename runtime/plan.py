@@ -17,6 +17,7 @@ from typing import Any
 
 from embedrt._optional import require
 from embedrt.batching import BatchCost
+from embedrt.cpu import BF16_FLAGS, bf16_units
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import ONNX_NAME, OPENVINO_BIN, OPENVINO_XML, Manifest, Precision
 from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, cuda_unavailable_reason
@@ -53,6 +54,7 @@ class LoadSettings:
     openvino_cache_dir: str | None = None
     performance_hint: str = "latency"
     batch_cost: BatchCost | None = None  # None: the device's own cost model
+    allow_fallback: bool = False  # a bf16 folder on a CPU without bf16 units runs in f32 instead of failing
 
     def __post_init__(self) -> None:
         if self.threads < 1:
@@ -133,7 +135,7 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
             "export it with: embedrt export SOURCE --format openvino"
         )
     on_cpu = request.openvino_device.startswith("CPU")
-    precision = openvino_cpu_precision(manifest) if on_cpu else None
+    precision = openvino_cpu_precision(manifest, settings.allow_fallback) if on_cpu else None
     config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
     if on_cpu:
         config["INFERENCE_NUM_THREADS"] = settings.threads
@@ -149,17 +151,45 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     )
 
 
-def openvino_cpu_precision(manifest: Manifest) -> str:
-    """The precision OpenVINO's CPU plugin computes non-int8 ops in, for this folder: always ``f32`` today.
+def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, flags: frozenset[str] | None = None,
+                           ) -> str:
+    """The precision OpenVINO's CPU plugin computes non-int8 ops in, for this folder: ``bf16`` or ``f32``.
 
-    Left alone, OpenVINO runs every op that is not int8 in bf16 on CPUs that have it. fp32 folders must stay
-    f32 to match sentence-transformers; int8 folders too: in OpenVINO 2026.4.1 the bf16 attention of the
-    NNCF all-MiniLM-L6-v2 goes wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some
-    queries; with f32 it is 0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens). A bf16 choice for CPUs
-    with AMX / avx512_bf16 belongs here, decided from ``manifest.precision`` and the CPU's flags.
+    Left alone, OpenVINO runs every op that is not int8 in bf16 on CPUs that have it. So it is told:
+    - bf16 folders (exported with ``--precision bf16``, parity checked in bf16): ``bf16``, on a CPU with
+      bf16 units (AMX or AVX512_BF16); elsewhere bf16 would be emulated, slower than f32, so that is an error,
+      or with ``allow_fallback`` a warning and ``f32`` (the IR holds fp32 weights: exact fp32 results);
+    - fp32 folders: ``f32``, to match sentence-transformers;
+    - int8 folders: ``f32`` too: in OpenVINO 2026.4.1 the bf16 attention of the NNCF all-MiniLM-L6-v2 goes
+      wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some queries; with f32 it is
+      0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens).
+
+    Raises:
+        ProviderUnavailableError: a bf16 folder, a CPU without bf16 units, and no ``allow_fallback``.
     """
-    del manifest  # the same answer for every folder until a bf16 policy is measured
+    if manifest.precision is not Precision.BF16:
+        return "f32"
+    units = bf16_units(flags)
+    if units is not None:
+        return "bf16"
+    message = ("this folder runs in bf16 (exported with --precision bf16), but this CPU has no bf16 units "
+               f"(needs one of {', '.join(BF16_FLAGS)}): OpenVINO would emulate bf16, slower than f32")
+    if not allow_fallback:
+        raise ProviderUnavailableError(f"{message}; load it with allow_fallback=True (--allow-fallback) to run "
+                                       "it in f32, or use an fp32 export")
+    log.warning("%s; running it in f32 as allow_fallback=True", message)
     return "f32"
+
+
+def running_precision(manifest: Manifest, plan: DevicePlan) -> str:
+    """What the model's matmuls run in under ``plan``: ``int8``, ``bf16``, ``fp16`` or ``fp32``."""
+    if manifest.precision is Precision.INT8:
+        return "int8"
+    if plan.inference_precision == "bf16":
+        return "bf16"
+    if manifest.precision is Precision.FP16 and plan.request.kind == "cuda":
+        return "fp16"
+    return "fp32"  # fp16 graphs on the CPU: ONNX Runtime upcasts; bf16 folders that fell back to f32
 
 
 def _cost(calls: tuple[float, int | None], manifest: Manifest) -> BatchCost:

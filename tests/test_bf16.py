@@ -1,0 +1,95 @@
+"""bf16: OpenVINO on CPUs with bf16 units, checked against sentence-transformers in bf16; refused elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import embedrt
+from embedrt.cpu import bf16_units
+from embedrt.errors import ProviderUnavailableError
+from embedrt.export import export_model
+from embedrt.export.options import ExportOptions
+from embedrt.manifest import Precision, read_manifest
+from embedrt.ops import row_cosine
+from embedrt.plan import openvino_cpu_precision
+
+needs_bf16 = pytest.mark.skipif(bf16_units() is None, reason="needs a CPU with AMX or AVX512_BF16")
+NO_BF16 = frozenset({"avx2", "fma", "avx512f"})
+TEXTS = ["how do vaccines train the immune system", "a" * 300, "interest rates and inflation in 2024",
+         "The mitochondria is the powerhouse of the cell. " * 20, "x", "Ünïcödé and emoji 😀 text"]
+
+
+@pytest.fixture(scope="module")
+def minilm_bf16(tmp_path_factory: pytest.TempPathFactory, minilm_checkpoint: Path) -> Path:
+    if bf16_units() is None:
+        pytest.skip("needs a CPU with AMX or AVX512_BF16")
+    out = tmp_path_factory.mktemp("bf16") / "minilm-bf16"
+    return export_model("all-MiniLM-L6-v2", out, precision="bf16", formats="openvino")
+
+
+@needs_bf16
+def test_bf16_folder_runs_in_bf16_within_its_parity(minilm_bf16: Path, minilm_st) -> None:  # type: ignore[no-untyped-def]
+    manifest = read_manifest(minilm_bf16)
+    assert manifest.precision is Precision.BF16 and list(manifest.graphs) == ["openvino"]
+    model = embedrt.load(minilm_bf16, device="openvino")
+    assert model.precision == "bf16" and model.plan.inference_precision == "bf16"
+    # independently of the exporter's own check: recomputed against sentence-transformers here
+    want = minilm_st.encode(TEXTS, convert_to_numpy=True)
+    got = model.encode(TEXTS)
+    assert row_cosine(want, got).min() >= 0.9999
+    # and it really runs in bf16: the f32 run of the same IR is closer to sentence-transformers
+    exact = embedrt.load(minilm_bf16, device="openvino", allow_fallback=True)
+    assert exact.precision == "bf16"  # the CPU has units: no fallback happens
+    assert np.abs(got - want).max() > 1e-5
+
+
+def test_bf16_without_bf16_units_is_refused_or_runs_f32(minilm_bf16: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: NO_BF16)
+    with pytest.raises(ProviderUnavailableError, match=r"no bf16 units .*allow_fallback=True"):
+        embedrt.load(minilm_bf16, device="openvino")
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        model = embedrt.load(minilm_bf16, device="openvino", allow_fallback=True)
+    assert model.precision == "fp32" and model.plan.inference_precision == "f32"
+    assert "running it in f32" in caplog.text
+    monkeypatch.undo()
+    fp32_run = model.encode(TEXTS)
+    bf16_run = embedrt.load(minilm_bf16, device="openvino").encode(TEXTS)
+    assert row_cosine(fp32_run, bf16_run).min() >= 0.9999 and not np.array_equal(fp32_run, bf16_run)
+
+
+def test_bf16_export_on_a_cpu_without_units_is_refused(tiny_bert, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: NO_BF16)
+    with pytest.raises(ProviderUnavailableError, match="needs a CPU with bf16 units"):
+        export_model(str(tiny_bert[0]), tmp_path / "out", precision="bf16", formats="openvino")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"precision": "bf16"}, "OpenVINO only"),
+    ({"precision": "bf16", "formats": "onnx,openvino"}, "OpenVINO only"),
+    ({"precision": "bf16", "formats": "openvino", "quantize": "static"}, "exclude each other"),
+])
+def test_bf16_options_that_cannot_work_are_refused(kwargs: dict[str, str], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ExportOptions.parse(**kwargs)
+    assert ExportOptions.parse(precision="bf16", formats="openvino").parity_threshold == 0.9999
+
+
+def test_only_bf16_folders_run_bf16(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    manifest = read_manifest(tiny_bert[1])
+    with_units = frozenset({"avx512f", "avx512_bf16", "amx_bf16"})
+    assert openvino_cpu_precision(manifest, flags=with_units) == "f32"  # fp32 folders match sentence-transformers
+    # the guard int8 needs: its bf16 attention went wrong at sequence length 32 in OpenVINO 2026.4.1
+    int8 = dataclasses.replace(manifest, precision=Precision.INT8)
+    assert openvino_cpu_precision(int8, flags=with_units) == "f32"
+    bf16 = dataclasses.replace(manifest, precision=Precision.BF16)
+    assert openvino_cpu_precision(bf16, flags=with_units) == "bf16"
+    assert openvino_cpu_precision(bf16, allow_fallback=True, flags=NO_BF16) == "f32"
+    with pytest.raises(ProviderUnavailableError):
+        openvino_cpu_precision(bf16, flags=NO_BF16)
+    assert embedrt.load(tiny_bert[1]).precision == "fp32"
