@@ -312,7 +312,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _load(args)
     start = time.perf_counter()
     result = evaluate(model, data, show_progress=_progress(), **_encode_options(args))
-    result.update(model=str(args.model), device=model.device, precision=model.precision, seconds=round(time.perf_counter() - start, 2))
+    result.update(model=str(args.model), device=model.device, precision=model.precision,
+                  seconds=round(time.perf_counter() - start, 2))
     print(f"{Path(args.beir_dir).name} ({args.split}): NDCG@10 {result['ndcg@10']:.2f}  "
           f"recall@100 {result['recall@100']:.2f}  ({result['queries']} queries, {result['corpus']} docs, "
           f"{result['seconds']}s on {model.device})")
