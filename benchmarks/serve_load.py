@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +187,21 @@ class Outcome:
                 "p99_ms": round(float(np.percentile(lat, 99)), 2)}
 
 
+class HttpStatusError(Exception):
+    """A non-200 answer to RawClient."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
 def _error_kind(exc: BaseException) -> str:
     import openai
 
+    if isinstance(exc, HttpStatusError):
+        return str(exc.status)
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
     if isinstance(exc, openai.APIStatusError):
         return str(exc.status_code)
     if isinstance(exc, openai.APIConnectionError):
@@ -218,9 +231,20 @@ class RawClient:
                       f"Content-Type: application/json\r\n{auth}{extra}")
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
-    async def create(self, batch: list[str]) -> tuple[int, int]:
-        """(HTTP status, prompt tokens) of one request."""
+    async def create(self, batch: list[str]) -> int:
+        """The prompt tokens of one request; HttpStatusError for another status than 200."""
         body = json.dumps({"model": self._model, "input": batch, "encoding_format": "base64"}).encode()
+        try:
+            status, payload = await self._exchange(body)
+        except (OSError, asyncio.IncompleteReadError):
+            await self.close()  # the next request opens a fresh connection
+            raise
+        if status != 200:
+            raise HttpStatusError(status)
+        usage = json.loads(payload).get("usage") or {}
+        return int(usage.get("prompt_tokens", 0))
+
+    async def _exchange(self, body: bytes) -> tuple[int, bytes]:
         if self._streams is None:
             self._streams = await asyncio.open_connection(self._host, self._port)
         reader, writer = self._streams
@@ -228,8 +252,7 @@ class RawClient:
         await writer.drain()
         status_line = await reader.readline()
         if not status_line:
-            self._streams = None
-            raise ConnectionError("server closed the connection")
+            raise ConnectionResetError("server closed the connection")
         length, closing = 0, False
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode("latin-1").partition(":")
@@ -239,64 +262,59 @@ class RawClient:
                 closing = True
         payload = await reader.readexactly(length)
         if closing:
-            writer.close()
-            self._streams = None
-        status = int(status_line.split()[1])
-        usage = json.loads(payload).get("usage") or {} if status == 200 else {}
-        return status, int(usage.get("prompt_tokens", 0))
+            await self.close()
+        return int(status_line.split()[1]), payload
 
     async def close(self) -> None:
         if self._streams is not None:
             self._streams[1].close()
+            self._streams = None
 
 
 CLIENT = "openai"  # or "raw" (RawClient); set from --client
+
+
+Send = Callable[[list[str]], Awaitable[int]]  # one request; returns its prompt tokens, raises on any error
 
 
 async def drive(server: Server, batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
                 stop: asyncio.Event | None = None, headers: dict[str, str] | None = None) -> Outcome:
     """``concurrency`` clients each sending the next batch until ``max_requests`` or ``seconds`` run out."""
     if CLIENT == "raw":
-        return await _drive_raw(server, batches, concurrency, max_requests, seconds, stop, headers)
+        def raw_sender() -> tuple[Send, Callable[[], Awaitable[None]]]:
+            client = RawClient(server, headers)
+            return client.create, client.close
+
+        return await _load(batches, concurrency, max_requests, seconds, stop, raw_sender)
     import openai
 
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=os.environ.get("EMBEDRT_API_KEY", "unused"),
                                 max_retries=0, timeout=120)
+
+    async def send(batch: list[str]) -> int:
+        result = await client.embeddings.create(model=server.model, input=batch, encoding_format="base64"
+                                                if len(batch) > 1 else "float", extra_headers=headers)
+        return result.usage.prompt_tokens if result.usage else 0
+
+    async def nothing() -> None:
+        return None
+
+    try:
+        return await _load(batches, concurrency, max_requests, seconds, stop, lambda: (send, nothing))
+    finally:
+        await client.close()
+
+
+async def _load(batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
+                stop: asyncio.Event | None, sender: Callable[[], tuple[Send, Callable[[], Awaitable[None]]]],
+                ) -> Outcome:
+    """The request loop shared by both clients: each worker gets its own sender (a connection, for RawClient)."""
     out = Outcome()
     counter = iter(range(max_requests))
     end = time.monotonic() + seconds
 
     async def worker() -> None:
-        for i in counter:
-            if time.monotonic() > end or (stop is not None and stop.is_set()):
-                return
-            batch = batches[i % len(batches)]
-            t0 = time.perf_counter()
-            try:
-                result = await client.embeddings.create(model=server.model, input=batch, encoding_format="base64"
-                                                        if len(batch) > 1 else "float", extra_headers=headers)
-            except Exception as exc:
-                out.record_error(_error_kind(exc))
-                continue
-            out.latencies.append(time.perf_counter() - t0)
-            out.texts += len(batch)
-            out.tokens += result.usage.prompt_tokens if result.usage else 0
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    out.seconds = time.perf_counter() - start
-    await client.close()
-    return out
-
-
-async def _drive_raw(server: Server, batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
-                     stop: asyncio.Event | None, headers: dict[str, str] | None) -> Outcome:
-    out = Outcome()
-    counter = iter(range(max_requests))
-    end = time.monotonic() + seconds
-
-    async def worker() -> None:
-        client = RawClient(server, headers)
+        send, close = sender()
         try:
             for i in counter:
                 if time.monotonic() > end or (stop is not None and stop.is_set()):
@@ -304,19 +322,15 @@ async def _drive_raw(server: Server, batches: list[list[str]], concurrency: int,
                 batch = batches[i % len(batches)]
                 t0 = time.perf_counter()
                 try:
-                    status, tokens = await client.create(batch)
-                except (OSError, asyncio.IncompleteReadError) as exc:
-                    out.record_error("refused" if isinstance(exc, ConnectionRefusedError) else type(exc).__name__)
-                    client = RawClient(server, headers)
-                    continue
-                if status != 200:
-                    out.record_error(str(status))
+                    tokens = await send(batch)
+                except Exception as exc:  # every failure is counted by kind, none ends the run
+                    out.record_error(_error_kind(exc))
                     continue
                 out.latencies.append(time.perf_counter() - t0)
                 out.texts += len(batch)
                 out.tokens += tokens
         finally:
-            await client.close()
+            await close()
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
