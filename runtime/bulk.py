@@ -371,7 +371,7 @@ def part_name(index: int) -> str:
 
 
 @dataclasses.dataclass
-class _State:
+class JobState:
     """The job's identity and how far it got; ``_embedrt_bulk.json``, rewritten after every part."""
 
     identity: dict[str, Any]
@@ -412,19 +412,19 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
-def _open_output(out: Path, identity: dict[str, Any]) -> _State:
+def _open_output(out: Path, identity: dict[str, Any]) -> JobState:
     """Start a fresh job in ``out``, or pick up the one there after checking it is the same job."""
     state_path = out / STATE_NAME
     if not state_path.is_file():
         if out.is_dir() and any(out.iterdir()):
             raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
-        state = _State(identity, BulkSummary())
+        state = JobState(identity, BulkSummary())
         write_json_atomic(state_path, state.to_json())
         return state
     try:
         data = json.loads(state_path.read_text(encoding="utf-8"))
-        state = _State(data["job"], BulkSummary(**data["progress"]), int(data["bad_bytes"]))
+        state = JobState(data["job"], BulkSummary(**data["progress"]), int(data["bad_bytes"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ResumeError(f"{state_path}: unreadable progress file ({exc}); start in a new folder") from exc
     diffs = _differences(state.identity, identity)
@@ -435,7 +435,7 @@ def _open_output(out: Path, identity: dict[str, Any]) -> _State:
     return state
 
 
-def _clean_output(out: Path, state: _State) -> None:
+def _clean_output(out: Path, state: JobState) -> None:
     """Drop what a killed run left after its last complete part: temporary files, unrecorded parts, bad rows."""
     for path in out.glob(".part-*.tmp"):
         path.unlink()
@@ -471,7 +471,7 @@ class _Job:
     """One run of a bulk job: the chunk -> part loop, with its counters and the bad-rows file."""
 
     def __init__(self, model: EmbeddingModel, out: Path, file: Path, options: BulkOptions, part_rows: int,
-                 state: _State, on_part: Callable[[BulkSummary], None] | None) -> None:
+                 state: JobState, on_part: Callable[[BulkSummary], None] | None) -> None:
         self.model, self.out, self.file, self.options = model, out, file, options
         self.part_rows, self.state, self.on_part = part_rows, state, on_part
         self.summary = state.summary

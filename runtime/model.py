@@ -158,15 +158,12 @@ class EmbeddingModel:
         bar = _progress(len(items), show_progress)
         for start in range(0, len(items), WINDOW):
             window = items[start : start + WINDOW]
-            self._encode_window(window, size, cost, out[start : start + len(window)])
+            self._run_planned(self._tokenizer.encode_compact(window).ids, size, cost, out[start : start + len(window)])
             if bar is not None:
                 bar.update(len(window))
         if bar is not None:
             bar.close()
         return out
-
-    def _encode_window(self, texts: list[str], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
-        self._run_planned(self._tokenizer.encode_compact(texts).ids, batch_size, cost, out)
 
     def _run_planned(self, ids: list[np.ndarray], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -289,7 +286,7 @@ def load(
     check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
     before = hugepages.snapshot() if huge_pages else None
-    plan, backend = _start(root, manifest, request, settings, allow_fallback)
+    plan, backend = _start(root, manifest, request, settings)
     check_graph(root, manifest, backend.graph, tokenizer.vocab_size, OUTPUT_NAME)
     _warn_if_cpu_lacks_int8_target(root, manifest, plan)
     log.info("embedrt: loaded %s on %s (providers %s)", root, plan.device, backend.providers)
@@ -298,7 +295,7 @@ def load(
 
 
 def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings,
-           allow_fallback: bool) -> tuple[DevicePlan, Backend]:
+           ) -> tuple[DevicePlan, Backend]:
     """The plan and its running backend: ``auto`` tries its candidates in order, else the request, else fallback."""
     if request.kind == "auto":
         reasons = []
@@ -312,7 +309,7 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
     try:
         return _open(root, manifest, request, settings)
     except ProviderUnavailableError as exc:
-        fallback = fallback_request(request, allow_fallback)
+        fallback = fallback_request(request, settings.allow_fallback)
         if fallback is None:
             raise
         log.warning("%s; falling back to the CPU as allow_fallback=True", exc)

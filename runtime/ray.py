@@ -27,9 +27,9 @@ from embedrt.bulk import (
     EmbedDtype,
     IdSet,
     InputFormat,
+    JobState,
     RawRow,
     ResumeError,
-    _State,
     check_row,
     embedding_schema,
     embedding_table,
@@ -207,7 +207,7 @@ def embed_with_ray(
             # like the reads, writes take no CPU slot: the actor pool holds them all
             dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
         summary = _publish(staging, out, time.perf_counter() - start)
-        write_json_atomic(out / STATE_NAME, _State(identity, summary).to_json())
+        write_json_atomic(out / STATE_NAME, JobState(identity, summary).to_json())
         return summary
     finally:
         if started:

@@ -136,13 +136,16 @@ class TextTokenizer:
         truncated = np.fromiter((len(r) > keep for r in rows), dtype=bool, count=len(rows))
         return Tokenized([np.concatenate([prefix, r[:keep], suffix]) for r in rows], truncated)
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, truncated, special tokens included, not padded."""
+    def _encodings(self, texts: list[str]) -> list[Any]:
         if len(texts) == 1:
             # encode_batch wakes the tokenizers thread pool, whose spinning threads then take CPU from the
             # inference that follows: ~0.1 ms on an 18-token query with 2 cores
-            return [self._tok.encode(texts[0], add_special_tokens=True).ids]
-        return [enc.ids for enc in self._tok.encode_batch(texts, add_special_tokens=True)]
+            return [self._tok.encode(texts[0], add_special_tokens=True)]
+        return list(self._tok.encode_batch(texts, add_special_tokens=True))
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, truncated, special tokens included, not padded."""
+        return [enc.ids for enc in self._encodings(texts)]
 
     def encode_compact(self, texts: list[str], chunk: int = 256) -> Tokenized:
         """``encode`` as int32 arrays with truncation flags, ``chunk`` texts at a time.
@@ -153,10 +156,7 @@ class TextTokenizer:
         ids: list[np.ndarray] = []
         truncated = np.zeros(len(texts), dtype=bool)
         for start in range(0, len(texts), chunk):
-            part = texts[start : start + chunk]
-            encodings = ([self._tok.encode(part[0], add_special_tokens=True)] if len(part) == 1
-                         else self._tok.encode_batch(part, add_special_tokens=True))
-            for j, enc in enumerate(encodings):
+            for j, enc in enumerate(self._encodings(texts[start : start + chunk])):
                 ids.append(np.array(enc.ids, dtype=np.int32))
                 truncated[start + j] = bool(enc.overflowing)  # what truncation cut off
         return Tokenized(ids, truncated)
