@@ -408,9 +408,9 @@ def _access_log(enabled: bool) -> None:
     access.propagate = False
     access.setLevel(logging.INFO if enabled else logging.WARNING)
     if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
+        from embedrt.serve.accesslog import buffered_handler
+
+        access.addHandler(buffered_handler(sys.stdout))
     logging.getLogger("embedrt.serve").setLevel(logging.INFO)
 
 

@@ -413,3 +413,74 @@ def test_tokenize_ids_adds_special_tokens_like_the_tokenizer(tiny: Any) -> None:
     from_text = tiny.tokenize_batch([text])
     assert np.array_equal(from_ids.ids[0], from_text.ids[0])
     assert bool(from_ids.truncated[0]) and bool(from_text.truncated[0])
+
+
+def test_access_log_one_line_per_request_with_its_id(live: LiveServer) -> None:
+    import io
+    import logging
+
+    from embedrt.serve.accesslog import buffered_handler
+
+    stream = io.StringIO()
+    handler = buffered_handler(stream, interval=0.05)
+    access = logging.getLogger("embedrt.serve.access")
+    level = access.level
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        ids = []
+        for i, body in enumerate([{"model": _tiny_name(live), "input": "one"},
+                                  {"model": _tiny_name(live), "input": ["two", "three"]},
+                                  {"model": "no-such-model", "input": "x"}]):
+            _, headers, _ = live.request("POST", "/v1/embeddings", body,
+                                              headers={"X-Request-Id": f"req-{i}"} if i == 1 else None)
+            ids.append({k.lower(): v for k, v in headers.items()}["x-request-id"])
+        _, headers, _ = live.request("GET", "/v1/models")
+        ids.append({k.lower(): v for k, v in headers.items()}["x-request-id"])
+        end = time.monotonic() + 5
+        while stream.getvalue().count("\n") < 4 and time.monotonic() < end:
+            time.sleep(0.02)  # the handler writes what gathered every 0.05 s
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+        handler.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["id"] for line in lines] == ids  # one line per request, in order
+    assert ids[1] == "req-1" and len(set(ids)) == 4
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/v1/embeddings", 200), ("/v1/embeddings", 200), ("/v1/embeddings", 404), ("/v1/models", 200)]
+    assert lines[1]["inputs"] == 2 and lines[1]["tokens"] > 0 and lines[2]["error"] == "model_not_found"
+
+
+def test_buffered_access_log_flushes_on_close() -> None:
+    import io
+    import logging
+
+    from embedrt.serve.accesslog import buffered_handler
+
+    stream = io.StringIO()
+    handler = buffered_handler(stream, interval=3600)
+    logger = logging.getLogger("embedrt.test.buffered")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        for i in range(5):
+            logger.info('{"n": %d}', i)
+        assert stream.getvalue() == ""  # buffered, not one write per line
+        logger.warning("urgent")  # a warning flushes at once
+        assert stream.getvalue().splitlines() == [f'{{"n": {i}}}' for i in range(5)] + ["urgent"]
+        logger.info("last")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert stream.getvalue().splitlines()[-1] == "last"
+
+
+def test_embeddings_route_below_a_mount_point() -> None:
+    from embedrt.serve.app import _route_path
+
+    assert _route_path({"path": "/v1/embeddings"}) == "/v1/embeddings"
+    assert _route_path({"path": "/api/v1/embeddings", "root_path": "/api"}) == "/v1/embeddings"
+    assert _route_path({"path": "/apiv1/embeddings", "root_path": "/api"}) == "/apiv1/embeddings"
+    assert _route_path({"path": "/v1/embeddings", "root_path": "/v1/embeddings"}) == "/v1/embeddings"
