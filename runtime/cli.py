@@ -43,8 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")
     p.add_argument("-o", "--output", help="folder to create (default: models/<name>)")
     p.add_argument("--format", default="onnx", help="onnx, openvino, or onnx,openvino (default: onnx)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="fp16 is for GPUs; bf16 runs on OpenVINO on CPUs with AMX / AVX512_BF16 (--format openvino)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
+                   help="fp16 is for GPUs; bf16 runs on OpenVINO on CPUs with AMX / AVX512_BF16 (--format openvino); "
+                        "auto exports fp32, bf16 (where this CPU has bf16 units) and batch-invariant int8, times "
+                        "each here and keeps the fastest that passes its gate (the figures go in the manifest)")
     p.add_argument("--similarity", choices=["cosine", "dot", "euclidean"], help="override the checkpoint's")
     p.add_argument("--revision", help="hub revision (hub ids only)")
     p.add_argument("--parity-texts", help=".txt or .jsonl of extra texts to check parity on")
@@ -177,6 +179,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     extra = read_records(args.parity_texts)[1] if args.parity_texts else []
     calibration = read_records(args.calibration_texts)[1] if args.calibration_texts else None
+    if args.precision == "auto":
+        return _export_auto(args, extra, calibration)
     options = ExportOptions.parse(
         formats=args.format, precision=args.precision, similarity=args.similarity, revision=args.revision,
         parity_texts=extra, min_cosine=args.min_cosine, overwrite=args.overwrite, quantize=args.quantize,
@@ -399,6 +403,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serving {model.path} on {model.device} at http://{args.host}:{args.port}/v1/embeddings",
               file=sys.stderr, flush=True)
     run(app, args.host, args.port, drain_timeout=args.drain_timeout)
+    return 0
+
+
+def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[str] | None) -> int:
+    from embedrt.export.auto import export_auto
+    from embedrt.manifest import read_manifest
+
+    if args.format != "onnx" or args.quantize or args.min_cosine is not None:
+        raise ValueError("--precision auto picks the formats, the quantisation and each one's parity threshold "
+                         "itself: drop --format, --quantize and --min-cosine")
+    output = Path(args.output) if args.output else None
+    if output is None:
+        from embedrt.export.pipeline import _default_name
+        from embedrt.export.source import resolve_source
+
+        output = Path("models") / f"{_default_name(resolve_source(args.source, args.revision), None)}-auto"
+    out = export_auto(args.source, output, args.overwrite, similarity=args.similarity, revision=args.revision,
+                      parity_texts=extra, target=args.target, calibration_texts=calibration,
+                      calibration_method=args.calibration_method, keep_ffn_output_fp32=args.keep_ffn_fp32,
+                      eval_dir=args.eval_dir, min_retained=args.min_retained, min_agreement=args.min_agreement,
+                      min_mean_cosine=args.min_mean_cosine)
+    report = read_manifest(out).extra["auto"]
+    print(f"exported {args.source} -> {out}: chose {report['chosen']} on {report['device']} ({report['cpu']})")
+    for name, figures in report["candidates"].items():
+        if "rejected" in figures:
+            print(f"  {name}: rejected: {figures['rejected']}")
+            continue
+        for device, f in figures.items():
+            print(f"  {name} on {device} ({f['precision']}): {f['passages_per_s']:.1f} passages/s, "
+                  f"{f['query_p50_ms']:.1f} ms per query")
     return 0
 
 

@@ -210,11 +210,15 @@ def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
                 candidates.append(DeviceRequest("cuda"))
         except ImportError:
             pass
+    cpu_side = []
     if "openvino" in manifest.graphs:
-        candidates.append(DeviceRequest("openvino"))
+        cpu_side.append(DeviceRequest("openvino"))
     if "onnx" in manifest.graphs:
-        candidates.append(DeviceRequest("cpu"))
-    return candidates
+        cpu_side.append(DeviceRequest("cpu"))
+    # a folder from ``export --precision auto`` names the device it was fastest on: that one first
+    measured = (manifest.extra.get("auto") or {}).get("device")
+    cpu_side.sort(key=lambda r: r.kind != measured)
+    return candidates + cpu_side
 
 
 def fallback_request(request: DeviceRequest, allow_fallback: bool) -> DeviceRequest | None:

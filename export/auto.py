@@ -1,0 +1,173 @@
+"""``--precision auto``: export every precision this CPU can run, time each here, keep the fastest that passes.
+
+The candidates, each exported and checked by the ordinary pipeline (so each passes its own gate or is
+rejected with the reason):
+
+* ``fp32``: ONNX + OpenVINO IR, timed on ONNX Runtime and on OpenVINO (f32);
+* ``bf16``: OpenVINO IR checked in bf16 (min cosine 0.9999), only on a CPU with bf16 units;
+* ``int8-ort-static`` and ``int8-ov-static``: calibrated (QDQ / NNCF) int8 through the int8 gate. Only
+  batch-invariant recipes are candidates: ``auto``'s choice is also what a server runs, where a text's
+  vector must not depend on other users' texts in its batch. Dynamic int8 is never chosen here.
+
+Each passing candidate is timed on this CPU in this process, one after the other, rotating the order over
+``rounds`` rounds: 32 passages (~200-400 tokens, from the shipped calibration texts) at batch 32, and the
+median latency of single short queries. The fastest in passages/s wins (single-query latency breaks a tie
+within 3%). The winner's folder becomes the output, its manifest recording under ``extra["auto"]`` the CPU,
+every candidate's figures or rejection, and the device it was fastest on, which ``load(device="auto")``
+then takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("embedrt.export")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One export to try and the devices to time it on."""
+
+    name: str
+    settings: dict[str, Any]
+    devices: tuple[str, ...]
+
+
+def candidates(bf16: bool) -> list[Candidate]:
+    """What ``auto`` tries on a CPU with (``bf16=True``) or without bf16 units."""
+    out = [Candidate("fp32", {"formats": "onnx,openvino"}, ("cpu", "openvino"))]
+    if bf16:
+        out.append(Candidate("bf16", {"formats": "openvino", "precision": "bf16"}, ("openvino",)))
+    out.append(Candidate("int8-ort-static", {"formats": "onnx", "quantize": "static"}, ("cpu",)))
+    out.append(Candidate("int8-ov-static", {"formats": "openvino", "quantize": "static"}, ("openvino",)))
+    return out
+
+
+def timing_texts() -> tuple[list[str], list[str]]:
+    """32 passages of ~200-400 tokens and 32 short queries, built from the shipped calibration texts."""
+    from embedrt.export.quantize import default_calibration_texts
+
+    texts = list(default_calibration_texts())
+    passages, current = [], ""
+    for i in range(len(texts) * 8):
+        current = f"{current} {texts[i % len(texts)]}".strip()
+        if len(current.split()) >= 160 + 16 * (len(passages) % 8):
+            passages.append(current)
+            current = ""
+            if len(passages) == 32:
+                break
+    queries = [" ".join(t.split()[:10]) for t in texts[:32]]
+    return passages, queries
+
+
+def measure(folder: Path, device: str, passages: list[str], queries: list[str]) -> dict[str, float]:
+    """One timing round: passages/s at batch 32 and the median single-query latency (ms)."""
+    import embedrt
+
+    model = embedrt.load(folder, device=device)
+    model.encode(passages[:4], batch_size=4)  # warm-up: first shapes, thread pools
+    model.encode(queries[:4])
+    start = time.perf_counter()
+    model.encode(passages, batch_size=32)
+    passages_s = len(passages) / (time.perf_counter() - start)
+    latencies = []
+    for q in queries:
+        t0 = time.perf_counter()
+        model.encode([q])
+        latencies.append(time.perf_counter() - t0)
+    return {"passages_per_s": passages_s, "query_p50_ms": 1000 * statistics.median(latencies),
+            "precision": model.precision}
+
+
+def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **gate: Any) -> Path:
+    """Export the candidates into a scratch folder beside ``output``, time them, publish the winner.
+
+    Args:
+        source: as :func:`embedrt.export.export_model`.
+        output: the folder to create.
+        overwrite: replace ``output`` if it exists.
+        rounds: timing rounds (the order of the candidates rotates each round; the best round counts).
+        **gate: the user's gate settings, passed to every export (``eval_dir``, ``min_retained``,
+            ``min_agreement``, ``min_mean_cosine``, ``parity_texts``, ``similarity``, ``revision``, ...).
+
+    Raises:
+        QualityGateError: no candidate passed its gate (the message gives each one's reason).
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+    """
+    from embedrt.cpu import bf16_units, cpu_flags, detect_target
+    from embedrt.errors import EmbedrtError, QualityGateError
+    from embedrt.export.artifacts import write_manifest
+    from embedrt.export.pipeline import export_model
+    from embedrt.manifest import read_manifest
+
+    output = Path(output)
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.auto-", dir=output.parent))
+    try:
+        units = bf16_units()
+        report: dict[str, Any] = {"cpu": _cpu_name(), "bf16_units": units, "int8_target": detect_target(),
+                                  "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
+        passed: dict[str, Candidate] = {}
+        for cand in candidates(units is not None):
+            try:
+                export_model(source, scratch / cand.name, overwrite=True, **cand.settings, **gate)
+            except EmbedrtError as exc:  # parity or gate failed: recorded, never chosen
+                log.warning("auto: %s rejected: %s", cand.name, exc)
+                report["candidates"][cand.name] = {"rejected": str(exc)}
+                continue
+            passed[cand.name] = cand
+        if not passed:
+            reasons = "; ".join(f"{k}: {v['rejected']}" for k, v in report["candidates"].items())
+            raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
+        runs = [(name, device) for name, cand in passed.items() for device in cand.devices]
+        passages, queries = timing_texts()
+        best: dict[tuple[str, str], dict[str, float]] = {}
+        for r in range(rounds):
+            for name, device in runs[r % len(runs):] + runs[: r % len(runs)]:
+                got = measure(scratch / name, device, passages, queries)
+                old = best.get((name, device))
+                if old is None or got["passages_per_s"] > old["passages_per_s"]:
+                    best[(name, device)] = got
+        for (name, device), got in best.items():
+            report["candidates"].setdefault(name, {})[device] = {
+                k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}
+        top = max(v["passages_per_s"] for v in best.values())
+        close = [k for k, v in best.items() if v["passages_per_s"] >= 0.97 * top]
+        chosen = min(close, key=lambda k: best[k]["query_p50_ms"])
+        report.update(chosen=chosen[0], device=chosen[1], rounds=rounds,
+                      timing=f"{len(passages)} passages at batch 32, {len(queries)} single queries")
+        folder = scratch / chosen[0]
+        manifest = read_manifest(folder)
+        write_manifest(folder, dataclasses.replace(manifest, extra={**manifest.extra, "auto": report}))
+        if output.exists():
+            old_dir = scratch / "previous"
+            output.rename(old_dir)
+        folder.rename(output)
+        log.info("auto: chose %s on %s (%.1f passages/s, %.1f ms per query)", chosen[0], chosen[1],
+                 best[chosen]["passages_per_s"], best[chosen]["query_p50_ms"])
+        return output
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or os.uname().machine

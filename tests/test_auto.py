@@ -1,0 +1,58 @@
+"""export --precision auto: every candidate exported and gated, timed here, the fastest passing one kept."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import embedrt
+from embedrt.cpu import bf16_units
+from embedrt.export.auto import candidates, export_auto, timing_texts
+from embedrt.manifest import read_manifest
+
+
+def test_candidates_follow_the_cpu_and_are_batch_invariant() -> None:
+    with_units = [c.name for c in candidates(bf16=True)]
+    without = [c.name for c in candidates(bf16=False)]
+    assert with_units == ["fp32", "bf16", "int8-ort-static", "int8-ov-static"]
+    assert without == ["fp32", "int8-ort-static", "int8-ov-static"]  # bf16 would be emulated: never tried
+    assert all(c.settings.get("quantize") in (None, "static") for c in candidates(bf16=True))  # no dynamic
+    passages, queries = timing_texts()
+    assert len(passages) == len(queries) == 32 and min(len(p.split()) for p in passages) >= 160
+
+
+def test_auto_keeps_the_fastest_passing_candidate_and_records_why(tiny_bert: tuple[Path, Path],
+                                                                  tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    # a mean cosine of exactly 1 to fp32 is out of int8's reach: both int8 candidates must be rejected
+    export_auto(str(tiny_bert[0]), out, overwrite=False, rounds=1, min_mean_cosine=1.0)
+    report = read_manifest(out).extra["auto"]
+    cands = report["candidates"]
+    assert "rejected" in cands["int8-ort-static"] and "rejected" in cands["int8-ov-static"]
+    assert "mean cosine" in cands["int8-ort-static"]["rejected"]
+    assert ("bf16" in cands) == (bf16_units() is not None)
+    timed = {(name, dev): f for name, figs in cands.items() if "rejected" not in figs for dev, f in figs.items()}
+    assert {("fp32", "cpu"), ("fp32", "openvino")} <= set(timed)
+    top = max(f["passages_per_s"] for f in timed.values())
+    assert timed[(report["chosen"], report["device"])]["passages_per_s"] >= 0.97 * top
+    assert report["cpu"] and report["int8_target"]
+    manifest = read_manifest(out)
+    assert manifest.precision.value == ("bf16" if report["chosen"] == "bf16" else "fp32")
+    model = embedrt.load(out, device="auto")  # auto takes the device the export measured fastest
+    assert model.device.split(":")[0] == report["device"]
+    assert [p.name for p in tmp_path.iterdir()] == ["auto"]  # the scratch folder is gone
+    with pytest.raises(FileExistsError):
+        export_auto(str(tiny_bert[0]), out, overwrite=False)
+
+
+def test_cli_auto_refuses_settings_it_chooses_itself(tiny_bert: tuple[Path, Path], tmp_path: Path) -> None:
+    for extra in (["--quantize", "static"], ["--format", "openvino"], ["--min-cosine", "0.99"]):
+        proc = subprocess.run([sys.executable, "-m", "embedrt.cli", "export", str(tiny_bert[0]), "-o",
+                               str(tmp_path / "x"), "--precision", "auto", *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert "--precision auto picks" in proc.stderr
+    assert not (tmp_path / "x").exists()
