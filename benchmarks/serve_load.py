@@ -499,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if "sigterm" not in modes:
             record["exit_code"] = server.stop()
-    out = Path(args.json) if args.json else RESULTS / f"serve-{time.strftime('%Y-%m-%d')}-{args.model}.json"
+    label = (args.server_model or "url") if args.url else args.model
+    out = Path(args.json) if args.json else RESULTS / f"serve-{time.strftime('%Y-%m-%d')}-{label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

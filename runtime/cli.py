@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests with at most this many inputs use the interactive lane (default: 8)")
     p.add_argument("--mixed-bulk-tokens", type=int, default=512,
                    help="most padded tokens per bulk call while interactive traffic runs (default: 512)")
+    p.add_argument("--bulk-instance", default="auto", choices=["auto", "separate", "shared"],
+                   help="a second model instance for the bulk lane, so queries run beside bulk calls "
+                        "(auto: on OpenVINO, which runs one call at a time; ONNX Runtime runs them together)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds a SIGTERM/SIGINT drain may take (default: 30)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
@@ -388,6 +391,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue_tokens=args.max_queue_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, interactive_max_inputs=args.interactive_max_inputs,
         mixed_bulk_tokens=args.mixed_bulk_tokens, drain_timeout=args.drain_timeout,
+        bulk_instance=args.bulk_instance,
     )
     folders = args.models
     if not folders:

@@ -484,3 +484,28 @@ def test_embeddings_route_below_a_mount_point() -> None:
     assert _route_path({"path": "/api/v1/embeddings", "root_path": "/api"}) == "/v1/embeddings"
     assert _route_path({"path": "/apiv1/embeddings", "root_path": "/api"}) == "/apiv1/embeddings"
     assert _route_path({"path": "/v1/embeddings", "root_path": "/v1/embeddings"}) == "/v1/embeddings"
+
+
+def test_bulk_lane_on_a_second_instance(tiny_bert: tuple[Path, Path]) -> None:
+    from embedrt.serve.scheduler import Lane
+
+    with pytest.raises(ValueError, match="bulk_instance"):
+        ServeConfig(bulk_instance="both")
+    folder = tiny_bert[1]
+    config = ServeConfig(bulk_instance="separate", interactive_max_inputs=2)
+    with LiveServer(create_app([folder], config, device="openvino", threads=1)) as server:
+        served = next(iter(server.service.models.values()))
+        models = served.scheduler._models
+        assert models[Lane.BULK] is not models[Lane.INTERACTIVE]
+        assert models[Lane.BULK].device == models[Lane.INTERACTIVE].device == served.model.device
+        texts = [f"passage number {i} " * (1 + i % 7) for i in range(12)]
+        bulk = server.client().embeddings.create(model=served.name, input=texts, encoding_format="float")
+        one = server.client().embeddings.create(model=served.name, input=texts[:1], encoding_format="float")
+        expected = served.model.encode(texts)
+        assert np.abs(_vectors(bulk) - expected).max() <= 1e-6
+        assert np.abs(_vectors(one) - expected[:1]).max() <= 1e-6
+        assert server.metric("embedrt_batch_inputs_count", lane="bulk") >= 1
+        assert server.metric("embedrt_batch_inputs_count", lane="interactive") >= 1
+    # auto: a second instance on OpenVINO only
+    cpu = create_app([folder], ServeConfig(), device="cpu", threads=1).state.service
+    assert cpu._bulk_instance(embedrt.load(folder, device="cpu", threads=1)) is None

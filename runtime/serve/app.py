@@ -99,12 +99,28 @@ class Service:
         clash = sorted(a for a in aliases if a in self._by_alias)
         if clash:
             raise ValueError(f"two served models answer to {', '.join(clash)}; serve distinct models")
-        scheduler = Scheduler(model, self.config, self.metrics.on_call(name), self.metrics.on_drop(name))
+        scheduler = Scheduler(model, self.config, self.metrics.on_call(name), self.metrics.on_drop(name),
+                              bulk_model=self._bulk_instance(model))
         served = Served(name, aliases, model, scheduler)
         self.models[name] = served
         for alias in aliases:
             self._by_alias[alias] = served
         self.metrics.add_model(name)
+
+    def _bulk_instance(self, model: Any) -> Any | None:
+        """A second instance of ``model`` for the bulk lane (see ``ServeConfig.bulk_instance``), or None."""
+        mode = self.config.bulk_instance
+        if mode == "auto":
+            mode = "separate" if str(getattr(model, "device", "")).startswith("openvino") else "shared"
+        if mode == "shared" or not hasattr(model, "plan"):
+            return None
+        from embedrt.model import load
+
+        options = {**self._load_options, "device": model.device, "threads": model.plan.threads}
+        bulk = load(model.path, **options)
+        bulk.encode(WARM_UP)
+        log.info("embedrt serve: %s has a second instance for the bulk lane", model.path)
+        return bulk
 
     def begin_drain(self) -> None:
         """Stop taking work: /ready turns false and new embedding requests get 503; queued work finishes."""

@@ -26,6 +26,10 @@ class ServeConfig:
         bulk_yield_limit: consecutive interactive calls after which waiting bulk inputs get the next call
             (anti-starvation).
         drain_timeout: seconds a SIGTERM / SIGINT drain may take before the process exits anyway.
+        bulk_instance: ``separate`` loads a second instance of each model for the bulk lane, so an
+            interactive call runs beside a bulk one instead of after it; ``shared`` uses one instance;
+            ``auto`` is ``separate`` on OpenVINO (whose latency hint runs one call at a time) and ``shared``
+            on ONNX Runtime (whose session runs concurrent calls itself).
     """
 
     api_keys: tuple[str, ...] = ()
@@ -40,6 +44,7 @@ class ServeConfig:
     interactive_window: float = 1.0
     bulk_yield_limit: int = 4
     drain_timeout: float = 30.0
+    bulk_instance: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_batch_inputs", "max_queue_tokens", "max_inputs", "max_body_bytes",
@@ -54,5 +59,7 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if self.bulk_instance not in ("auto", "separate", "shared"):
+            raise ValueError(f"bulk_instance must be auto, separate or shared, got {self.bulk_instance!r}")
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ValueError("api_keys must be non-empty strings")

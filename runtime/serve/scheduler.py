@@ -96,11 +96,15 @@ class Scheduler:
         config: the server's options.
         on_call: called (from a worker thread) with each call's :class:`CallStats`.
         on_drop: called with ``(reason, rows)`` for rows dropped before inference.
+        bulk_model: another instance of the same model folder for the bulk lane, or None to share ``model``.
     """
 
     def __init__(self, model: Any, config: ServeConfig, on_call: Callable[[CallStats], None] | None = None,
-                 on_drop: Callable[[DropReason, int], None] | None = None) -> None:
+                 on_drop: Callable[[DropReason, int], None] | None = None, bulk_model: Any | None = None) -> None:
         self.model = model
+        # a second instance of the model for the bulk lane: on a backend that runs one call at a time
+        # (OpenVINO's latency hint: one stream), an interactive call would otherwise wait for a bulk one
+        self._models = {Lane.INTERACTIVE: model, Lane.BULK: bulk_model if bulk_model is not None else model}
         self.config = config
         self._cost: BatchCost = model.batch_cost(config.max_batch_tokens)
         budget = self._cost.token_budget
@@ -301,7 +305,7 @@ class Scheduler:
             if job.started is None:
                 job.started = start
         try:
-            emb = self.model.encode_tokens([job.ids[row] for job, row in rows], batch_size=len(rows),
+            emb = self._models[lane].encode_tokens([job.ids[row] for job, row in rows], batch_size=len(rows),
                                            max_tokens=cost.token_budget)
         except Exception as exc:  # never leave a request hanging: answer every job of the call
             log.exception("inference failed on a call of %d inputs", len(rows))
