@@ -28,7 +28,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ort-dynamic-ffn32": {"quantize": "dynamic", "keep_ffn_output_fp32": True},
     "ort-static": {"quantize": "static"},
     "ort-static-ffn32": {"quantize": "static", "keep_ffn_output_fp32": True},
-    "ov-nncf-static": {"quantize": "static", "formats": "openvino"},
+    "ov-nncf-static": {"quantize": "static", "formats": "openvino"},  # SmoothQuant off (the default)
+    "ov-nncf-static-sq": {"quantize": "static", "formats": "openvino", "smooth_quant": True},
 }
 
 
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--work", default="models/_int8")
     p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--devices", default="cpu,openvino", help="judge the recipes of these devices only")
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     import embedrt
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (fp32_dir / "embedrt.json").is_file():
         export_model(args.model, fp32_dir, formats="onnx,openvino", overwrite=True)
     rows: dict[str, Any] = {}
-    for device in ("cpu", "openvino"):
+    for device in args.devices.split(","):
         fp32 = embedrt.load(fp32_dir, device=device)
         reference = {"corpus": fp32.encode(beir.corpus_texts), "queries": fp32.encode(beir.query_texts),
                      "sts": fp32.encode(data["sts"].first)}

@@ -109,6 +109,7 @@ class ExportOptions:
         calibration_texts: Sequence[str] | None = None,
         calibration_method: str = "minmax",
         keep_ffn_output_fp32: bool = False,
+        smooth_quant: bool = False,
         eval_dir: str | Path | None = None,
         min_retained: float = 99.0,
         min_agreement: float = 0.85,
@@ -126,6 +127,7 @@ class ExportOptions:
                 Method.parse(quantize), parse_target(target),
                 tuple(calibration_texts) if calibration_texts else default_calibration_texts(),
                 calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32,
+                smooth_quant=smooth_quant,
             )
         return cls(
             formats=parse_formats(formats), precision=Precision.parse(precision),

@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-texts", help=".txt/.jsonl calibration texts (default: the shipped set)")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "entropy", "percentile"])
     p.add_argument("--keep-ffn-fp32", action="store_true", help="int8: leave FFN down-projections in fp32")
+    p.add_argument("--smooth-quant", action="store_true",
+                   help="int8 on OpenVINO: NNCF's SmoothQuant (off by default: worse on short texts and not "
+                        "batch-invariant)")
     p.add_argument("--eval", dest="eval_dir", help="BEIR folder for the int8 quality gate (NDCG@10 retention)")
     p.add_argument("--min-retained", type=float, default=99.0, help="gate: percent of fp32 NDCG@10 to keep")
     p.add_argument("--min-agreement", type=float, default=0.85,
@@ -188,7 +191,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         formats=args.format, precision=args.precision, similarity=args.similarity, revision=args.revision,
         parity_texts=extra, min_cosine=args.min_cosine, overwrite=args.overwrite, quantize=args.quantize,
         target=args.target, calibration_texts=calibration, calibration_method=args.calibration_method,
-        keep_ffn_output_fp32=args.keep_ffn_fp32, eval_dir=args.eval_dir, min_retained=args.min_retained,
+        keep_ffn_output_fp32=args.keep_ffn_fp32, smooth_quant=args.smooth_quant, eval_dir=args.eval_dir,
+        min_retained=args.min_retained,
         min_agreement=args.min_agreement, min_mean_cosine=args.min_mean_cosine,
     )
     out = export_model(args.source, args.output, options)
@@ -426,6 +430,7 @@ def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[s
     out = export_auto(args.source, output, args.overwrite, similarity=args.similarity, revision=args.revision,
                       parity_texts=extra, target=args.target, calibration_texts=calibration,
                       calibration_method=args.calibration_method, keep_ffn_output_fp32=args.keep_ffn_fp32,
+                      smooth_quant=args.smooth_quant,
                       eval_dir=args.eval_dir, min_retained=args.min_retained, min_agreement=args.min_agreement,
                       min_mean_cosine=args.min_mean_cosine)
     report = read_manifest(out).extra["auto"]

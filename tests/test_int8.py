@@ -110,3 +110,31 @@ def test_openvino_int8_runs_f32_outside_int8_and_ignores_padding(static_int8) ->
     for length in range(max(map(len, ids)), 80):
         cos = row_cosine(model.encode_padded(ids, length), exact)
         assert cos.min() > 0.999, f"padded to {length}: cosine {cos.min():.4f} to the unpadded embedding"
+
+
+@pytest.mark.parametrize("device", ["cpu", "openvino"])
+def test_served_int8_vector_does_not_depend_on_batch_mates(static_int8, device) -> None:  # type: ignore[no-untyped-def]
+    # what a server does: one user's text shares a call with others' texts, padded to the longest of them
+    manifest = json.loads((static_int8 / "embedrt.json").read_text())
+    assert manifest["extra"]["quantization"]["batch_invariant"] is True
+    assert manifest["extra"]["quantization"]["smooth_quant"] is False
+    model = embedrt.load(static_int8, device=device)
+    texts = [*default_calibration_texts()[:24], "", "hello", "x " * 40]
+    ids = model.tokenize(texts)
+    alone = np.concatenate([model.encode_padded([x], len(x)) for x in ids])
+    rng = random.Random(1)
+    for _ in range(6):
+        mates = rng.sample(range(len(ids)), 9)
+        longest = max(len(ids[i]) for i in mates)
+        got = model.encode_padded([ids[i] for i in mates], longest + rng.choice([0, 0, 5]))
+        assert np.abs(got - alone[mates]).max() <= 1e-6
+
+
+def test_dynamic_int8_is_marked_not_batch_invariant() -> None:
+    from embedrt.export.quantize import Method, QuantConfig
+
+    dynamic = QuantConfig(Method.DYNAMIC, "avx2", ())
+    smooth = QuantConfig(Method.STATIC, "avx2", ("a",), smooth_quant=True)
+    assert dynamic.describe()["batch_invariant"] is False
+    assert smooth.describe()["batch_invariant"] is False
+    assert QuantConfig(Method.STATIC, "avx2", ("a",)).describe()["batch_invariant"] is True

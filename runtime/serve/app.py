@@ -99,6 +99,11 @@ class Service:
         clash = sorted(a for a in aliases if a in self._by_alias)
         if clash:
             raise ValueError(f"two served models answer to {', '.join(clash)}; serve distinct models")
+        quant = (model.manifest.extra or {}).get("quantization") or {}
+        if quant and not quant.get("batch_invariant", quant.get("method") == "static"):
+            log.warning("embedrt serve: %s is int8 with a recipe that is not batch-invariant (%s): a text's "
+                        "vector will depend on the other requests it shares a call with; serve a static "
+                        "int8 export (--quantize static) instead", name, quant.get("method"))
         scheduler = Scheduler(model, self.config, self.metrics.on_call(name), self.metrics.on_drop(name),
                               bulk_model=self._bulk_instance(model))
         served = Served(name, aliases, model, scheduler)
