@@ -36,6 +36,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -101,11 +102,16 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], path: str, timeout: flo
     raise RuntimeError(f"the server at {url} was not ready within {timeout:.0f} s")
 
 
-def start_embedrt(folder: Path, threads: int, extra: list[str]) -> Server:
+ACCESS_LOG = Path(tempfile.gettempdir()) / "embedrt-serve-load-access.log"
+
+
+def start_embedrt(folder: Path, threads: int, extra: list[str], access_log: Path | None = None) -> Server:
+    """``embedrt serve`` on a free port; with ``access_log``, its access log (stdout) goes to that file."""
     port = _free_port()
     cmd = [sys.executable, "-m", "embedrt.cli", "serve", str(folder), "--port", str(port), "--threads", str(threads),
-           "--no-access-log", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           *([] if access_log else ["--no-access-log"]), *extra]
+    out = access_log.open("wb") if access_log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     _wait_ready(url, proc, "/ready")
     model = json.loads(_get(url + "/v1/models")[1])["data"][0]["id"]
@@ -278,14 +284,19 @@ Send = Callable[[list[str]], Awaitable[int]]  # one request; returns its prompt 
 
 
 async def drive(server: Server, batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
-                stop: asyncio.Event | None = None, headers: dict[str, str] | None = None) -> Outcome:
-    """``concurrency`` clients each sending the next batch until ``max_requests`` or ``seconds`` run out."""
+                stop: asyncio.Event | None = None, headers: dict[str, str] | None = None,
+                interval: float = 0.0) -> Outcome:
+    """``concurrency`` clients each sending the next batch until ``max_requests`` or ``seconds`` run out.
+
+    ``interval`` > 0 paces each client: a request starts ``interval`` s after the previous one started
+    (at once if that one took longer), instead of back to back.
+    """
     if CLIENT == "raw":
         def raw_sender() -> tuple[Send, Callable[[], Awaitable[None]]]:
             client = RawClient(server, headers)
             return client.create, client.close
 
-        return await _load(batches, concurrency, max_requests, seconds, stop, raw_sender)
+        return await _load(batches, concurrency, max_requests, seconds, stop, raw_sender, interval)
     import openai
 
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=os.environ.get("EMBEDRT_API_KEY", "unused"),
@@ -300,14 +311,14 @@ async def drive(server: Server, batches: list[list[str]], concurrency: int, max_
         return None
 
     try:
-        return await _load(batches, concurrency, max_requests, seconds, stop, lambda: (send, nothing))
+        return await _load(batches, concurrency, max_requests, seconds, stop, lambda: (send, nothing), interval)
     finally:
         await client.close()
 
 
 async def _load(batches: list[list[str]], concurrency: int, max_requests: int, seconds: float,
                 stop: asyncio.Event | None, sender: Callable[[], tuple[Send, Callable[[], Awaitable[None]]]],
-                ) -> Outcome:
+                interval: float = 0.0) -> Outcome:
     """The request loop shared by both clients: each worker gets its own sender (a connection, for RawClient)."""
     out = Outcome()
     counter = iter(range(max_requests))
@@ -325,10 +336,16 @@ async def _load(batches: list[list[str]], concurrency: int, max_requests: int, s
                     tokens = await send(batch)
                 except Exception as exc:  # every failure is counted by kind, none ends the run
                     out.record_error(_error_kind(exc))
+                    # back off as a real client would: retrying a refused connection at once turns the load
+                    # generator into a busy loop that takes the CPU from the server (a million retries in
+                    # a SIGTERM drain here)
+                    await asyncio.sleep(0.01)
                     continue
                 out.latencies.append(time.perf_counter() - t0)
                 out.texts += len(batch)
                 out.tokens += tokens
+                if interval:
+                    await asyncio.sleep(max(0.0, t0 + interval - time.perf_counter()))
         finally:
             await close()
 
@@ -343,14 +360,38 @@ def run_load(server: Server, batches: list[list[str]], concurrency: int, max_req
     return asyncio.run(drive(server, batches, concurrency, max_requests, seconds, headers=headers))
 
 
+def _bulk_inputs(server: Server) -> float | None:
+    """Inputs the server's bulk lane has embedded so far (its /metrics), or None for a server without them."""
+    try:
+        status, body = _get(server.url + "/metrics")
+    except OSError:
+        return None
+    lines = [ln for ln in body.decode(errors="replace").splitlines()
+             if ln.startswith("embedrt_batch_inputs_sum{") and 'lane="bulk"' in ln] if status == 200 else []
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) if lines else None
+
+
 async def _mixed(server: Server, queries: list[list[str]], bulk: list[list[str]], bulk_clients: int,
-                 seconds: float) -> tuple[Outcome, Outcome]:
+                 seconds: float, interactive: bool = True, rate: float = 0.0,
+                 ) -> tuple[Outcome | None, Outcome, float | None]:
+    """Bulk clients, and (``interactive``) one query client for ``seconds`` once the bulk stream runs.
+
+    Bulk throughput is the bulk lane's inputs per second over exactly the query window, from the server's
+    metrics: 256-passage requests take tens of seconds, so counting finished requests would be too coarse.
+    """
     stop = asyncio.Event()
     bulk_task = asyncio.ensure_future(drive(server, bulk, bulk_clients, 10**9, seconds + 60, stop=stop))
     await asyncio.sleep(min(2.0, seconds / 5))  # the bulk stream is running before the queries start
-    interactive = await drive(server, queries, 1, 10**9, seconds)
+    before, start = _bulk_inputs(server), time.monotonic()
+    if interactive:
+        outcome: Outcome | None = await drive(server, queries, 1, 10**9, seconds, interval=1 / rate if rate else 0.0)
+    else:
+        outcome = None
+        await asyncio.sleep(seconds)
+    after, end = _bulk_inputs(server), time.monotonic()
     stop.set()
-    return interactive, await bulk_task
+    rate = (after - before) / (end - start) if before is not None and after is not None else None
+    return outcome, await bulk_task, rate
 
 
 # ---- in-process reference ----
@@ -361,6 +402,8 @@ def in_process(folder: Path, threads: int, queries: list[str], passages: list[st
     import embedrt
 
     model = embedrt.load(folder, device=device, threads=threads)
+    if model.huge_pages is not None:  # as the server does before it is ready: no background copy while timed
+        model.huge_pages.wait(60)
     model.encode(queries[:8])
     single = []
     for _ in range(reps):
@@ -395,8 +438,10 @@ def _chunks(texts: list[str], size: int, count: int) -> list[list[str]]:
 
 
 def _rss_summary(samples: list[tuple[float, int]], warmup_fraction: float = 0.2) -> dict[str, Any]:
-    if not samples:
+    live = [x for x in samples if x[1] > 0]  # a sample taken as the process exited reads 0
+    if not live:
         return {}
+    samples = live
     cut = max(1, int(len(samples) * warmup_fraction))
     after = samples[cut - 1][1]
     end = samples[-1][1]
@@ -412,24 +457,41 @@ def mode_sigterm(server: Server, queries: list[str], passages: list[str], after:
         raise ValueError("the sigterm mode needs a server started by this script")
 
     async def go() -> tuple[Outcome, Outcome]:
-        q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120))
-        p = asyncio.ensure_future(drive(server, _chunks(passages, 32, 64), 8, 10**9, after + 120))
+        q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120, stop=stop))
+        p = asyncio.ensure_future(drive(server, _chunks(passages, 32, 64), 8, 10**9, after + 120, stop=stop))
         await asyncio.sleep(after)
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
+        nonlocal sent, exit_at
+        sent = time.monotonic()
+        while server.proc.poll() is None:  # the clients keep trying (refused) until the loops end
+            await asyncio.sleep(0.05)
+        exit_at = time.monotonic()
+        stop.set()
         return await q, await p
 
-    sent = time.monotonic()
+    stop = asyncio.Event()
+    sent = exit_at = time.monotonic()
     q, p = asyncio.run(go())
     code = server.proc.wait(120)
     errors: dict[str, int] = {}
     for o in (q, p):
         for k, v in o.errors.items():
             errors[k] = errors.get(k, 0) + v
-    lost = {k: v for k, v in errors.items() if k not in ("refused", "503")}
-    return {"answered": len(q.latencies) + len(p.latencies), "refused_or_503": errors.get("refused", 0) +
-            errors.get("503", 0), "lost": lost, "exit_code": code, "exit_seconds": round(time.monotonic() - sent, 2),
-            "every_accepted_request_answered": not lost}
+    answered = len(q.latencies) + len(p.latencies)
+    # the server's own account: one access-log line per request it handled
+    served = [json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.startswith("{")]
+    served_ok = sum(1 for r in served if r.get("path") == "/v1/embeddings" and r.get("status") == 200)
+    served_other = {str(r.get("status")) for r in served if r.get("path") == "/v1/embeddings"} - {"200"}
+    # a reset on a kept-alive connection that the draining server closed before reading the request is
+    # "not accepted" (HTTP clients retry those); a request the server answered but the client did not
+    # receive would show as served_ok > answered
+    lost = {k: v for k, v in errors.items() if k not in ("refused", "503", "ConnectionResetError")}
+    return {"answered": answered, "server_answered_200": served_ok, "server_other_statuses": sorted(served_other),
+            "refused_or_503": errors.get("refused", 0) + errors.get("503", 0),
+            "reset_before_accepted": errors.get("ConnectionResetError", 0), "lost": lost, "exit_code": code,
+            "exit_seconds": round(exit_at - sent, 2),
+            "every_accepted_request_answered": not lost and served_ok == answered}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2000, help="most requests per measurement")
     p.add_argument("--seconds", type=float, default=20.0, help="most seconds per measurement")
     p.add_argument("--bulk-clients", type=int, default=2, help="mixed: concurrent 256-passage clients")
+    p.add_argument("--interactive-rate", type=float, default=0.0,
+                   help="mixed, soak: the query client's requests per second (0: back to back, as fast as "
+                        "answered; its own load then takes that share of the CPU from the bulk stream)")
     p.add_argument("--duration", type=float, default=600.0, help="soak: seconds of mixed load")
     p.add_argument("--sigterm-after", type=float, default=5.0)
     p.add_argument("--reps", type=int, default=3, help="in-process reference repetitions")
@@ -541,7 +606,8 @@ def _server(args: argparse.Namespace, folder: Path | None, checkpoint: Path | No
             raise SystemExit("--peer infinity needs --model (its checkpoint folder)")
         return start_infinity(checkpoint, args.threads, args.peer_engine)
     assert folder is not None
-    return start_embedrt(folder, args.threads, [*(args.serve_arg or []), f"--device={_device(args)}"])
+    log = ACCESS_LOG if "sigterm" in args.modes.split(",") else None
+    return start_embedrt(folder, args.threads, [*(args.serve_arg or []), f"--device={_device(args)}"], log)
 
 
 def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int], queries: list[str],
@@ -563,16 +629,26 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
         return rows
     bulk = _chunks(passages, 256, 16)
     if mode == "mixed":
-        alone_q = run_load(server, single, 1, 10**9, args.seconds).summary()
-        alone_b = run_load(server, bulk, args.bulk_clients, 10**9, args.seconds).summary()
-        q, b = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.seconds))
-        qs, bs = q.summary(), b.summary()
+        pace = 1 / args.interactive_rate if args.interactive_rate else 0.0
+        alone_q = asyncio.run(drive(server, single, 1, 10**9, args.seconds, interval=pace)).summary()
+        _, b_alone, rate_alone = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.seconds, False))
+        q, b, rate_mixed = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.seconds,
+                                              rate=args.interactive_rate))
+        assert q is not None
+        alone_b, qs, bs = b_alone.summary(), q.summary(), b.summary()
+        if rate_alone and rate_mixed is not None:  # the server's own count over the window (embedrt)
+            alone_b["lane_texts_per_s"], bs["lane_texts_per_s"] = round(rate_alone, 2), round(rate_mixed, 2)
+            bulk_ratio = rate_mixed / rate_alone
+        else:  # a peer: finished requests only
+            bulk_ratio = bs["texts_per_s"] / max(alone_b["texts_per_s"], 1e-9)
         return {"interactive_alone": alone_q, "bulk_alone": alone_b, "interactive_mixed": qs, "bulk_mixed": bs,
                 "interactive_p99_ratio": round(qs["p99_ms"] / max(alone_q["p99_ms"], 1e-9), 2),
-                "bulk_throughput_ratio": round(bs["texts_per_s"] / max(alone_b["texts_per_s"], 1e-9), 3)}
+                "bulk_throughput_ratio": round(bulk_ratio, 3)}
     if mode == "soak":
         with RssSampler(server.pid, 1.0) as rss:
-            q, b = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.duration))
+            q, b, _ = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.duration,
+                                         rate=args.interactive_rate))
+            assert q is not None
         errors = {**q.errors}
         for k, v in b.errors.items():
             errors[k] = errors.get(k, 0) + v

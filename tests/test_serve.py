@@ -341,8 +341,8 @@ def test_sigterm_drain_answers_every_accepted_request(tiny_bert: tuple[Path, Pat
     port = sock.getsockname()[1]
     sock.close()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedrt.cli", "serve", str(tiny_bert[1]), "--port", str(port), "--threads", "1",
-         "--no-access-log"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "embedrt.cli", "serve", str(tiny_bert[1]), "--port", str(port), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         base = f"http://127.0.0.1:{port}"
@@ -386,6 +386,13 @@ def test_sigterm_drain_answers_every_accepted_request(tiny_bert: tuple[Path, Pat
                 assert isinstance(out["error"], openai.APIConnectionError), out
         assert queued, "the signal came before any work was queued: the drain was not exercised"
         assert sum("result" in out for out in results) >= 1
+        # the access log (buffered, on stdout) has a line for every answered request, the last ones
+        # written at exit: uvicorn's logging set-up must not have closed its handler
+        lines = [json.loads(x) for x in (proc.stdout.read().decode() if proc.stdout else "").splitlines()
+                 if x.startswith("{")]
+        posts = [x for x in lines if x["path"] == "/v1/embeddings" and x["status"] == 200]
+        assert len(posts) == sum("result" in out for out in results), lines
+        assert all(x["inputs"] == len(texts) for x in posts)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -32,7 +32,10 @@ class _Flusher(logging.handlers.MemoryHandler):
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]  # an RLock, created by Handler.__init__
             target = self.target
-            if not self.buffer or not isinstance(target, logging.StreamHandler):
+            if not isinstance(target, logging.StreamHandler):  # closed: drop, never hold records forever
+                self.buffer = []
+                return
+            if not self.buffer:
                 return
             # one write for the whole buffer (lines in order), then a single flush
             text = "".join(target.format(r) + target.terminator for r in self.buffer)

@@ -83,8 +83,7 @@ class Service:
 
         for source in self._sources:
             model = source if hasattr(source, "encode_tokens") else load(source, **self._load_options)
-            model.encode(WARM_UP)
-            model.encode(WARM_UP[:1])
+            _warm_up(model, self.config)
             self._add(model)
         self.ready = True
         log.info("embedrt serve: ready with %s", ", ".join(self.models))
@@ -123,7 +122,7 @@ class Service:
 
         options = {**self._load_options, "device": model.device, "threads": model.plan.threads}
         bulk = load(model.path, **options)
-        bulk.encode(WARM_UP)
+        _warm_up(bulk, self.config)
         log.info("embedrt serve: %s has a second instance for the bulk lane", model.path)
         return bulk
 
@@ -141,6 +140,10 @@ class Service:
             if not served.scheduler.close(max(0.1, end - time.monotonic())):
                 log.warning("embedrt serve: %s did not drain within %g s", served.name, self.config.drain_timeout)
         self.edge.shutdown(wait=False, cancel_futures=True)
+        # the access log may be buffered (embedrt.serve.accesslog); uvicorn ends the process by re-raising
+        # the signal, which skips logging's exit hooks, so its last lines are written here
+        for handler in access_log.handlers:
+            handler.flush()
 
     def lookup(self, name: str) -> Served:
         served = self._by_alias.get(name)
@@ -166,6 +169,24 @@ class Service:
             ok |= hmac.compare_digest(given, key.encode())
         if not ok:
             raise protocol.unauthorized()
+
+
+def _warm_up(model: Any, config: ServeConfig) -> None:
+    """Run a model once at each size it will see, so that /ready means full speed and steady memory.
+
+    Two short texts (first shapes, thread pools), then one call as large as the token budget allows:
+    the backend's buffers for the largest activations are allocated now, not at the first big batch
+    under load (which showed as +13% RSS late in a soak). Then wait for the weights' move into huge pages.
+    """
+    model.encode(WARM_UP)
+    model.encode(WARM_UP[:1])
+    budget = model.batch_cost(config.max_batch_tokens).token_budget
+    length = int(model.manifest.max_seq_length)
+    if budget:
+        rows = max(1, min(config.max_batch_inputs, budget // length))
+        model.encode(["warm up " * length] * rows, batch_size=rows, max_tokens=budget)
+    if getattr(model, "huge_pages", None) is not None:
+        model.huge_pages.wait(60)
 
 
 # ---- the edge ----

@@ -29,6 +29,9 @@ class _DrainingServer(uvicorn.Server):
 def serve_forever(app: Any, host: str, port: int, drain_timeout: float, **options: Any) -> None:
     """Run until a signal, then drain; raises EmbedrtError if the server never started."""
     options.setdefault("log_level", "info")
+    # log_config=None: uvicorn's default dictConfig would close every handler already installed (logging's
+    # dictConfig shuts down the existing ones), the access log's included; its loggers go to the root's
+    options.setdefault("log_config", None)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=math.ceil(drain_timeout), **options)
     server = _DrainingServer(config, app.state.service)
