@@ -457,8 +457,11 @@ def mode_sigterm(server: Server, queries: list[str], passages: list[str], after:
         raise ValueError("the sigterm mode needs a server started by this script")
 
     async def go() -> tuple[Outcome, Outcome]:
-        q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120, stop=stop))
-        p = asyncio.ensure_future(drive(server, _chunks(passages, 32, 64), 8, 10**9, after + 120, stop=stop))
+        tag = {"X-Request-Id": "sigterm-mode"}  # this mode's requests in the access log (not the warm-up's)
+        q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120, stop=stop,
+                                        headers=tag))
+        p = asyncio.ensure_future(drive(server, _chunks(passages, 32, 64), 8, 10**9, after + 120, stop=stop,
+                                        headers=tag))
         await asyncio.sleep(after)
         assert server.proc is not None
         server.proc.send_signal(signal.SIGTERM)
@@ -480,7 +483,8 @@ def mode_sigterm(server: Server, queries: list[str], passages: list[str], after:
             errors[k] = errors.get(k, 0) + v
     answered = len(q.latencies) + len(p.latencies)
     # the server's own account: one access-log line per request it handled
-    served = [json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.startswith("{")]
+    served = [r for r in (json.loads(line) for line in ACCESS_LOG.read_text().splitlines() if line.startswith("{"))
+              if r.get("id") == "sigterm-mode"]
     served_ok = sum(1 for r in served if r.get("path") == "/v1/embeddings" and r.get("status") == 200)
     served_other = {str(r.get("status")) for r in served if r.get("path") == "/v1/embeddings"} - {"200"}
     # a reset on a kept-alive connection that the draining server closed before reading the request is
