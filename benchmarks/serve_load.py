@@ -390,8 +390,8 @@ async def _mixed(server: Server, queries: list[list[str]], bulk: list[list[str]]
         await asyncio.sleep(seconds)
     after, end = _bulk_inputs(server), time.monotonic()
     stop.set()
-    rate = (after - before) / (end - start) if before is not None and after is not None else None
-    return outcome, await bulk_task, rate
+    lane_rate = (after - before) / (end - start) if before is not None and after is not None else None
+    return outcome, await bulk_task, lane_rate
 
 
 # ---- in-process reference ----
@@ -456,6 +456,9 @@ def mode_sigterm(server: Server, queries: list[str], passages: list[str], after:
     if server.proc is None:
         raise ValueError("the sigterm mode needs a server started by this script")
 
+    stop = asyncio.Event()
+    sent = exit_at = time.monotonic()
+
     async def go() -> tuple[Outcome, Outcome]:
         tag = {"X-Request-Id": "sigterm-mode"}  # this mode's requests in the access log (not the warm-up's)
         q = asyncio.ensure_future(drive(server, [[x] for x in queries], 24, 10**9, after + 120, stop=stop,
@@ -473,8 +476,6 @@ def mode_sigterm(server: Server, queries: list[str], passages: list[str], after:
         stop.set()
         return await q, await p
 
-    stop = asyncio.Event()
-    sent = exit_at = time.monotonic()
     q, p = asyncio.run(go())
     code = server.proc.wait(120)
     errors: dict[str, int] = {}

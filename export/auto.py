@@ -56,7 +56,8 @@ def timing_texts() -> tuple[list[str], list[str]]:
     from embedrt.export.quantize import default_calibration_texts
 
     texts = list(default_calibration_texts())
-    passages, current = [], ""
+    passages: list[str] = []
+    current = ""
     for i in range(len(texts) * 8):
         current = f"{current} {texts[i % len(texts)]}".strip()
         if len(current.split()) >= 160 + 16 * (len(passages) % 8):
@@ -68,7 +69,7 @@ def timing_texts() -> tuple[list[str], list[str]]:
     return passages, queries
 
 
-def measure(folder: Path, device: str, passages: list[str], queries: list[str]) -> dict[str, float]:
+def measure(folder: Path, device: str, passages: list[str], queries: list[str]) -> dict[str, Any]:
     """One timing round: passages/s at batch 32 and the median single-query latency (ms)."""
     import embedrt
 
@@ -131,7 +132,7 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
             raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
         runs = [(name, device) for name, cand in passed.items() for device in cand.devices]
         passages, queries = timing_texts()
-        best: dict[tuple[str, str], dict[str, float]] = {}
+        best: dict[tuple[str, str], dict[str, Any]] = {}
         for r in range(rounds):
             for name, device in runs[r % len(runs):] + runs[: r % len(runs)]:
                 got = measure(scratch / name, device, passages, queries)
