@@ -47,12 +47,10 @@ def flops_per_text(config: dict[str, Any], tokens: int) -> float:
 
 
 def _machine(threads: int) -> dict[str, Any]:
-    from embedrt.cpu import cpu_flags, detect_target
+    from embedrt.cpu import cpu_flags, cpu_name, detect_target
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
     flags = cpu_flags()
-    return {"cpu": model, "cores_visible": os.cpu_count(), "threads": threads, "int8_target": detect_target(),
+    return {"cpu": cpu_name(), "cores_visible": os.cpu_count(), "threads": threads, "int8_target": detect_target(),
             "flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "asimd"))),
             "python": platform.python_version(), "platform": platform.platform()}
 

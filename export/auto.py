@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import statistics
 import tempfile
@@ -103,7 +102,7 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
         QualityGateError: no candidate passed its gate (the message gives each one's reason).
         FileExistsError: ``output`` exists and ``overwrite`` is False.
     """
-    from embedrt.cpu import bf16_units, cpu_flags, detect_target
+    from embedrt.cpu import bf16_units, cpu_flags, cpu_name, detect_target
     from embedrt.errors import EmbedrtError, QualityGateError
     from embedrt.export.artifacts import write_manifest
     from embedrt.export.pipeline import export_model
@@ -116,7 +115,7 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.auto-", dir=output.parent))
     try:
         units = bf16_units()
-        report: dict[str, Any] = {"cpu": _cpu_name(), "bf16_units": units, "int8_target": detect_target(),
+        report: dict[str, Any] = {"cpu": cpu_name(), "bf16_units": units, "int8_target": detect_target(),
                                   "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
         passed: dict[str, Candidate] = {}
         for cand in candidates(units is not None):
@@ -160,15 +159,3 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine() or os.uname().machine

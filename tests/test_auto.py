@@ -56,3 +56,13 @@ def test_cli_auto_refuses_settings_it_chooses_itself(tiny_bert: tuple[Path, Path
         assert proc.returncode == 2, proc.stderr
         assert "--precision auto picks" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_cpu_name_from_cpuinfo(tmp_path: Path) -> None:
+    from embedrt.cpu import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Test CPU\n"
+                    "flags\t\t: fpu avx2\n")
+    assert cpu_name(info) == "Intel(R) Xeon(R) Test CPU"
+    assert cpu_name(tmp_path / "missing")  # falls back to what platform reports, never empty
