@@ -10,6 +10,7 @@ loop bounded in requests and seconds:
     mixed     --bulk-clients sending 256-passage requests + one interactive client sending single queries:
               interactive p99 vs its idle p99, bulk throughput vs bulk alone
     soak      mixed load for --duration seconds: zero 5xx, server RSS within 10% of its value after warm-up
+              (the first 20% of the window); the tail, after the query client stops, is reported apart
     sigterm   queries + passages at concurrency 32, SIGTERM after --sigterm-after s: every request the
               server accepted must be answered (refused connections are counted apart)
 
@@ -658,7 +659,14 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
         for k, v in b.errors.items():
             errors[k] = errors.get(k, 0) + v
         fivexx = sum(v for k, v in errors.items() if k.startswith("5"))
-        summary = _rss_summary(rss.samples)
+        # the rule reads the load window; after it the query client has stopped and the last bulk requests
+        # finish alone, in bigger calls (the full token budget): new shapes, reported as the tail
+        window = [x for x in rss.samples if x[0] <= args.duration]
+        summary = _rss_summary(window)
+        tail = [s for t, s in rss.samples if t > args.duration and s > 0]
+        if tail:
+            summary["rss_tail_max_mb"] = round(max(tail) / 2**20, 1)
+            summary["rss_tail_growth_pct"] = round(100 * (max(tail) / 2**20 / summary["rss_after_warmup_mb"] - 1), 2)
         return {"interactive": q.summary(), "bulk": b.summary(), "5xx": fivexx, **summary,
                 "pass": fivexx == 0 and abs(summary.get("rss_growth_pct", 0.0)) <= 10.0}
     if mode == "sigterm":

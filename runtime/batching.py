@@ -57,7 +57,8 @@ def padded_lengths(lengths: np.ndarray, buckets: tuple[tuple[int, int], ...], ma
 
 
 def plan_batches(
-    lengths: np.ndarray, batch_size: int, cost: BatchCost | None = None, padded: np.ndarray | None = None
+    lengths: np.ndarray, batch_size: int, cost: BatchCost | None = None, padded: np.ndarray | None = None,
+    row_sizes: tuple[int, ...] = (),
 ) -> list[np.ndarray]:
     """Group text indices into calls, longest first, at the least total cost.
 
@@ -68,6 +69,8 @@ def plan_batches(
             texts in length order, capped only by the token budget.
         padded: the length each text would be padded to if it were a batch's longest (bucketing);
             ``lengths`` if None.
+        row_sizes: the only row counts a call may have (1 is always allowed); empty for any. A backend that
+            keeps state per input shape then sees few shapes (see ``embedrt.plan.ROW_SIZES``).
 
     Returns:
         Index arrays, one per call; together they cover every index exactly once.
@@ -81,10 +84,15 @@ def plan_batches(
     limits = np.minimum(batch_size, len(order) - np.arange(len(order)))
     if cost.token_budget is not None:
         limits = np.minimum(limits, np.maximum(1, cost.token_budget // np.maximum(pad, 1)).astype(np.int64))
+    allowed = np.unique(np.asarray([1, *row_sizes], dtype=np.int64)) if row_sizes else None
+    if allowed is not None:
+        if allowed[0] < 1:
+            raise ValueError(f"row_sizes must be >= 1, got {row_sizes}")
+        limits = allowed[np.searchsorted(allowed, limits, side="right") - 1]
     if cost.call_overhead == 0:
         sizes = _walk(limits)  # every call as large as allowed
     else:
-        sizes = _walk(_cheapest(pad * (1.0 + pad / cost.attention_span), limits, cost.call_overhead))
+        sizes = _walk(_cheapest(pad * (1.0 + pad / cost.attention_span), limits, cost.call_overhead, allowed))
     bounds = np.cumsum([0, *sizes])
     return [order[a:b] for a, b in itertools.pairwise(bounds)]
 
@@ -98,18 +106,20 @@ def _walk(take: np.ndarray) -> list[int]:
     return sizes
 
 
-def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float) -> np.ndarray:
+def _cheapest(per_row: np.ndarray, limits: np.ndarray, overhead: float, allowed: np.ndarray | None = None,
+              ) -> np.ndarray:
     """Size of the best call starting at each sorted text, minimising sum(overhead + rows x per_row[first]).
 
     An exact dynamic programme over the cuts of the sorted run. ``per_row[i]`` is the cost of one row in a
-    call whose longest text is sorted text ``i``; ``limits[i]`` the most rows such a call may hold.
-    O(n x batch_size).
+    call whose longest text is sorted text ``i``; ``limits[i]`` the most rows such a call may hold;
+    ``allowed`` the row counts a call may have (None: any). O(n x batch_size).
     """
     n = len(per_row)
     best = np.zeros(n + 1)
     take = np.ones(n, dtype=np.int64)
     for i in range(n - 1, -1, -1):
-        k = np.arange(1, int(limits[i]) + 1)
+        limit = int(limits[i])
+        k = np.arange(1, limit + 1) if allowed is None else allowed[allowed <= limit]
         total = best[i + k] + k * per_row[i]
         j = len(total) - 1 - int(np.argmin(total[::-1]))  # on a tie, the larger call
         best[i] = overhead + total[j]

@@ -168,7 +168,7 @@ class EmbeddingModel:
     def _run_planned(self, ids: list[np.ndarray], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         padded = self.padded_lengths(lengths)
-        for index in plan_batches(lengths, batch_size, cost, padded):
+        for index in plan_batches(lengths, batch_size, cost, padded, self.plan.row_sizes):
             out[index] = self._run([ids[i] for i in index], int(padded[index].max()))
 
     def _run(self, ids: Sequence[Sequence[int] | np.ndarray], pad_to: int) -> ops.FloatArray:
@@ -206,6 +206,11 @@ class EmbeddingModel:
         if not isinstance(cost, BatchCost):
             raise TypeError(f"cost must be a BatchCost, got {type(cost).__name__}")
         self.plan = dataclasses.replace(self.plan, batch_cost=cost)
+
+    @property
+    def row_sizes(self) -> tuple[int, ...]:
+        """The row counts an inference call may have on this device (empty: any); see ``plan_batches``."""
+        return self.plan.row_sizes
 
     def padded_lengths(self, lengths: np.ndarray) -> np.ndarray:
         """Each length rounded up to the plan's shape bucket, never past max_seq_length."""

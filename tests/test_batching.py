@@ -107,3 +107,48 @@ def test_shape_buckets_are_few_and_fine_for_short_texts() -> None:
     assert np.all(padded[lengths <= 64] - lengths[lengths <= 64] < 8)
     assert np.all(padded[lengths > 512] == lengths[lengths > 512]), "never padded past max_length"
     assert padded_lengths(lengths, EXACT, 512).tolist() == lengths.tolist()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_row_sizes_limit_the_shapes_and_stay_cheapest(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 11))
+    lengths = rng.integers(1, 512, n)
+    allowed = (1, 2, 3, 4, 6, 8)
+    cost = BatchCost(call_overhead=float(rng.choice([0, 32, 400])), attention_span=4608,
+                     token_budget=int(rng.choice([600, 4096])))
+    batches = plan_batches(lengths, 7, cost, row_sizes=allowed)
+    _check_plan(batches, lengths, 7, cost.token_budget)
+    assert all(len(b) in allowed for b in batches), [len(b) for b in batches]
+    if cost.call_overhead == 0:
+        return
+    ordered = np.argsort(-lengths, kind="stable")
+    best = np.inf
+    for cuts in itertools.product([False, True], repeat=n - 1):
+        bounds = [0, *[i + 1 for i, c in enumerate(cuts) if c], n]
+        groups = [ordered[a:b] for a, b in itertools.pairwise(bounds)]
+        if all(len(g) in allowed and len(g) <= 7 and (len(g) == 1 or len(g) * lengths[g].max() <= cost.token_budget)
+               for g in groups):
+            best = min(best, _plan_cost(groups, lengths, cost))
+    assert _plan_cost(batches, lengths, cost) == pytest.approx(best)
+
+
+def test_row_sizes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="row_sizes"):
+        plan_batches(np.array([3, 4]), 2, row_sizes=(0, 2))
+
+
+def test_openvino_calls_take_few_row_counts(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    """OpenVINO keeps state per shape: its calls use the plan's row sizes, ONNX Runtime's any count."""
+    from embedrt.plan import ROW_SIZES
+
+    ov = embedrt.load(tiny_bert[1], device="openvino")
+    assert ov.row_sizes == ROW_SIZES and 5 not in ROW_SIZES and 7 not in ROW_SIZES
+    seen: list[int] = []
+    run = ov._run
+    ov._run = lambda ids, pad_to: (seen.append(len(ids)), run(ids, pad_to))[1]  # type: ignore[method-assign]
+    texts = [f"text number {i} " + "word " * (i % 3) for i in range(7)]
+    got = ov.encode(texts, batch_size=7)
+    assert seen and all(size in ROW_SIZES for size in seen) and sum(seen) == 7, seen
+    np.testing.assert_allclose(got, np.vstack([ov.encode([t]) for t in texts]), atol=1e-5)
+    assert embedrt.load(tiny_bert[1], device="cpu").row_sizes == ()

@@ -281,7 +281,8 @@ class Scheduler:
     def _run_call(self, lane: Lane, window: list[tuple[Job, int]], cost: BatchCost) -> None:
         lengths = np.fromiter((job.lengths[row] for job, row in window), dtype=np.int64, count=len(window))
         padded = self.model.padded_lengths(lengths)
-        plan = plan_batches(lengths, self.config.max_batch_inputs, cost, padded)
+        plan = plan_batches(lengths, self.config.max_batch_inputs, cost, padded,
+                            getattr(self._models[lane], "row_sizes", ()))
         chosen = next(call for call in plan if 0 in call)  # the call holding the oldest row
         picked = set(chosen.tolist())
         with self._work:
