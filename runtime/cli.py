@@ -29,6 +29,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="most padded tokens per inference call (default: the device's budget, 4096 on CPU)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
+    p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
+                   help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
+                        "folders checked in bf16 at export, on CPUs with AMX)")
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="leave the model's memory in 4 KB pages (default: 2 MB pages where the host allows)")
@@ -121,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
+    p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
+                   help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
+                        "folders checked in bf16 at export, on CPUs with AMX)")
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="keep 4 KB pages")
     keys = p.add_mutually_exclusive_group()
@@ -167,7 +173,8 @@ def _load(args: argparse.Namespace) -> Any:
     from embedrt.model import load
 
     return load(args.model, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
-                openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint, huge_pages=args.huge_pages)
+                openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint, huge_pages=args.huge_pages,
+                inference_precision=args.inference_precision)
 
 
 def _progress() -> bool:
@@ -404,7 +411,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loaded here, before the server starts, so a bad folder is exit status 2 with its path
     models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
                    openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
-                   huge_pages=args.huge_pages) for f in folders]
+                   huge_pages=args.huge_pages, inference_precision=args.inference_precision) for f in folders]
     _access_log(args.access_log)
     app = create_app(models, config)
     for model in models:

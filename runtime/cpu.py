@@ -75,6 +75,17 @@ def bf16_units(flags: frozenset[str] | None = None) -> str | None:
     return next((f for f in BF16_FLAGS if f in have), None)
 
 
+def bf16_pays(flags: frozenset[str] | None = None) -> bool:
+    """Whether OpenVINO's bf16 is faster than f32 on this CPU: only with AMX tiles.
+
+    With AVX512_BF16 dot products alone it was slower than f32 (Xeon without AMX, 2 threads, 2026-11-23:
+    all-MiniLM-L6-v2 on the SciFact corpus 207 vs 131 s; DistilBERT-base 5.2 vs 8.5 passages/s); on the AMX
+    Xeon of issue #14, 140 vs 44 docs/s.
+    """
+    have = cpu_flags() if flags is None else flags
+    return "amx_bf16" in have
+
+
 def missing_features(target: str, flags: frozenset[str] | None = None) -> list[str]:
     """Flags ``target`` needs that this CPU lacks."""
     have = cpu_flags() if flags is None else flags

@@ -256,6 +256,7 @@ def load(
     performance_hint: str = "latency",
     huge_pages: bool = True,
     batch_cost: BatchCost | None = None,
+    inference_precision: str | None = None,
 ) -> EmbeddingModel:
     """Load a model folder written by ``embedrt export``.
 
@@ -274,6 +275,9 @@ def load(
             before the load is never touched.
         batch_cost: how ``encode`` groups texts into calls; default the device's own cost model
             (``model.plan.batch_cost``). ``BatchCost()`` gives fixed runs of ``batch_size`` texts.
+        inference_precision: on OpenVINO CPU, ``"f32"`` or ``"bf16"`` instead of the folder's own choice
+            (see :func:`embedrt.plan.openvino_cpu_precision`: an fp32 folder runs bf16 on AMX CPUs when its
+            export checked it in bf16). ``model.precision`` says what runs.
 
     Returns:
         The loaded model; ``model.device``, ``model.providers`` and ``model.plan`` say what it runs on and how.
@@ -287,7 +291,7 @@ def load(
     manifest = read_manifest(root)
     request = parse_device(device)
     settings = LoadSettings(threads if threads is not None else default_thread_count(), verify,
-                            openvino_cache_dir, performance_hint, batch_cost, allow_fallback)
+                            openvino_cache_dir, performance_hint, batch_cost, allow_fallback, inference_precision)
     check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
     before = hugepages.snapshot() if huge_pages else None

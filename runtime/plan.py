@@ -17,7 +17,7 @@ from typing import Any
 
 from embedrt._optional import require
 from embedrt.batching import BatchCost
-from embedrt.cpu import BF16_FLAGS, bf16_units
+from embedrt.cpu import BF16_FLAGS, bf16_pays, bf16_units
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import ONNX_NAME, OPENVINO_BIN, OPENVINO_XML, Manifest, Precision
 from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, cuda_unavailable_reason
@@ -61,10 +61,14 @@ class LoadSettings:
     performance_hint: str = "latency"
     batch_cost: BatchCost | None = None  # None: the device's own cost model
     allow_fallback: bool = False  # a bf16 folder on a CPU without bf16 units runs in f32 instead of failing
+    inference_precision: str | None = None  # OpenVINO CPU: "f32" or "bf16"; None: the folder's own choice
 
     def __post_init__(self) -> None:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.inference_precision not in (None, "f32", "bf16"):
+            raise ValueError(f"unknown inference_precision {self.inference_precision!r}; valid: f32, bf16 "
+                             "(or None for the folder's own choice)")
         if self.performance_hint.lower() not in HINTS:
             raise ValueError(f"unknown performance_hint {self.performance_hint!r}; valid: {', '.join(HINTS)}")
 
@@ -115,6 +119,8 @@ def plan_device(root: Path, manifest: Manifest, request: DeviceRequest, settings
     """
     if request.kind == "openvino":
         return _openvino_plan(root, manifest, request, settings)
+    if settings.inference_precision == "bf16":
+        raise ProviderUnavailableError(f"inference_precision='bf16' runs on OpenVINO only, not on {request}")
     if "onnx" not in manifest.graphs:
         raise ProviderUnavailableError(
             f"{root} holds no ONNX graph (it has {', '.join(manifest.graphs)}); use device='openvino' "
@@ -143,7 +149,8 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
             "export it with: embedrt export SOURCE --format openvino"
         )
     on_cpu = request.openvino_device.startswith("CPU")
-    precision = openvino_cpu_precision(manifest, settings.allow_fallback) if on_cpu else None
+    precision = (openvino_cpu_precision(manifest, settings.allow_fallback, requested=settings.inference_precision)
+                 if on_cpu else None)
     config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
     if on_cpu:
         config["INFERENCE_NUM_THREADS"] = settings.threads
@@ -159,15 +166,28 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     )
 
 
+def bf16_verified(manifest: Manifest) -> float | None:
+    """The smallest cosine of the folder's IR run in bf16 against sentence-transformers, if its export checked
+    that and it passed (``parity.openvino.bf16``); None otherwise."""
+    record = (manifest.parity.get("openvino") or {}).get("bf16") or {}
+    if record.get("passed") is True:
+        return float(min(record["min_cosine"], record.get("min_cosine_unbatched", 1.0)))
+    return None
+
+
 def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, flags: frozenset[str] | None = None,
-                           ) -> str:
+                           requested: str | None = None) -> str:
     """The precision OpenVINO's CPU plugin computes non-int8 ops in, for this folder: ``bf16`` or ``f32``.
 
     Left alone, OpenVINO runs every op that is not int8 in bf16 on CPUs that have it. So it is told:
+    - ``requested`` (``load(..., inference_precision=...)``) when given: ``f32`` always works; ``bf16``
+      needs bf16 units, and is refused for int8 folders (below);
     - bf16 folders (exported with ``--precision bf16``, parity checked in bf16): ``bf16``, on a CPU with
       bf16 units (AMX or AVX512_BF16); elsewhere bf16 would be emulated, slower than f32, so that is an error,
       or with ``allow_fallback`` a warning and ``f32`` (the IR holds fp32 weights: exact fp32 results);
-    - fp32 folders: ``f32``, to match sentence-transformers;
+    - fp32 folders: ``bf16`` where it is both fast and faithful: the export checked the IR in bf16 against
+      sentence-transformers (``parity.openvino.bf16`` passed, min cosine >= 0.9999; done on every export
+      made on a CPU with bf16 units) and this CPU has AMX (:func:`embedrt.cpu.bf16_pays`); else ``f32``;
     - int8 folders: ``f32`` too: in OpenVINO 2026.4.1 the bf16 attention of the NNCF all-MiniLM-L6-v2 goes
       wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some queries; with f32 it is
       0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens).
@@ -175,12 +195,29 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
     Raises:
         ProviderUnavailableError: a bf16 folder, a CPU without bf16 units, and no ``allow_fallback``.
     """
-    if manifest.precision is not Precision.BF16:
+    if requested == "f32":
+        return "f32"
+    if manifest.precision is Precision.INT8:
+        if requested == "bf16":
+            raise ProviderUnavailableError("int8 folders keep their non-int8 ops in f32 (OpenVINO's bf16 attention "
+                                           "of the int8 model goes wrong at sequence length 32); "
+                                           "inference_precision='bf16' is refused for them")
+        return "f32"
+    if manifest.precision is not Precision.BF16 and requested is None:
+        verified = bf16_verified(manifest)
+        if verified is not None and bf16_pays(flags):
+            log.info("embedrt: running the fp32 folder in bf16 on AMX: its export checked it in bf16 (min cosine "
+                     "%.5f to sentence-transformers); load(..., inference_precision='f32') for exact fp32", verified)
+            return "bf16"
         return "f32"
     units = bf16_units(flags)
     if units is not None:
+        if manifest.precision is not Precision.BF16 and bf16_verified(manifest) is None:
+            log.warning("embedrt: running in bf16 as asked, but this folder's export did not check it in bf16 "
+                        "(parity.openvino.bf16)")
         return "bf16"
-    message = ("this folder runs in bf16 (exported with --precision bf16), but this CPU has no bf16 units "
+    what = "this folder runs in bf16 (exported with --precision bf16)" if requested is None else "bf16 was asked for"
+    message = (f"{what}, but this CPU has no bf16 units "
                f"(needs one of {', '.join(BF16_FLAGS)}): OpenVINO would emulate bf16, slower than f32")
     if not allow_fallback:
         raise ProviderUnavailableError(f"{message}; load it with allow_fallback=True (--allow-fallback) to run "

@@ -81,3 +81,18 @@ def tiny_bert(stand_in_factory):  # type: ignore[no-untyped-def]
     from embedrt.export.synthetic import StandIn
 
     return stand_in_factory(StandIn(architecture="bert", normalize=True))
+
+
+# EMBEDRT_TEST_AMX=1 runs the suite as it runs on a CPU with AMX: amx_bf16 is added to the flags embedrt
+# reads, so an fp32 folder whose export checked it in bf16 runs in bf16 on OpenVINO, as on this project's AMX
+# machines. Only meaningful where the CPU really has bf16 units (AVX512_BF16), which then compute the bf16.
+# CLI tests that start a subprocess see the real flags.
+if os.environ.get("EMBEDRT_TEST_AMX"):
+    import embedrt.cpu
+
+    _real_flags = embedrt.cpu.cpu_flags
+
+    def _flags_with_amx(*args):  # type: ignore[no-untyped-def]
+        return _real_flags(*args) | {"amx_bf16", "amx_tile", "amx_int8"}
+
+    embedrt.cpu.cpu_flags = _flags_with_amx

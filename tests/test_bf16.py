@@ -80,16 +80,77 @@ def test_bf16_options_that_cannot_work_are_refused(kwargs: dict[str, str], match
     assert ExportOptions.parse(precision="bf16", formats="openvino").parity_threshold == 0.9999
 
 
-def test_only_bf16_folders_run_bf16(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+def _with_bf16_record(manifest, passed: bool = True, min_cosine: float = 0.99995):  # type: ignore[no-untyped-def]
+    parity = {**manifest.parity, "openvino": {**manifest.parity["openvino"], "bf16": {
+        "min_cosine": min_cosine, "min_cosine_unbatched": min_cosine, "threshold": 0.9999, "passed": passed}}}
+    return dataclasses.replace(manifest, parity=parity)
+
+
+def test_which_folders_run_bf16_on_which_cpu(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     manifest = read_manifest(tiny_bert[1])
-    with_units = frozenset({"avx512f", "avx512_bf16", "amx_bf16"})
-    assert openvino_cpu_precision(manifest, flags=with_units) == "f32"  # fp32 folders match sentence-transformers
+    manifest = dataclasses.replace(manifest, parity={**manifest.parity, "openvino": {
+        k: v for k, v in manifest.parity["openvino"].items() if k != "bf16"}})
+    amx = frozenset({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    dot_only = frozenset({"avx512f", "avx512_bf16"})
+    # fp32 folders: bf16 only where the export checked it in bf16 and the CPU has AMX (where bf16 pays)
+    assert openvino_cpu_precision(manifest, flags=amx) == "f32"  # never checked in bf16
+    checked = _with_bf16_record(manifest)
+    assert openvino_cpu_precision(checked, flags=amx) == "bf16"
+    assert openvino_cpu_precision(checked, flags=dot_only) == "f32"  # AVX512_BF16 alone: slower than f32
+    assert openvino_cpu_precision(checked, flags=NO_BF16) == "f32"
+    assert openvino_cpu_precision(_with_bf16_record(manifest, passed=False, min_cosine=0.9991), flags=amx) == "f32"
+    assert openvino_cpu_precision(checked, flags=amx, requested="f32") == "f32"
+    assert openvino_cpu_precision(manifest, flags=dot_only, requested="bf16") == "bf16"  # asked for: units suffice
+    with pytest.raises(ProviderUnavailableError, match="bf16 was asked for, but this CPU has no bf16 units"):
+        openvino_cpu_precision(checked, flags=NO_BF16, requested="bf16")
+    assert openvino_cpu_precision(checked, flags=NO_BF16, requested="bf16", allow_fallback=True) == "f32"
     # the guard int8 needs: its bf16 attention went wrong at sequence length 32 in OpenVINO 2026.4.1
-    int8 = dataclasses.replace(manifest, precision=Precision.INT8)
-    assert openvino_cpu_precision(int8, flags=with_units) == "f32"
+    int8 = dataclasses.replace(checked, precision=Precision.INT8)
+    assert openvino_cpu_precision(int8, flags=amx) == "f32"
+    with pytest.raises(ProviderUnavailableError, match="int8 folders keep their non-int8 ops in f32"):
+        openvino_cpu_precision(int8, flags=amx, requested="bf16")
     bf16 = dataclasses.replace(manifest, precision=Precision.BF16)
-    assert openvino_cpu_precision(bf16, flags=with_units) == "bf16"
+    assert openvino_cpu_precision(bf16, flags=dot_only) == "bf16"
     assert openvino_cpu_precision(bf16, allow_fallback=True, flags=NO_BF16) == "f32"
     with pytest.raises(ProviderUnavailableError):
         openvino_cpu_precision(bf16, flags=NO_BF16)
     assert embedrt.load(tiny_bert[1]).precision == "fp32"
+    with pytest.raises(ProviderUnavailableError, match="OpenVINO only"):
+        embedrt.load(tiny_bert[1], device="cpu", inference_precision="bf16")
+    with pytest.raises(ValueError, match="unknown inference_precision"):
+        embedrt.load(tiny_bert[1], device="openvino", inference_precision="fp16")
+
+
+def test_fp32_export_records_its_bf16_check(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    """Every export made on a CPU with bf16 units checks its IR in bf16 too; elsewhere there is no record."""
+    record = read_manifest(tiny_bert[1]).parity["openvino"].get("bf16")
+    if bf16_units() is None:
+        assert record is None
+        return
+    assert record is not None and record["threshold"] == 0.9999 and record["units"] == bf16_units()
+    assert record["passed"] is (min(record["min_cosine"], record["min_cosine_unbatched"]) >= 0.9999)
+    assert 0.99 < record["min_cosine"] < 1.0  # really computed in bf16: not the f32 result
+
+
+@needs_bf16
+def test_fp32_folder_runs_bf16_on_amx_within_its_check(minilm_dir: Path, minilm_st, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On an AMX CPU the default export runs at bf16 speed with bf16 parity; f32 on request (AMX simulated
+    here by its flag: this CPU's AVX512_BF16 units really compute the bf16)."""
+    manifest = read_manifest(minilm_dir)
+    record = manifest.parity["openvino"]["bf16"]
+    assert record["passed"], record
+    import embedrt.cpu
+
+    real = embedrt.cpu.cpu_flags()
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: real | {"amx_bf16", "amx_tile"})
+    fast = embedrt.load(minilm_dir, device="openvino")
+    assert fast.precision == "bf16" and fast.plan.inference_precision == "bf16"
+    assert embedrt.load(minilm_dir, device="auto").precision == "bf16"
+    want = minilm_st.encode(TEXTS, convert_to_numpy=True)
+    got = fast.encode(TEXTS)
+    assert row_cosine(want, got).min() >= 0.9999 and np.abs(got - want).max() > 1e-5
+    exact = embedrt.load(minilm_dir, device="openvino", inference_precision="f32")
+    assert exact.precision == "fp32"
+    np.testing.assert_allclose(exact.encode(TEXTS), want, atol=2e-5)
+    monkeypatch.undo()
+    assert embedrt.load(minilm_dir, device="openvino").precision == ("bf16" if "amx_bf16" in real else "fp32")

@@ -19,9 +19,14 @@ EDGE = ["", "x", "naïve café — “quotes”", "日本語のテキスト", "e
 def test_parity_on_scifact_and_edge_cases(device: str, minilm_dir, minilm_st) -> None:  # type: ignore[no-untyped-def]
     texts = scifact_docs(300) + EDGE
     ref = minilm_st.encode(texts, convert_to_numpy=True, batch_size=32)
-    got = embedrt.load(minilm_dir, device=device).encode(texts)
-    figures = parity_figures(ref, got)
-    assert figures["min_cosine"] >= 0.99999, figures
+    model = embedrt.load(minilm_dir, device=device)
+    figures = parity_figures(ref, model.encode(texts))
+    # on AMX CPUs the IR runs bf16 by default (its export checked it in bf16): 0.9999 there
+    assert figures["min_cosine"] >= (0.9999 if model.precision == "bf16" else 0.99999), figures
+    if device == "openvino":
+        exact = embedrt.load(minilm_dir, device=device, inference_precision="f32")
+        figures = parity_figures(ref, exact.encode(texts))
+        assert figures["min_cosine"] >= 0.99999, figures
 
 
 def test_manifest_records_checkpoint_contract(minilm_dir) -> None:  # type: ignore[no-untyped-def]

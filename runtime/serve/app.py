@@ -121,6 +121,8 @@ class Service:
         from embedrt.model import load
 
         options = {**self._load_options, "device": model.device, "threads": model.plan.threads}
+        if model.plan.inference_precision:  # both lanes compute alike, whatever the first load was asked
+            options["inference_precision"] = model.plan.inference_precision
         bulk = load(model.path, **options)
         _warm_up(bulk, self.config)
         log.info("embedrt serve: %s has a second instance for the bulk lane", model.path)
