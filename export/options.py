@@ -50,8 +50,11 @@ class ExportOptions:
             None for the precision's default (0.99999 fp32, 0.9999 bf16, 0.999 fp16).
         overwrite: replace the output folder if it exists.
         quantize: the int8 recipe, or None for no quantisation.
-        eval_dir: a BEIR folder for the int8 gate (NDCG@10 retention); None for the built-in gate.
-        min_retained: with ``eval_dir``, percent of the fp32 NDCG@10 the int8 model must keep.
+        eval_dirs: evaluation sets for the int8 gate: BEIR folders (NDCG@10) and STS Benchmark files
+            (Spearman); empty for the built-in gate.
+        min_retained: with ``eval_dirs``, percent of the fp32 figure the int8 model must keep on each.
+        min_p1_cosine: the least 1st-percentile cosine of int8 to fp32 embeddings over the texts the gate
+            embeds (per dataset, and per part: a BEIR set's queries and corpus apart).
         min_agreement: built-in gate: minimum top-10 agreement of int8 with fp32.
         min_mean_cosine: built-in gate: minimum mean cosine of int8 to fp32 embeddings.
     """
@@ -64,8 +67,9 @@ class ExportOptions:
     min_cosine: float | None = None
     overwrite: bool = False
     quantize: QuantConfig | None = None
-    eval_dir: Path | None = None
+    eval_dirs: tuple[Path, ...] = ()
     min_retained: float = 99.0
+    min_p1_cosine: float = 0.95
     min_agreement: float = 0.85
     min_mean_cosine: float = 0.99
 
@@ -79,7 +83,7 @@ class ExportOptions:
                              "use --format openvino")
         if not self.formats:
             raise ValueError("no format given; valid: onnx, openvino")
-        for name in ("min_cosine", "min_agreement", "min_mean_cosine"):
+        for name in ("min_cosine", "min_agreement", "min_mean_cosine", "min_p1_cosine"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between -1 and 1, got {value}")
@@ -110,10 +114,11 @@ class ExportOptions:
         calibration_method: str = "minmax",
         keep_ffn_output_fp32: bool = False,
         smooth_quant: bool = False,
-        eval_dir: str | Path | None = None,
+        eval_dir: str | Path | Sequence[str | Path] | None = None,
         min_retained: float = 99.0,
         min_agreement: float = 0.85,
         min_mean_cosine: float = 0.99,
+        min_p1_cosine: float = 0.95,
     ) -> ExportOptions:
         """Options from the plain values a command line or a caller of ``export_model(**kwargs)`` gives.
 
@@ -133,6 +138,15 @@ class ExportOptions:
             formats=parse_formats(formats), precision=Precision.parse(precision),
             similarity=Similarity.parse(similarity) if similarity else None, revision=revision,
             parity_texts=tuple(parity_texts), min_cosine=min_cosine, overwrite=overwrite, quantize=quant,
-            eval_dir=Path(eval_dir) if eval_dir else None, min_retained=min_retained,
-            min_agreement=min_agreement, min_mean_cosine=min_mean_cosine,
+            eval_dirs=_paths(eval_dir), min_retained=min_retained,
+            min_agreement=min_agreement, min_mean_cosine=min_mean_cosine, min_p1_cosine=min_p1_cosine,
         )
+
+
+def _paths(value: str | Path | Sequence[str | Path] | None) -> tuple[Path, ...]:
+    """One path or several (a sequence) as a tuple of paths; None or empty gives ()."""
+    if not value:
+        return ()
+    if isinstance(value, (str, Path)):
+        return (Path(value),)
+    return tuple(Path(v) for v in value)

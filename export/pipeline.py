@@ -289,8 +289,8 @@ def gate(build: Build, base: Path, folder: Path, manifest: Manifest) -> Manifest
     gates = {}
     for fmt in manifest.graphs:
         device = "openvino" if fmt == "openvino" else "cpu"
-        gates[fmt] = run_gate(load_model(base, device=device), load_model(checked, device=device), opts.eval_dir,
-                              opts.min_retained, opts.min_agreement, opts.min_mean_cosine)
+        gates[fmt] = run_gate(load_model(base, device=device), load_model(checked, device=device), opts.eval_dirs,
+                              opts.min_retained, opts.min_agreement, opts.min_mean_cosine, opts.min_p1_cosine)
     quantization = {**manifest.extra["quantization"], "gate": gates}
     return dataclasses.replace(manifest, extra={**manifest.extra, "quantization": quantization})
 

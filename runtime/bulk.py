@@ -94,6 +94,8 @@ class BulkOptions:
         batch_size: most texts per inference call.
         max_tokens: most padded tokens per inference call (default: the device's budget).
         device: the device string the model was loaded with (part of the job's identity).
+        inference_precision: ``load``'s option of that name (the Ray path loads its actors with it); what the
+            model really runs in, ``model.precision``, is part of the job's identity.
         show_progress: a progress bar on stderr (texts/s, tokens/s, ETA).
     """
 
@@ -106,6 +108,7 @@ class BulkOptions:
     max_tokens: int | None = None
     device: str = "cpu"
     show_progress: bool = False
+    inference_precision: str | None = None
 
 
 @dataclasses.dataclass
@@ -399,7 +402,8 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
         "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns},
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
-                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": options.device},
+                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": options.device,
+                    "precision": model.precision},
     }
 
 

@@ -63,8 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-quant", action="store_true",
                    help="int8 on OpenVINO: NNCF's SmoothQuant (off by default: worse on short texts and not "
                         "batch-invariant)")
-    p.add_argument("--eval", dest="eval_dir", help="BEIR folder for the int8 quality gate (NDCG@10 retention)")
-    p.add_argument("--min-retained", type=float, default=99.0, help="gate: percent of fp32 NDCG@10 to keep")
+    p.add_argument("--eval", dest="eval_dir", action="append", metavar="DIR_OR_FILE",
+                   help="an evaluation set for the int8 gate, repeatable: a BEIR folder (NDCG@10) or an STS Benchmark "
+                        "file / folder with sts-test.csv (Spearman)")
+    p.add_argument("--min-retained", type=float, default=99.0,
+                   help="gate: percent of the fp32 figure to keep on every --eval set (default: 99)")
+    p.add_argument("--min-p1-cosine", type=float, default=0.95,
+                   help="gate: least 1st-percentile cosine of int8 to fp32 over the gate's texts, per set "
+                        "(default: 0.95)")
     p.add_argument("--min-agreement", type=float, default=0.85,
                    help="built-in int8 gate (no --eval): least top-10 agreement with fp32 (default: 0.85)")
     p.add_argument("--min-mean-cosine", type=float, default=0.99,
@@ -199,7 +205,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         parity_texts=extra, min_cosine=args.min_cosine, overwrite=args.overwrite, quantize=args.quantize,
         target=args.target, calibration_texts=calibration, calibration_method=args.calibration_method,
         keep_ffn_output_fp32=args.keep_ffn_fp32, smooth_quant=args.smooth_quant, eval_dir=args.eval_dir,
-        min_retained=args.min_retained,
+        min_retained=args.min_retained, min_p1_cosine=args.min_p1_cosine,
         min_agreement=args.min_agreement, min_mean_cosine=args.min_mean_cosine,
     )
     out = export_model(args.source, args.output, options)
@@ -211,13 +217,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     quant = manifest["extra"].get("quantization")
     if quant:
         for fmt, gate in quant["gate"].items():
-            line = f"  gate {fmt}: top-10 agreement {gate['builtin']['top10_agreement']:.3f}, " \
-                   f"mean cosine {gate['builtin']['mean_cosine']:.5f}"
-            if "beir" in gate:
-                b = gate["beir"]
-                line += f"; NDCG@10 {b['int8_ndcg@10']:.2f} vs fp32 {b['fp32_ndcg@10']:.2f} " \
-                        f"({b['retained_percent']:.2f}% kept)"
-            print(line)
+            built = gate["builtin"]
+            print(f"  gate {fmt}: top-10 agreement {built['top10_agreement']:.3f}, mean cosine "
+                  f"{built['mean_cosine']:.5f}, 1st-percentile cosine {built['p1_cosine']:.4f}")
+            for d in gate.get("datasets", []):
+                print(f"  gate {fmt} {d['dataset']}: {d['metric']} {d['int8']:.2f} vs fp32 {d['fp32']:.2f} "
+                      f"({d['retained_percent']:.2f}% kept), 1st-percentile cosine {d['p1_cosine']:.4f}")
     return 0
 
 
@@ -254,7 +259,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     check_output_path(args.output, folder=True)
     options = BulkOptions(id_field=args.id_field, field=args.field, dtype=EmbedDtype.parse(args.dtype),
                           skip_bad=args.skip_bad, part_rows=args.part_rows, batch_size=args.batch_size,
-                          max_tokens=args.max_tokens, device=args.device, show_progress=_progress())
+                          max_tokens=args.max_tokens, device=args.device, show_progress=_progress(),
+                          inference_precision=args.inference_precision)
     if args.ray is not None:
         from embedrt.ray import embed_with_ray
 
@@ -439,7 +445,7 @@ def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[s
                       calibration_method=args.calibration_method, keep_ffn_output_fp32=args.keep_ffn_fp32,
                       smooth_quant=args.smooth_quant,
                       eval_dir=args.eval_dir, min_retained=args.min_retained, min_agreement=args.min_agreement,
-                      min_mean_cosine=args.min_mean_cosine)
+                      min_mean_cosine=args.min_mean_cosine, min_p1_cosine=args.min_p1_cosine)
     report = read_manifest(out).extra["auto"]
     print(f"exported {args.source} -> {out}: chose {report['chosen']} on {report['device']} ({report['cpu']})")
     for name, figures in report["candidates"].items():

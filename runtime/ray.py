@@ -50,11 +50,11 @@ class EmbedBatch:
     """The callable class ``map_batches`` runs on each actor: the model is loaded once, in ``__init__``."""
 
     def __init__(self, model_dir: str, *, threads: int, device: str, id_field: str, field: str,
-                 dtype: str, batch_size: int, max_tokens: int | None) -> None:
+                 dtype: str, batch_size: int, max_tokens: int | None, inference_precision: str | None = None) -> None:
         from embedrt.model import load
 
         # one actor = cpus_per_actor cores; huge pages would move memory of every actor in the background
-        self.model = load(model_dir, device=device, threads=threads)
+        self.model = load(model_dir, device=device, threads=threads, inference_precision=inference_precision)
         self.id_field, self.field, self.batch_size, self.max_tokens = id_field, field, batch_size, max_tokens
         self.schema = embedding_schema(self.model, EmbedDtype.parse(dtype))
 
@@ -93,6 +93,7 @@ def embed_dataset(
     batch_size: int = 32,
     max_tokens: int | None = None,
     max_restarts: int = 4,
+    inference_precision: str | None = None,
 ) -> Any:
     """Add the embedding step to a Ray Dataset: rows with ``id_field`` and ``field`` -> ``id``, ``embedding``.
 
@@ -104,6 +105,8 @@ def embed_dataset(
         cpus_per_actor: CPUs Ray reserves per actor, and its intra-op threads.
         batch_rows: rows per Ray batch (one ``__call__``).
         max_restarts: restarts per actor, and retries per batch, when an actor dies (killed, OOM, node lost).
+        inference_precision: as ``load``'s; ``embed_with_ray`` passes what the driver's load chose, so every
+            actor computes alike whatever CPU its node has.
 
     Returns:
         The lazy ``ray.data.Dataset`` of ``id`` (string) and ``embedding`` (fixed-size list), with the
@@ -117,7 +120,7 @@ def embed_dataset(
         num_actors = max(1, cpus // cpus_per_actor)
     kwargs = {"model_dir": str(Path(model_dir).resolve()), "threads": cpus_per_actor, "device": device,
               "id_field": id_field, "field": field, "dtype": dtype, "batch_size": batch_size,
-              "max_tokens": max_tokens}
+              "max_tokens": max_tokens, "inference_precision": inference_precision}
     # Ray Data's own default is unlimited restarts; a bounded count turns an actor that dies on every
     # batch (out of memory on a huge text, a broken node) into an error instead of a job that never ends
     retries: Any = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
@@ -194,13 +197,15 @@ def embed_with_ray(
         start = time.perf_counter()
         from embedrt.model import load
 
-        model = load(model_dir, device=opts.device, threads=1, huge_pages=False)  # metadata for the job record
+        model = load(model_dir, device=opts.device, threads=1, huge_pages=False,  # metadata for the job record
+                     inference_precision=opts.inference_precision)
         identity = job_identity(model, file, fmt, opts, 0)
         identity["options"]["mode"] = "ray"
         dataset = embed_dataset(
             read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
             dtype=opts.dtype.value, device=opts.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
-            batch_size=opts.batch_size, max_tokens=opts.max_tokens)
+            batch_size=opts.batch_size, max_tokens=opts.max_tokens,
+            inference_precision=model.plan.inference_precision)
         staging = out / f".ray-{uuid.uuid4().hex}"
         with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -178,3 +178,24 @@ def test_a_write_error_names_the_output(tiny_bert, tmp_path, capsys, monkeypatch
     out = tmp_path / "r.json"
     assert main(["eval", str(tiny_bert[1]), str(small_beir(tmp_path)), "--json", str(out)]) == 2
     assert f"embedrt eval: error: {out}: cannot write: No space left on device" in capsys.readouterr().err
+
+
+def test_int8_export_gate_on_several_sets_is_recorded(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--eval repeats (BEIR and STS), every set's figures and the per-text floor go into the manifest."""
+    beir = small_beir(tmp_path)
+    sts = tmp_path / "sts.csv"
+    pairs = [("cats purr", "a cat purrs", 4.5), ("dogs bark", "fish swim", 0.5), ("rain falls", "it rains", 4.0),
+             ("the sun is hot", "ice is cold", 1.0), ("a man reads", "someone is reading", 3.8)]
+    sts.write_text("".join(f"g\tf\t2012\t{i:04d}\t{s}\t{a}\t{b}\n" for i, (a, b, s) in enumerate(pairs)))
+    out = tmp_path / "int8"
+    args = ["export", str(tiny_bert[0]), "-o", str(out), "--quantize", "static", "--format", "onnx",
+            "--eval", str(beir), "--eval", str(sts), "--min-retained", "0", "--min-agreement", "0.5"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "gate onnx beir: ndcg@10" in printed and "gate onnx sts: spearman" in printed
+    gate = json.loads((out / "embedrt.json").read_text())["extra"]["quantization"]["gate"]["onnx"]
+    assert [(d["dataset"], d["kind"]) for d in gate["datasets"]] == [("beir", "beir"), ("sts", "sts")]
+    assert gate["min_p1_cosine"] == 0.95 and all(0.95 <= d["p1_cosine"] <= 1.0 for d in gate["datasets"])
+    # the same export with a floor no int8 model meets: refused, naming the floor, nothing written
+    assert main([*args[:3], str(tmp_path / "strict"), *args[4:], "--min-p1-cosine", "1.0"]) == 2
+    assert "1st-percentile cosine" in capsys.readouterr().err and not (tmp_path / "strict").exists()

@@ -74,3 +74,86 @@ def test_builtin_int8_gate_strength() -> None:
     assert figures["builtin"]["top10_agreement"] >= 0.95
     with pytest.raises(QualityGateError, match=r"mean cosine 0\.98500 \(needs 0\.99\)"):
         run_gate(*_pair(0.985), *gate)
+
+
+def test_builtin_gate_per_text_floor() -> None:
+    """A recipe that keeps the average but wrecks a few texts fails the 1st-percentile floor."""
+    fp32, int8 = _pair(0.9999)
+    names = sorted(int8.rows)
+    for name in names[: max(2, len(names) // 30)]:  # ~3% of the texts turned far away
+        int8.rows[name] = rotated(fp32.rows[name][None], 0.8, seed=3)[0]
+    options = ExportOptions()
+    gate = (None, options.min_retained, options.min_agreement, options.min_mean_cosine)
+    figures = run_gate(fp32, int8, *gate, 0.0)  # without the floor this recipe would ship
+    assert figures["builtin"]["mean_cosine"] >= 0.99 and figures["builtin"]["p1_cosine"] < 0.81
+    with pytest.raises(QualityGateError, match=r"built-in check: 1st-percentile cosine 0\.8\d+ .*needs 0\.95"):
+        run_gate(fp32, int8, *gate, options.min_p1_cosine)
+
+
+class Hashed:
+    """Embeds any text: a fixed random vector per text; ``turn(text)`` gives the cosine to the fp32 one."""
+
+    similarity_metric = "cosine"
+
+    def __init__(self, turn=None) -> None:  # type: ignore[no-untyped-def]
+        self.turn = turn
+
+    def encode(self, texts: list[str], **_: object) -> np.ndarray:
+        import zlib
+
+        def vector(text: str) -> np.ndarray:  # texts on one topic (their first two words) lie close together
+            topic = " ".join(text.split()[:2])
+            return (np.random.default_rng(zlib.crc32(topic.encode())).standard_normal(32)
+                    + 0.5 * np.random.default_rng(zlib.crc32(text.encode())).standard_normal(32))
+
+        rows = np.stack([vector(t) for t in texts])
+        if self.turn is None:
+            return rows.astype(np.float32)
+        return np.stack([rotated(r[None], self.turn(t), seed=7)[0] for r, t in zip(rows, texts, strict=True)])
+
+
+def _eval_sets(root) -> tuple[object, object]:  # type: ignore[no-untyped-def]
+    import json
+
+    beir = root / "tiny-beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [f"topic {i % 7} document {i}" for i in range(42)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": str(i), "title": "", "text": d}) + "\n"
+                                               for i, d in enumerate(docs)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{k}", "text": f"topic {k} query"}) + "\n"
+                                                for k in range(7)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i % 7}\t{i}\t1\n" for i in range(42)))
+    sts = root / "tiny-sts.csv"
+    rows = [(f"topic {i % 9} first {i}", f"topic {i % 9} second {i}", 4.0) if i % 2 else
+            (f"topic {i % 9} first {i}", f"topic {(i + 1) % 9} other {i}", 1.0) for i in range(60)]
+    sts.write_text("".join(f"g\tf\t2012\t{i:04d}\t{score}\t{a}\t{b}\n" for i, (a, b, score) in enumerate(rows)))
+    return beir, sts
+
+
+def test_gate_judges_every_dataset_and_names_the_one_that_fails(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    beir, sts = _eval_sets(tmp_path)
+    options = ExportOptions.parse(eval_dir=[str(beir), str(sts)], quantize="static")
+    assert options.eval_dirs == (beir, sts)
+    gate = (options.eval_dirs, options.min_retained, options.min_agreement, options.min_mean_cosine,
+            options.min_p1_cosine)
+    figures = run_gate(Hashed(), Hashed(lambda t: 0.99999), *gate)
+    kinds = {d["dataset"]: (d["kind"], d["metric"]) for d in figures["datasets"]}
+    assert kinds == {"tiny-beir": ("beir", "ndcg@10"), "tiny-sts": ("sts", "spearman")}
+    assert all(d["retained_percent"] == pytest.approx(100.0, abs=0.5) and d["p1_cosine"] > 0.9999
+               for d in figures["datasets"])
+    assert figures["passed"] == ["tiny-beir", "tiny-sts"] and figures["min_p1_cosine"] == 0.95
+    assert set(figures["datasets"][0]["per_part"]) == {"corpus", "queries"}
+    # the STS set's "other" sentences (a quarter of its texts) are wrecked: only that set fails, on its floor
+    fails = r"^int8 fails the quality gate: tiny-sts: .*1st-percentile cosine"
+    with pytest.raises(QualityGateError, match=fails) as err:
+        run_gate(Hashed(), Hashed(lambda t: 0.5 if " other " in t else 0.99999), *gate)
+    assert "tiny-beir" not in str(err.value)
+
+
+def test_gate_refuses_what_is_not_an_evaluation_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.textio import InputFileError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputFileError, match=r"empty: not an evaluation set"):
+        run_gate(Hashed(), Hashed(), [tmp_path / "empty"], 99.0, 0.85, 0.99, 0.95)
