@@ -212,9 +212,6 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
         return "f32"
     units = bf16_units(flags)
     if units is not None:
-        if manifest.precision is not Precision.BF16 and bf16_verified(manifest) is None:
-            log.warning("embedrt: running in bf16 as asked, but this folder's export did not check it in bf16 "
-                        "(parity.openvino.bf16)")
         return "bf16"
     what = "this folder runs in bf16 (exported with --precision bf16)" if requested is None else "bf16 was asked for"
     message = (f"{what}, but this CPU has no bf16 units "
