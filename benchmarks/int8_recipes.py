@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         export_model(args.model, fp32_dir, formats="onnx,openvino", overwrite=True)
     rows: dict[str, Any] = {}
     for device in args.devices.split(","):
-        fp32 = embedrt.load(fp32_dir, device=device)
+        fp32 = embedrt.load(fp32_dir, device=device, inference_precision="f32")  # never bf16, even on AMX
         reference = {"corpus": fp32.encode(beir.corpus_texts), "queries": fp32.encode(beir.query_texts),
                      "sts": fp32.encode(data["sts"].first)}
         rows[f"fp32-{device}"] = judge(fp32_dir, device, reference, data)

@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from onnx import ModelProto
 
 # recorded in every manifest (extra.exporter); folders written by another exporter may hold other graphs
-EXPORTER = f"embedrt {__version__}, torch.onnx (TorchScript) opset {OPSET}, eager attention"
+# the recipe revision: bumped when an export's content changes without a version change (cached folders,
+# e.g. the benchmarks', are rebuilt when it differs)
+RECIPE_REVISION = "2026-11-23b (NNCF MINMAX activation ranges, bf16 check of fp32 IRs)"
+EXPORTER = f"embedrt {__version__} recipes {RECIPE_REVISION}, torch.onnx (TorchScript) opset {OPSET}, eager attention"
 GRAPH_ENTRIES: dict[str, dict[str, Any]] = {
     "onnx": {"file": ONNX_NAME, "opset": OPSET},
     "openvino": {"xml": OPENVINO_XML, "bin": OPENVINO_BIN},

@@ -96,7 +96,8 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
         overwrite: replace ``output`` if it exists.
         rounds: timing rounds (the order of the candidates rotates each round; the best round counts).
         **gate: the user's gate settings, passed to every export (``eval_dir``, ``min_retained``,
-            ``min_agreement``, ``min_mean_cosine``, ``parity_texts``, ``similarity``, ``revision``, ...).
+            ``min_agreement``, ``min_mean_cosine``, ``min_p1_cosine``, ``parity_texts``, ``similarity``,
+            ``revision``, ...).
 
     Raises:
         QualityGateError: no candidate passed its gate (the message gives each one's reason).
@@ -105,12 +106,15 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
     from embedrt.cpu import bf16_units, cpu_flags, cpu_name, detect_target
     from embedrt.errors import EmbedrtError, QualityGateError
     from embedrt.export.artifacts import write_manifest
+    from embedrt.export.options import ExportOptions
     from embedrt.export.pipeline import export_model
     from embedrt.manifest import read_manifest
 
     output = Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    # the user's settings are checked once, here: a bad --eval path is an error, not every candidate's rejection
+    ExportOptions.parse(quantize="static", **{k: v for k, v in gate.items() if k != "formats"})
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.auto-", dir=output.parent))
     try:

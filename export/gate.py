@@ -4,7 +4,8 @@ It judges what users will see: every evaluation folder given (BEIR retrieval fol
 files: Spearman) must keep ``min_retained`` percent of the fp32 figure, and on every text the gate embeds,
 per dataset, the 1st-percentile cosine of int8 to fp32 must reach ``min_p1_cosine`` (a recipe can keep the
 average and still wreck a share of the texts). Without evaluation folders, a built-in check on shipped texts
-(top-10 agreement and mean cosine) stands in. Every figure goes into the manifest, passed or not.
+(top-10 agreement and mean cosine) stands in. A passing export records every figure in its manifest; a
+refusal names every figure that fell short.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
     from embedrt.beir import load_beir, score_embeddings
 
     data = load_beir(path)
+    if not data.query_ids or not data.corpus_ids:
+        raise InputFileError(f"{path}: no judged queries or no documents: this set cannot judge int8")
     out: dict[str, Any] = {"dataset": path.name, "kind": "beir", "metric": "ndcg@10"}
     cos = []
     for name, model in (("fp32", fp32), ("int8", int8)):
@@ -81,14 +84,16 @@ def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
     out["fp32"], out["int8"] = out["fp32_ndcg@10"], out["int8_ndcg@10"]
     # queries are short, where int8 is weakest; many documents must not hide them: the floor is the worse part's
     parts = {"corpus": _per_text(docs), "queries": _per_text(queries)}
-    worst = min(parts.values(), key=lambda p: p["p1_cosine"])
-    return {**out, **worst, "texts": docs.size + queries.size, "per_part": parts}
+    part = min(parts, key=lambda name: parts[name]["p1_cosine"])
+    return {**out, **parts[part], "part": part, "per_part": parts}
 
 
 def _sts(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
     from embedrt.sts import load_sts, spearman
 
     data = load_sts(path)
+    if len(data.scores) < 2 or float(np.ptp(data.scores)) == 0.0:
+        raise InputFileError(f"{path}: needs at least two pairs with different gold scores to judge int8")
     out: dict[str, Any] = {"dataset": path.name if path.is_dir() else path.stem, "kind": "sts", "metric": "spearman"}
     emb = {}
     for name, model in (("fp32", fp32), ("int8", int8)):
@@ -100,7 +105,7 @@ def _sts(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
 
 
 def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | Path | None, min_retained: float,
-             min_agreement: float, min_mean_cosine: float, min_p1_cosine: float = 0.0) -> dict[str, Any]:
+             min_agreement: float, min_mean_cosine: float, min_p1_cosine: float = 0.95) -> dict[str, Any]:
     """Measure int8 against fp32 on every dataset and raise QualityGateError naming every shortfall.
 
     Returns:
@@ -124,19 +129,24 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | Path | None, min_
     datasets = []
     for path, kind in zip(dirs, kinds, strict=True):
         got = _beir(fp32, int8, path) if kind == "beir" else _sts(fp32, int8, path)
-        got["retained_percent"] = 100.0 * got["int8"] / got["fp32"] if got["fp32"] else 0.0
+        judged = bool(np.isfinite([got["fp32"], got["int8"]]).all() and got["fp32"] > 0)
+        got["retained_percent"] = 100.0 * got["int8"] / got["fp32"] if judged else None
         datasets.append(got)
-        if got["retained_percent"] < min_retained:
+        where = f"{got['dataset']} ({got['part']})" if "part" in got else got["dataset"]
+        if not judged:
+            failures.append(f"{got['dataset']}: the fp32 model scores {got['fp32']:.2f} {got['metric']} and int8 "
+                            f"{got['int8']:.2f}: this set cannot judge int8 (it needs a positive fp32 figure)")
+        elif got["retained_percent"] < min_retained:
             failures.append(f"{got['dataset']}: int8 keeps {got['retained_percent']:.2f}% of the fp32 {got['metric']} "
                             f"({got['int8']:.2f} vs {got['fp32']:.2f}; needs {min_retained}%)")
         if got["p1_cosine"] < min_p1_cosine:
-            failures.append(f"{got['dataset']}: 1st-percentile cosine to fp32 {got['p1_cosine']:.4f} over "
+            failures.append(f"{where}: 1st-percentile cosine to fp32 {got['p1_cosine']:.4f} over "
                             f"{got['texts']} texts (needs {min_p1_cosine})")
     if dirs:
         figures.update(datasets=datasets, min_retained=min_retained)
-        if kinds[0] == "beir":  # the first retrieval set, under the key earlier manifests used
-            figures["beir"] = {k: datasets[0][k] for k in ("dataset", "fp32_ndcg@10", "int8_ndcg@10",
-                                                          "retained_percent")}
+        first = next((d for d in datasets if d["kind"] == "beir"), None)
+        if first is not None:  # the first retrieval set, under the key earlier manifests used
+            figures["beir"] = {k: first[k] for k in ("dataset", "fp32_ndcg@10", "int8_ndcg@10", "retained_percent")}
     else:
         figures.update(min_agreement=min_agreement, min_mean_cosine=min_mean_cosine)
     if failures:

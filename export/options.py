@@ -89,6 +89,10 @@ class ExportOptions:
                 raise ValueError(f"{name} must be between -1 and 1, got {value}")
         if not 0.0 <= self.min_retained <= 1000.0:
             raise ValueError(f"min_retained is a percentage >= 0, got {self.min_retained}")
+        from embedrt.export.gate import dataset_kind
+
+        for path in self.eval_dirs:  # a typo fails now, not after the export and quantisation
+            dataset_kind(path)
 
     @property
     def parity_threshold(self) -> float:

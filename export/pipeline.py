@@ -289,7 +289,9 @@ def gate(build: Build, base: Path, folder: Path, manifest: Manifest) -> Manifest
     gates = {}
     for fmt in manifest.graphs:
         device = "openvino" if fmt == "openvino" else "cpu"
-        gates[fmt] = run_gate(load_model(base, device=device), load_model(checked, device=device), opts.eval_dirs,
+        # the reference is exactly fp32 (an fp32 folder may run bf16 by default on AMX CPUs)
+        gates[fmt] = run_gate(load_model(base, device=device, inference_precision="f32"),
+                              load_model(checked, device=device), opts.eval_dirs,
                               opts.min_retained, opts.min_agreement, opts.min_mean_cosine, opts.min_p1_cosine)
     quantization = {**manifest.extra["quantization"], "gate": gates}
     return dataclasses.replace(manifest, extra={**manifest.extra, "quantization": quantization})
@@ -312,7 +314,9 @@ def _heads_and_width(st_model: Any) -> tuple[int, int]:
 def _parity_of(folder: Path, fmt: str, build: Build, precision: Precision, threshold: float) -> dict[str, Any]:
     from embedrt.model import load as load_model
 
-    model = load_model(folder, device="openvino" if fmt == "openvino" else parity_device(precision))
+    exact = "f32" if fmt == "openvino" and precision is Precision.FP32 else None  # never bf16 by default here
+    model = load_model(folder, device="openvino" if fmt == "openvino" else parity_device(precision),
+                       inference_precision=exact)
     batched = check_parity(fmt, build.expected, model.encode(build.texts, batch_size=16), threshold)
     # one text per batch too: padding must not change a text's embedding
     single = check_parity(fmt, build.expected[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1),

@@ -67,6 +67,7 @@ class QuantConfig:
             "calibration": ({"texts": len(self.calibration_texts), "method": self.calibration_method}
                             if self.method is Method.STATIC else None),
             "smooth_quant": self.smooth_quant,
+            "openvino_activation_ranges": "minmax over the calibration texts (NNCF MINMAX)",
             # dynamic scales follow each call's batch; static ones do not (SmoothQuant's NNCF graphs were
             # measured 1.7e-5 apart between a text alone and in a padded batch, so they are not counted)
             "batch_invariant": self.method is Method.STATIC and not self.smooth_quant,

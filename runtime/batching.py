@@ -84,7 +84,7 @@ def plan_batches(
     limits = np.minimum(batch_size, len(order) - np.arange(len(order)))
     if cost.token_budget is not None:
         limits = np.minimum(limits, np.maximum(1, cost.token_budget // np.maximum(pad, 1)).astype(np.int64))
-    allowed = np.unique(np.asarray([1, *row_sizes], dtype=np.int64)) if row_sizes else None
+    allowed = np.unique(np.asarray([1, *row_sizes], dtype=np.int64)) if len(row_sizes) else None
     if allowed is not None:
         if allowed[0] < 1:
             raise ValueError(f"row_sizes must be >= 1, got {row_sizes}")

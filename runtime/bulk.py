@@ -416,8 +416,12 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
-def _open_output(out: Path, identity: dict[str, Any]) -> JobState:
-    """Start a fresh job in ``out``, or pick up the one there after checking it is the same job."""
+def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | None = None) -> JobState:
+    """Start a fresh job in ``out``, or pick up the one there after checking it is the same job.
+
+    ``legacy_precision``: what this model ran in before job states recorded ``options.precision``
+    (2026-11-23), used for states without it, so that those jobs still resume.
+    """
     state_path = out / STATE_NAME
     if not state_path.is_file():
         if out.is_dir() and any(out.iterdir()):
@@ -431,6 +435,9 @@ def _open_output(out: Path, identity: dict[str, Any]) -> JobState:
         state = JobState(data["job"], BulkSummary(**data["progress"]), int(data["bad_bytes"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ResumeError(f"{state_path}: unreadable progress file ({exc}); start in a new folder") from exc
+    options = state.identity.get("options")
+    if isinstance(options, dict) and "precision" not in options and legacy_precision is not None:
+        options["precision"] = legacy_precision
     diffs = _differences(state.identity, identity)
     if diffs:
         raise ResumeError(f"{out} holds another job; refusing to resume with a different "
@@ -598,7 +605,9 @@ def embed_corpus(
     item = 2 if opts.dtype is EmbedDtype.FLOAT16 else 4
     part_rows = opts.part_rows or max(1, PART_BYTES // (model.dim * item))
     out = Path(output_dir)
-    state = _open_output(out, job_identity(model, file, fmt, opts, part_rows))
+    # before precision was recorded, an fp32 folder always ran fp32 (it may now run bf16 on AMX CPUs)
+    legacy = "fp32" if model.precision == "bf16" and model.manifest.precision.value == "fp32" else model.precision
+    state = _open_output(out, job_identity(model, file, fmt, opts, part_rows), legacy)
     if state.summary.complete:
         return state.summary
     state.summary.resumed_texts = state.summary.texts

@@ -151,6 +151,9 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     on_cpu = request.openvino_device.startswith("CPU")
     precision = (openvino_cpu_precision(manifest, settings.allow_fallback, requested=settings.inference_precision)
                  if on_cpu else None)
+    if settings.inference_precision == "bf16" and not on_cpu:
+        raise ProviderUnavailableError(f"inference_precision applies to OpenVINO on the CPU, not {request}; "
+                                       "leave it unset there")
     config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
     if on_cpu:
         config["INFERENCE_NUM_THREADS"] = settings.threads
@@ -166,11 +169,12 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     )
 
 
-def bf16_verified(manifest: Manifest) -> float | None:
+def bf16_verified(manifest: Manifest, units: str | None = None) -> float | None:
     """The smallest cosine of the folder's IR run in bf16 against sentence-transformers, if its export checked
-    that and it passed (``parity.openvino.bf16``); None otherwise."""
+    that and it passed (``parity.openvino.bf16``), on ``units`` if given (AMX and AVX512_BF16 run different
+    kernels); None otherwise."""
     record = (manifest.parity.get("openvino") or {}).get("bf16") or {}
-    if record.get("passed") is True:
+    if record.get("passed") is True and (units is None or record.get("units") == units):
         return float(min(record["min_cosine"], record.get("min_cosine_unbatched", 1.0)))
     return None
 
@@ -186,8 +190,9 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
       bf16 units (AMX or AVX512_BF16); elsewhere bf16 would be emulated, slower than f32, so that is an error,
       or with ``allow_fallback`` a warning and ``f32`` (the IR holds fp32 weights: exact fp32 results);
     - fp32 folders: ``bf16`` where it is both fast and faithful: the export checked the IR in bf16 against
-      sentence-transformers (``parity.openvino.bf16`` passed, min cosine >= 0.9999; done on every export
-      made on a CPU with bf16 units) and this CPU has AMX (:func:`embedrt.cpu.bf16_pays`); else ``f32``;
+      sentence-transformers on AMX (``parity.openvino.bf16`` passed, min cosine >= 0.9999, units
+      ``amx_bf16``; the check runs on every export made on a CPU with bf16 units, but AVX512_BF16 runs other
+      kernels) and this CPU has AMX (:func:`embedrt.cpu.bf16_pays`); else ``f32``;
     - int8 folders: ``f32`` too: in OpenVINO 2026.4.1 the bf16 attention of the NNCF all-MiniLM-L6-v2 goes
       wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some queries; with f32 it is
       0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens).
@@ -204,7 +209,7 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
                                            "inference_precision='bf16' is refused for them")
         return "f32"
     if manifest.precision is not Precision.BF16 and requested is None:
-        verified = bf16_verified(manifest)
+        verified = bf16_verified(manifest, units="amx_bf16")
         if verified is not None and bf16_pays(flags):
             log.info("embedrt: running the fp32 folder in bf16 on AMX: its export checked it in bf16 (min cosine "
                      "%.5f to sentence-transformers); load(..., inference_precision='f32') for exact fp32", verified)

@@ -205,7 +205,7 @@ def embed_with_ray(
             read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
             dtype=opts.dtype.value, device=opts.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
-            inference_precision=model.plan.inference_precision)
+            inference_precision=model.plan.inference_precision or "f32")
         staging = out / f".ray-{uuid.uuid4().hex}"
         with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
             warnings.simplefilter("ignore", DeprecationWarning)

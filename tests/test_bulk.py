@@ -177,6 +177,22 @@ def test_resume_refuses_another_job(model, tmp_path, capsys) -> None:  # type: i
         embed_corpus(model, src, foreign)
 
 
+
+def test_a_job_started_before_precision_was_recorded_resumes(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Progress files from before 2026-11-23 have no options.precision: the job still resumes, and a model
+    that now runs in another precision than it could have then is refused."""
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(50))
+    out = tmp_path / "out"
+    embed_corpus(model, src, out, BulkOptions(part_rows=20))
+    state = json.loads((out / bulk.STATE_NAME).read_text())
+    assert state["job"]["options"].pop("precision") == model.precision == "fp32"
+    (out / bulk.STATE_NAME).write_text(json.dumps(state))
+    summary = embed_corpus(model, src, out, BulkOptions(part_rows=20))  # the same job: a finished one, a no-op
+    assert summary.texts == 50 and pq.read_table(out).num_rows == 50
+    with pytest.raises(ResumeError, match=r"options\.precision: was 'fp32', now 'bf16'"):
+        bulk._open_output(out, {**state["job"], "options": {**state["job"]["options"], "precision": "bf16"}}, "fp32")
+
+
 BAD_LINES = [
     json.dumps({"_id": "a", "text": "fine"}),
     json.dumps({"_id": "b"}),                       # 2: no text

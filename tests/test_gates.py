@@ -157,3 +157,19 @@ def test_gate_refuses_what_is_not_an_evaluation_set(tmp_path) -> None:  # type: 
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputFileError, match=r"empty: not an evaluation set"):
         run_gate(Hashed(), Hashed(), [tmp_path / "empty"], 99.0, 0.85, 0.99, 0.95)
+
+
+def test_sets_that_cannot_judge_are_refused_by_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.textio import InputFileError
+
+    flat = tmp_path / "flat.csv"  # every pair the same gold score: no Spearman
+    flat.write_text("".join(f"g\tf\t2012\t{i:04d}\t3.0\tsentence {i}\tother {i}\n" for i in range(5)))
+    with pytest.raises(InputFileError, match=r"flat\.csv: needs at least two pairs with different gold scores"):
+        run_gate(Hashed(), Hashed(), [flat], 99.0, 0.85, 0.99, 0.95)
+    beir, _ = _eval_sets(tmp_path)  # retrieval where fp32 finds nothing relevant: 0 NDCG@10
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tnot-a-doc\t1\n")
+    with pytest.raises(QualityGateError, match=r"tiny-beir: the fp32 model scores 0\.00 ndcg@10 .*cannot judge"):
+        run_gate(Hashed(), Hashed(), [beir], 99.0, 0.85, 0.99, 0.95)
+    # a path that is no evaluation set fails when the options are made, before any export work
+    with pytest.raises(InputFileError, match=r"nowhere: not an evaluation set"):
+        ExportOptions.parse(quantize="static", eval_dir=str(tmp_path / "nowhere"))
