@@ -214,6 +214,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     for fmt, fig in manifest["parity"].items():
         print(f"  {fmt}: min cosine {fig['min_cosine']:.7f} over {fig['n_texts']} texts "
               f"(max abs diff {fig['max_abs_diff']:.2e}) on {fig['device']}")
+        bf16 = fig.get("bf16")
+        if bf16:
+            worst = min(bf16["min_cosine"], bf16["min_cosine_unbatched"])
+            print(f"  {fmt} in bf16 ({bf16['units']}): min cosine {worst:.6f} "
+                  f"({'passed' if bf16['passed'] else 'missed'} {bf16['threshold']}; runs bf16 by default only on AMX, "
+                  "when checked there)")
     quant = manifest["extra"].get("quantization")
     if quant:
         for fmt, gate in quant["gate"].items():
