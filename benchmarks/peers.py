@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks import systems, workloads
 from benchmarks.run import RECIPES, _machine, _versions
+from embedrt.ops import row_cosine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +97,6 @@ def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, A
     return specs
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return np.asarray((a * b).sum(axis=1))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="distilbert-base", choices=["distilbert-base", "all-MiniLM-L6-v2"])
@@ -142,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         name = spec["name"]
         done = runs[name]
-        cos = np.concatenate([_cosines(embeddings[name][0], ref_p), _cosines(embeddings[name][1], ref_q)])
+        cos = np.concatenate([row_cosine(embeddings[name][0], ref_p), row_cosine(embeddings[name][1], ref_q)])
         info = {k: v for k, v in done[-1].items() if k not in ("passages_per_s", "single_p50_ms", "pid")}
         thr = statistics.median(r["passages_per_s"] for r in done)
         rows.append({"system": name, **info,

@@ -664,7 +664,7 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
         window = [x for x in rss.samples if x[0] <= args.duration]
         summary = _rss_summary(window)
         tail = [s for t, s in rss.samples if t > args.duration and s > 0]
-        if tail:
+        if tail and summary:
             summary["rss_tail_max_mb"] = round(max(tail) / 2**20, 1)
             summary["rss_tail_growth_pct"] = round(100 * (max(tail) / 2**20 / summary["rss_after_warmup_mb"] - 1), 2)
         return {"interactive": q.summary(), "bulk": b.summary(), "5xx": fivexx, **summary,

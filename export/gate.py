@@ -104,7 +104,7 @@ def _sts(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
     return {**out, **_per_text(per_text)}
 
 
-def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | Path | None, min_retained: float,
+def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retained: float,
              min_agreement: float, min_mean_cosine: float, min_p1_cosine: float = 0.95) -> dict[str, Any]:
     """Measure int8 against fp32 on every dataset and raise QualityGateError naming every shortfall.
 
@@ -112,7 +112,7 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | Path | None, min_
         The figures: ``builtin`` (always), ``datasets`` (one entry per evaluation folder: fp32 and int8
         metric, ``retained_percent``, per-text cosine figures), the thresholds, and ``passed``.
     """
-    dirs = [Path(eval_dirs)] if isinstance(eval_dirs, (str, Path)) else [Path(d) for d in eval_dirs or ()]
+    dirs = [Path(d) for d in eval_dirs or ()]
     kinds = [dataset_kind(d) for d in dirs]  # a bad folder fails before anything is measured
     corpus, queries = builtin_texts()
     built = agreement(fp32, int8, corpus, queries)

@@ -267,9 +267,9 @@ def _bf16_parity_of(folder: Path, build: Build) -> dict[str, Any] | None:
     units = bf16_units()
     if units is None:
         return None
-    model = load_model(folder, device="openvino", inference_precision="bf16")
-    batched = parity_figures(build.expected, model.encode(build.texts, batch_size=16))
-    single = parity_figures(build.expected[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1))
+    batched_run, single_run = _parity_runs(load_model(folder, device="openvino", inference_precision="bf16"), build)
+    batched = parity_figures(build.expected, batched_run)
+    single = parity_figures(build.expected[: len(PROBE_TEXTS)], single_run)
     worst = min(batched["min_cosine"], single["min_cosine"])
     log.info("bf16 check of the IR on %s: min cosine %.6f (needs %g to run in bf16)", units, worst, BF16_MIN_COSINE)
     return {**batched, "min_cosine_unbatched": single["min_cosine"], "threshold": BF16_MIN_COSINE,
@@ -317,11 +317,15 @@ def _parity_of(folder: Path, fmt: str, build: Build, precision: Precision, thres
     exact = "f32" if fmt == "openvino" and precision is Precision.FP32 else None  # never bf16 by default here
     model = load_model(folder, device="openvino" if fmt == "openvino" else parity_device(precision),
                        inference_precision=exact)
-    batched = check_parity(fmt, build.expected, model.encode(build.texts, batch_size=16), threshold)
-    # one text per batch too: padding must not change a text's embedding
-    single = check_parity(fmt, build.expected[: len(PROBE_TEXTS)], model.encode(list(PROBE_TEXTS), batch_size=1),
-                          threshold)
+    batched_run, single_run = _parity_runs(model, build)
+    batched = check_parity(fmt, build.expected, batched_run, threshold)
+    single = check_parity(fmt, build.expected[: len(PROBE_TEXTS)], single_run, threshold)
     return {**batched, "min_cosine_unbatched": single["min_cosine"], "device": model.device}
+
+
+def _parity_runs(model: Any, build: Build) -> tuple[FloatArray, FloatArray]:
+    """The parity texts in batches of 16, and the probe texts one per call: padding must not change a text."""
+    return model.encode(build.texts, batch_size=16), model.encode(list(PROBE_TEXTS), batch_size=1)
 
 
 def _publish(work: Path, target: Path, overwrite: bool) -> None:

@@ -21,6 +21,12 @@ from embedrt.outputs import check_output_path, naming_write_errors
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
+def _add_inference_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
+                   help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
+                        "folders checked in bf16 at export, on CPUs with AMX)")
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
@@ -29,9 +35,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="most padded tokens per inference call (default: the device's budget, 4096 on CPU)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
-    p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
-                   help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
-                        "folders checked in bf16 at export, on CPUs with AMX)")
+    _add_inference_precision(p)
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="leave the model's memory in 4 KB pages (default: 2 MB pages where the host allows)")
@@ -130,9 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
-    p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
-                   help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
-                        "folders checked in bf16 at export, on CPUs with AMX)")
+    _add_inference_precision(p)
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="keep 4 KB pages")
     keys = p.add_mutually_exclusive_group()

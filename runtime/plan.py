@@ -117,10 +117,12 @@ def plan_device(root: Path, manifest: Manifest, request: DeviceRequest, settings
     Raises:
         ProviderUnavailableError: the folder has no graph for this device, or CUDA cannot run here.
     """
+    on_openvino_cpu = request.kind == "openvino" and request.openvino_device.startswith("CPU")
+    if settings.inference_precision == "bf16" and not on_openvino_cpu:
+        raise ProviderUnavailableError(f"inference_precision='bf16' runs on OpenVINO only (its CPU device), "
+                                       f"not on {request}")
     if request.kind == "openvino":
         return _openvino_plan(root, manifest, request, settings)
-    if settings.inference_precision == "bf16":
-        raise ProviderUnavailableError(f"inference_precision='bf16' runs on OpenVINO only, not on {request}")
     if "onnx" not in manifest.graphs:
         raise ProviderUnavailableError(
             f"{root} holds no ONNX graph (it has {', '.join(manifest.graphs)}); use device='openvino' "
@@ -151,9 +153,6 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     on_cpu = request.openvino_device.startswith("CPU")
     precision = (openvino_cpu_precision(manifest, settings.allow_fallback, requested=settings.inference_precision)
                  if on_cpu else None)
-    if settings.inference_precision == "bf16" and not on_cpu:
-        raise ProviderUnavailableError(f"inference_precision applies to OpenVINO on the CPU, not {request}; "
-                                       "leave it unset there")
     config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
     if on_cpu:
         config["INFERENCE_NUM_THREADS"] = settings.threads
