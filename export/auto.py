@@ -5,7 +5,8 @@ rejected with the reason):
 
 * ``fp32``: ONNX + OpenVINO IR, timed on ONNX Runtime and on OpenVINO (f32);
 * ``bf16``: OpenVINO IR checked in bf16 (min cosine 0.9999), only on a CPU with bf16 units;
-* ``int8-ort-static`` and ``int8-ov-static``: calibrated (QDQ / NNCF) int8 through the int8 gate. Only
+* ``int8-ort-static`` and ``int8-ov-static``: calibrated (QDQ / NNCF) int8 through the int8 gate, with the
+  user's int8 settings (by default the FFN down-projections in f32). Only
   batch-invariant recipes are candidates: ``auto``'s choice is also what a server runs, where a text's
   vector must not depend on other users' texts in its batch. Dynamic int8 is never chosen here.
 
@@ -123,8 +124,14 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
                                   "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
         passed: dict[str, Candidate] = {}
         for cand in candidates(units is not None):
+            settings = {**gate, **cand.settings}  # the candidate's own settings win
             try:
-                export_model(source, scratch / cand.name, overwrite=True, **cand.settings, **gate)
+                ExportOptions.parse(**settings)
+            except ValueError as exc:  # e.g. --smooth-quant, which the ONNX Runtime candidate cannot honour
+                report["candidates"][cand.name] = {"rejected": f"not tried: {exc}"}
+                continue
+            try:
+                export_model(source, scratch / cand.name, overwrite=True, **settings)
             except EmbedrtError as exc:  # parity or gate failed: recorded, never chosen
                 log.warning("auto: %s rejected: %s", cand.name, exc)
                 report["candidates"][cand.name] = {"rejected": str(exc)}

@@ -127,8 +127,11 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
             failures.append(f"built-in check: 1st-percentile cosine {built['p1_cosine']:.4f} over "
                             f"{built['texts']} texts (needs {min_p1_cosine})")
     datasets = []
-    for path, kind in zip(dirs, kinds, strict=True):
+    short = [d.name if d.is_dir() else d.stem for d in dirs]
+    for path, kind, name in zip(dirs, kinds, short, strict=True):
         got = _beir(fp32, int8, path) if kind == "beir" else _sts(fp32, int8, path)
+        # two sets with one name (stsb/sts-test.csv and other/sts-test.csv) are told apart by their paths
+        got["dataset"], got["path"] = (str(path) if short.count(name) > 1 else name), str(path)
         judged = bool(np.isfinite([got["fp32"], got["int8"]]).all() and got["fp32"] > 0)
         got["retained_percent"] = 100.0 * got["int8"] / got["fp32"] if judged else None
         datasets.append(got)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from embedrt.cpu import parse_target
-from embedrt.export.quantize import Method, QuantConfig, default_calibration_texts
+from embedrt.export.quantize import Method, QuantConfig, casual_calibration_texts, default_calibration_texts
 from embedrt.export.validate import BF16_MIN_COSINE, FP16_MIN_COSINE, FP32_MIN_COSINE
 from embedrt.manifest import Precision
 from embedrt.ops import Similarity
@@ -83,6 +83,7 @@ class ExportOptions:
                              "use --format openvino")
         if not self.formats:
             raise ValueError("no format given; valid: onnx, openvino")
+        self._check_quantize()
         for name in ("min_cosine", "min_agreement", "min_mean_cosine", "min_p1_cosine"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -93,6 +94,18 @@ class ExportOptions:
 
         for path in self.eval_dirs:  # a typo fails now, not after the export and quantisation
             dataset_kind(path)
+
+    def _check_quantize(self) -> None:
+        """Refuse int8 settings the chosen formats would not honour, rather than ignore them."""
+        quant = self.quantize
+        if quant is None:
+            return
+        if Format.OPENVINO in self.formats:
+            if quant.method is Method.DYNAMIC:
+                raise ValueError("--quantize dynamic is ONNX Runtime's (scales per call); the OpenVINO IR's int8 is "
+                                 "calibrated by NNCF: use --quantize static with --format openvino")
+        elif quant.smooth_quant:
+            raise ValueError("--smooth-quant applies to the OpenVINO IR (NNCF) only: add --format openvino")
 
     @property
     def parity_threshold(self) -> float:
@@ -116,7 +129,7 @@ class ExportOptions:
         target: str = "auto",
         calibration_texts: Sequence[str] | None = None,
         calibration_method: str = "minmax",
-        keep_ffn_output_fp32: bool = False,
+        keep_ffn_output_fp32: bool = True,
         smooth_quant: bool = False,
         eval_dir: str | Path | Sequence[str | Path] | None = None,
         min_retained: float = 99.0,
@@ -136,6 +149,8 @@ class ExportOptions:
                 Method.parse(quantize), parse_target(target),
                 tuple(calibration_texts) if calibration_texts else default_calibration_texts(),
                 calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32,
+                # the user's own texts are used as given; the shipped ones add the casual set for NNCF
+                openvino_extra_texts=() if calibration_texts else casual_calibration_texts(),
                 smooth_quant=smooth_quant,
             )
         return cls(

@@ -6,6 +6,8 @@ here, not read back from an export that already passed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -42,8 +44,19 @@ def test_min_cosine_is_settable_and_checked() -> None:
     assert ExportOptions.parse(precision="fp16", min_cosine=0.99).parity_threshold == 0.99
     with pytest.raises(ValueError, match="min_cosine must be between -1 and 1"):
         ExportOptions(min_cosine=1.5)
-    with pytest.raises(ValueError, match="unknown calibration method 'kl'; valid: minmax, entropy, percentile"):
-        ExportOptions.parse(quantize="static", calibration_method="kl")
+    with pytest.raises(ValueError, match=r"unknown calibration method 'entropy'; valid: minmax \(entropy and"):
+        ExportOptions.parse(quantize="static", calibration_method="entropy")
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"quantize": "dynamic", "formats": "onnx,openvino"}, "--quantize dynamic is ONNX Runtime's"),
+    ({"quantize": "static", "formats": "onnx", "smooth_quant": True}, "--smooth-quant applies to the OpenVINO IR"),
+])
+def test_int8_settings_the_formats_would_ignore_are_refused(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExportOptions.parse(**settings)
+    ok = {k: v for k, v in settings.items() if k != "smooth_quant"}
+    ExportOptions.parse(**(ok | {"quantize": "static"}))  # the same formats without the ignored setting
 
 
 class Fake:
@@ -149,6 +162,18 @@ def test_gate_judges_every_dataset_and_names_the_one_that_fails(tmp_path) -> Non
     with pytest.raises(QualityGateError, match=fails) as err:
         run_gate(Hashed(), Hashed(lambda t: 0.5 if " other " in t else 0.99999), *gate)
     assert "tiny-beir" not in str(err.value)
+
+
+def test_gate_tells_apart_two_sets_with_one_name(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    _, sts = _eval_sets(tmp_path)
+    (tmp_path / "other").mkdir()
+    twin = tmp_path / "other" / sts.name
+    shutil.copy(sts, twin)
+    figures = run_gate(Hashed(), Hashed(lambda t: 0.99999), (sts, twin), 99.0, 0.85, 0.99)
+    assert figures["passed"] == [str(sts), str(twin)]
+    assert [d["path"] for d in figures["datasets"]] == [str(sts), str(twin)]
 
 
 def test_gate_refuses_what_is_not_an_evaluation_set(tmp_path) -> None:  # type: ignore[no-untyped-def]

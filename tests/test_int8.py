@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from embedrt.cpu import detect_target, missing_features, parse_target
 from embedrt.errors import QualityGateError
 from embedrt.export import export_model
 from embedrt.export.gate import builtin_texts
-from embedrt.export.quantize import default_calibration_texts
+from embedrt.export.quantize import casual_calibration_texts, default_calibration_texts
 from embedrt.ops import row_cosine
 
 from .test_export_writes import assert_written_once
@@ -48,6 +49,7 @@ def test_static_int8_manifest_and_size(static_int8, tiny_bert) -> None:  # type:
     quant = manifest["extra"]["quantization"]
     assert quant["method"] == "static" and quant["target"] == detect_target()
     assert quant["calibration"]["texts"] == len(default_calibration_texts())
+    assert quant["calibration"]["openvino_texts"] == len(default_calibration_texts()) + len(casual_calibration_texts())
     assert set(quant["gate"]) == {"onnx", "openvino"}
     # the recorded gate figure, recomputed here from the two folders with the runtime's own top-k
     fp32, int8 = embedrt.load(tiny_bert[1]), embedrt.load(static_int8)
@@ -138,3 +140,45 @@ def test_dynamic_int8_is_marked_not_batch_invariant() -> None:
     assert dynamic.describe()["batch_invariant"] is False
     assert smooth.describe()["batch_invariant"] is False
     assert QuantConfig(Method.STATIC, "avx2", ("a",)).describe()["batch_invariant"] is True
+
+
+def _quantised_matmuls(xml: Path) -> dict[str, bool]:
+    """Every MatMul of an IR and whether its weights are int8 (a Constant of i8 converted, then scaled)."""
+    import openvino as ov
+
+    def int8_weights(op: ov.Node) -> bool:
+        for value in op.input_values():
+            node = value.get_node()
+            while node.get_type_name() in ("Multiply", "Subtract", "Convert", "Reshape", "Transpose"):
+                source = node.input_value(0)
+                if (node.get_type_name() == "Convert" and source.get_node().get_type_name() == "Constant"
+                        and source.get_element_type() == ov.Type.i8):
+                    return True
+                node = source.get_node()
+        return False
+
+    ops = ov.Core().read_model(str(xml)).get_ops()
+    return {op.get_friendly_name(): int8_weights(op) for op in ops if op.get_type_name() == "MatMul"}
+
+
+def test_openvino_int8_keeps_ffn_outputs_fp32_unless_told(tiny_bert, static_int8, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = export_model(str(tiny_bert[0]), tmp_path / "all-int8", quantize="static", formats="openvino",
+                       keep_ffn_output_fp32=False, min_agreement=0.5)
+    quant = json.loads((static_int8 / "embedrt.json").read_text())["extra"]["quantization"]
+    assert quant["fp32_ops"] == "FFN down-projections" and quant["batch_invariant"] is True
+    assert json.loads((out / "embedrt.json").read_text())["extra"]["quantization"]["fp32_ops"] is None
+    kept = _quantised_matmuls(static_int8 / "openvino_model.xml")  # the default
+    plain = _quantised_matmuls(out / "openvino_model.xml")
+    ffn = {name for name in kept if "/output/dense/" in name and "attention" not in name}
+    assert len(ffn) == 2  # the tiny BERT's two layers
+    assert all(plain[name] for name in ffn)  # quantised when told ...
+    assert not any(kept[name] for name in ffn)  # ... and left in f32 by default
+    assert all(kept[name] == plain[name] for name in kept if name not in ffn)
+
+
+def test_keep_ffn_fp32_refuses_a_graph_without_ffn_outputs() -> None:
+    from embedrt.export.quantize import _ffn_outputs
+
+    assert _ffn_outputs(["/l.0/ffn/lin2/MatMul", "/l.0/attention/output/dense/MatMul"], "x") == ["/l.0/ffn/lin2/MatMul"]
+    with pytest.raises(ValueError, match=r"model\.xml has no MatMul named like one .*--no-keep-ffn-fp32"):
+        _ffn_outputs(["/l.0/attention/output/dense/MatMul", "/pool/MatMul"], "model.xml")

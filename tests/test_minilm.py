@@ -52,3 +52,41 @@ def test_text_between_128_and_256_tokens_is_not_cut_at_128(minilm_dir, minilm_st
 def test_empty_string_gives_sentence_transformers_vector(minilm_dir, minilm_st) -> None:  # type: ignore[no-untyped-def]
     got = embedrt.load(minilm_dir).encode([""])
     np.testing.assert_allclose(got[0], minilm_st.encode([""])[0], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def minilm_ov_int8(tmp_path_factory: pytest.TempPathFactory, minilm_checkpoint):  # type: ignore[no-untyped-def]
+    from embedrt.export import export_model
+
+    return export_model(str(minilm_checkpoint), tmp_path_factory.mktemp("int8") / "ov", quantize="static",
+                        formats="openvino")
+
+
+def test_served_int8_vector_does_not_depend_on_batch_mates(minilm_ov_int8) -> None:  # type: ignore[no-untyped-def]
+    # the int8 recipe auto and the server use, on the real model. OpenVINO's f32 attention sums over the padded
+    # length, and the next int8 quantiser can turn a last-bit difference into a whole step: a text run at its
+    # exact length and then padded 17 tokens further moved by up to 0.015 (2 of 165 texts). embedrt runs every
+    # OpenVINO call at a multiple of 8 tokens (SHAPE_BUCKETS), alone too; from there a text's vector was
+    # identical behind any longer batch-mate (334 texts, 3 to 128 tokens further).
+    import random
+
+    from embedrt.export.auto import timing_texts
+    from embedrt.export.quantize import casual_calibration_texts, default_calibration_texts
+    from embedrt.plan import SHAPE_BUCKETS
+
+    assert all(multiple % 8 == 0 for _, multiple in SHAPE_BUCKETS)
+    model = embedrt.load(minilm_ov_int8, device="openvino")
+    # short texts, and passages of ~200-400 tokens: fp32 matmuls can depend on the rows of a call (with the
+    # FFN up-projections left in fp32 instead, 3 of 312 SciFact documents among batch-mates moved by 0.015)
+    texts = [*default_calibration_texts(), *casual_calibration_texts(), *EDGE[:5], *timing_texts()[0]]
+    alone = np.concatenate([model.encode([t]) for t in texts])
+    ids = model.tokenize(texts)
+    own = model.padded_lengths(np.array([len(x) for x in ids]))
+    for extra in (8, 24, 64):  # behind a batch-mate padded 8, 24 or 64 tokens longer
+        got = np.concatenate([model.encode_padded([x], int(n) + extra) for x, n in zip(ids, own, strict=True)])
+        assert np.abs(got - alone).max() <= 1e-6, f"padded {extra} tokens further"
+    rng = random.Random(3)
+    for _ in range(20):  # through encode's own planning, with random batch-mates
+        mates = rng.sample(range(len(texts)), rng.choice([3, 8, 17, 40]))
+        got = model.encode([texts[i] for i in mates], batch_size=rng.choice([4, 16, 32]))
+        assert np.abs(got - alone[mates]).max() <= 1e-6
