@@ -1,13 +1,13 @@
 """Every int8 recipe judged on data it was not chosen on: ``python -m benchmarks.int8_recipes``.
 
-Protocol (issue #14): calibration uses only the texts shipped in ``export/data/calibration.txt`` (outside
-every evaluation set); SciFact's 300 judged queries are split in two fixed halves by query id: recipes
-are compared on the *select* half and reported on the *confirm* half, with STS-B Spearman (all 1,379
-pairs) as a second, unrelated task. Short-text fidelity is chosen on too: the select half's queries, the
-exporter's probe texts and ``benchmarks/data/select_short.txt`` (hand-written sentences held out from the
-pool the calibration texts' last lines came from), reported as ``cos_short_select``. Per-text fidelity is
-the cosine to the fp32 model over short texts (confirm: queries, STS sentences) and long ones (SciFact
-documents): minimum and 1st percentile, and the overlap of each query's top-10. Batch invariance: the
+Protocol (issue #14): calibration uses only the texts shipped in ``export/data/`` (``calibration.txt``, and
+for NNCF also ``calibration_casual.txt``; outside every evaluation set); SciFact's 300 judged queries are
+split in two fixed halves by query id: recipes are compared on the *select* half and reported on the *confirm*
+half, with STS-B Spearman (all 1,379 pairs) as a second, unrelated task. Short-text fidelity is chosen on too:
+the select half's queries, the exporter's probe texts and ``benchmarks/data/select_short.txt`` (hand-written
+sentences held out from the pool ``calibration_casual.txt`` came from), reported as ``cos_short_select``. Per-
+text fidelity is the cosine to the fp32 model over short texts (confirm: queries, STS sentences) and long ones
+(SciFact documents): minimum and 1st percentile, and the overlap of each query's top-10. Batch invariance: the
 largest difference between a text embedded alone and in a batch of 32 mixed texts.
 """
 
@@ -101,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     import embedrt
+    from benchmarks.systems import _exported_by
     from embedrt.beir import load_beir
     from embedrt.export import export_model
+    from embedrt.export.artifacts import EXPORTER
     from embedrt.sts import load_sts
 
     work = Path(args.work)
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"beir": beir, "select": select, "confirm": confirm, "sts": load_sts(DATA / "stsb"),
             "select_short": [*select.query_texts, *PROBE_TEXTS, *held_out]}
     fp32_dir = work / "fp32"
-    if not (fp32_dir / "embedrt.json").is_file():
+    if _exported_by(fp32_dir) != EXPORTER:
         export_model(args.model, fp32_dir, formats="onnx,openvino", overwrite=True)
     rows: dict[str, Any] = {}
     for device in args.devices.split(","):
@@ -127,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
             if (recipe.get("formats") == "openvino") != (device == "openvino"):
                 continue
             folder = work / name
-            if not (folder / "embedrt.json").is_file():
+            if _exported_by(folder) != EXPORTER:  # missing, or from another exporter or recipe revision
                 export_model(args.model, folder, overwrite=True, **recipe)
             rows[name] = judge(folder, device, reference, data)
             base = rows[f"fp32-{device}"]
             rows[name]["retained"] = {k: 100 * rows[name][k] / base[k]
                                       for k in ("ndcg_select", "ndcg_confirm", "sts_spearman")}
             print(name, json.dumps(rows[name]), flush=True)
+    recipes = {n: RECIPES[n] for n in args.recipes.split(",")}
+    rows["_run"] = {"exporter": EXPORTER, "model": args.model, "recipes": recipes, "embedrt": embedrt.__version__}
     text = json.dumps(rows, indent=1)
     print(text)
     if args.json:

@@ -103,7 +103,7 @@ class ExportOptions:
         if Format.OPENVINO in self.formats:
             if quant.method is Method.DYNAMIC:
                 raise ValueError("--quantize dynamic is ONNX Runtime's (scales per call); the OpenVINO IR's int8 is "
-                                 "calibrated by NNCF: use --quantize static with --format openvino")
+                                 "calibrated by NNCF: use --quantize static, or --format onnx")
         elif quant.smooth_quant:
             raise ValueError("--smooth-quant applies to the OpenVINO IR (NNCF) only: add --format openvino")
 
@@ -129,7 +129,7 @@ class ExportOptions:
         target: str = "auto",
         calibration_texts: Sequence[str] | None = None,
         calibration_method: str = "minmax",
-        keep_ffn_output_fp32: bool = True,
+        keep_ffn_output_fp32: bool | None = None,
         smooth_quant: bool = False,
         eval_dir: str | Path | Sequence[str | Path] | None = None,
         min_retained: float = 99.0,
@@ -144,11 +144,19 @@ class ExportOptions:
                 lists the valid ones), or settings that exclude each other.
         """
         quant = None
+        if calibration_texts is not None and not calibration_texts:
+            raise ValueError("calibration_texts is empty: give at least one text, or None for the shipped sets")
+        if not quantize and (smooth_quant or calibration_texts or keep_ffn_output_fp32 is not None):
+            raise ValueError("--smooth-quant, --calibration-texts and --keep-ffn-fp32/--no-keep-ffn-fp32 set up int8: "
+                             "they need --quantize dynamic|static")
+        if quantize == "dynamic" and calibration_texts:
+            raise ValueError("--calibration-texts calibrate static int8; --quantize dynamic computes its scales per "
+                             "call and would ignore them")
         if quantize:
             quant = QuantConfig(
                 Method.parse(quantize), parse_target(target),
                 tuple(calibration_texts) if calibration_texts else default_calibration_texts(),
-                calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32,
+                calibration_method, keep_ffn_output_fp32=keep_ffn_output_fp32 is not False,
                 # the user's own texts are used as given; the shipped ones add the casual set for NNCF
                 openvino_extra_texts=() if calibration_texts else casual_calibration_texts(),
                 smooth_quant=smooth_quant,

@@ -45,11 +45,13 @@ class QuantConfig:
     target: str
     calibration_texts: tuple[str, ...]
     calibration_method: str = "minmax"
-    openvino_extra_texts: tuple[str, ...] = ()  # NNCF calibrates on these too (the shipped casual texts)
     per_channel: bool = True
     # the FFN down-projections stay fp32 unless asked: see quantize_openvino for the measurements
     keep_ffn_output_fp32: bool = True
     smooth_quant: bool = False  # OpenVINO (NNCF) only; see quantize_openvino
+    # NNCF calibrates on these too; ExportOptions.parse (the CLI, export_model) puts the shipped casual texts
+    # here when the calibration texts are the shipped ones: a QuantConfig built by hand should do the same
+    openvino_extra_texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # checked here, before any work, not when the static quantizer finally needs it
@@ -148,17 +150,20 @@ def _calibration_feeds(tokenizer: TextTokenizer, texts: tuple[str, ...]) -> Iter
 
 # a fused contrib op with an integer kernel (QAttention); QDQ cannot express it
 _DYNAMIC_ONLY = ["Attention"]
-# BERT, RoBERTa, MPNet, ELECTRA: .../output/dense (not attention/output/dense); DistilBERT: ffn/lin2; ALBERT:
-# ffn_output
+# BERT, RoBERTa, MPNet: .../output/dense (not attention/output/dense); DistilBERT: ffn/lin2; ALBERT's
+# ffn_output in case it is exported
 _FFN_OUTPUT = re.compile(r"(/ffn/lin2/|/ffn_output/|(?<!attention)/output/dense/)MatMul")
 
 
 def _ffn_outputs(names: list[str], where: str) -> list[str]:
     """The FFN down-projections among ``names`` (MatMul node names): GELU outputs have the outliers that int8
-    activations clip worst. Raises ValueError when there are none: the option must not be ignored silently."""
+    activations clip worst. Raises QualityGateError when there are none: the option must not be ignored
+    silently (and ``--precision auto`` records it as the int8 candidates' rejection)."""
+    from embedrt.errors import QualityGateError
+
     found = [name for name in names if _FFN_OUTPUT.search(name)]
     if not found:
-        raise ValueError(f"int8 keeps the FFN down-projections in fp32, but {where} has no MatMul named like one "
+        raise QualityGateError(f"int8 keeps the FFN down-projections in fp32, but {where} has no MatMul named like one "
                          f"(looked for {_FFN_OUTPUT.pattern!r}); this architecture names them differently: pass "
                          "--no-keep-ffn-fp32 (keep_ffn_output_fp32=False) to quantise every matmul")
     return found
@@ -169,7 +174,7 @@ def _fp32_nodes(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    return _ffn_outputs([n.name for n in graph.node if n.op_type == "MatMul"], path.name)
+    return _ffn_outputs([n.name for n in graph.node if n.op_type == "MatMul"], "the ONNX graph")
 
 
 def quantize_onnx(src: Path, scratch: Path, config: QuantConfig, tokenizer: TextTokenizer) -> ModelProto:
@@ -207,11 +212,9 @@ def _quantize_static(src: Path, dest: Path, config: QuantConfig, tokenizer: Text
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self._it, None)
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
     quantize_static(
         str(src), str(dest), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-        calibrate_method=methods[config.calibration_method], **common,
+        calibrate_method=CalibrationMethod.MinMax, **common,  # the only method offered (CALIBRATION_METHODS)
     )
 
 
@@ -288,7 +291,7 @@ def quantize_openvino(xml: Path, dest_folder: Path, config: QuantConfig, tokeniz
     ignored = None
     if config.keep_ffn_output_fp32:
         matmuls = [op.get_friendly_name() for op in model.get_ops() if op.get_type_name() == "MatMul"]
-        ignored = nncf.IgnoredScope(names=_ffn_outputs(matmuls, xml.name))
+        ignored = nncf.IgnoredScope(names=_ffn_outputs(matmuls, "the OpenVINO IR"))
     quantized = nncf.quantize(
         model, dataset, model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED,
         subset_size=len(config.openvino_texts), advanced_parameters=advanced, ignored_scope=ignored,

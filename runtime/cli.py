@@ -61,10 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=["dynamic", "static"], help="int8: dynamic, or static (batch-invariant)")
     p.add_argument("--target", default="auto",
                    help="int8 target CPU: auto (this one), avx2, avx512, avx_vnni, avx512_vnni, amx, arm64_dotprod")
-    p.add_argument("--calibration-texts", help=".txt/.jsonl calibration texts (default: the shipped set)")
+    p.add_argument("--calibration-texts", help=".txt/.jsonl calibration texts, used as given (default: the shipped "
+                   "set, plus its casual texts for OpenVINO)")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax"],
                    help="static int8: activation ranges from the min/max over the calibration texts")
-    p.add_argument("--keep-ffn-fp32", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--keep-ffn-fp32", action=argparse.BooleanOptionalAction, default=None,
                    help="int8: leave the FFN down-projections in fp32 (default; --no-keep-ffn-fp32 quantises them "
                         "too: faster, further from fp32)")
     p.add_argument("--smooth-quant", action="store_true",

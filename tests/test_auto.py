@@ -48,6 +48,12 @@ def test_auto_keeps_the_fastest_passing_candidate_and_records_why(tiny_bert: tup
         export_auto(str(tiny_bert[0]), out, overwrite=False)
 
 
+def test_auto_refuses_smooth_quant(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="only considers batch-invariant int8"):
+        export_auto("unused", tmp_path / "x", overwrite=False, smooth_quant=True)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_auto_refuses_settings_it_chooses_itself(tiny_bert: tuple[Path, Path], tmp_path: Path) -> None:
     for extra in (["--quantize", "static"], ["--format", "openvino"], ["--min-cosine", "0.99"]):
         proc = subprocess.run([sys.executable, "-m", "embedrt.cli", "export", str(tiny_bert[0]), "-o",

@@ -59,6 +59,20 @@ def test_int8_settings_the_formats_would_ignore_are_refused(settings: dict[str, 
     ExportOptions.parse(**(ok | {"quantize": "static"}))  # the same formats without the ignored setting
 
 
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"smooth_quant": True}, "they need --quantize"),
+    ({"keep_ffn_output_fp32": False}, "they need --quantize"),
+    ({"calibration_texts": ["a text"]}, "they need --quantize"),
+    ({"quantize": "dynamic", "calibration_texts": ["a text"]}, "--quantize dynamic computes its scales per call"),
+    ({"quantize": "static", "calibration_texts": []}, "calibration_texts is empty"),
+])
+def test_int8_settings_without_their_int8_are_refused(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExportOptions.parse(**settings)
+    assert ExportOptions.parse(quantize="static", keep_ffn_output_fp32=False).quantize.keep_ffn_output_fp32 is False
+    assert ExportOptions.parse(quantize="static").quantize.keep_ffn_output_fp32 is True
+
+
 class Fake:
     """A model whose embedding of text ``i`` of the corpus is row ``i`` of a fixed matrix."""
 

@@ -176,9 +176,21 @@ def test_openvino_int8_keeps_ffn_outputs_fp32_unless_told(tiny_bert, static_int8
     assert all(kept[name] == plain[name] for name in kept if name not in ffn)
 
 
+def test_onnx_int8_keeps_ffn_outputs_fp32(static_int8) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    graph = onnx.load(str(static_int8 / "model.onnx")).graph
+    producers = {out: node.op_type for node in graph.node for out in node.output}
+    matmuls = {n.name: [producers.get(i, "initializer") for i in n.input] for n in graph.node if n.op_type == "MatMul"}
+    ffn = {name: inputs for name, inputs in matmuls.items() if "/output/dense/" in name and "attention" not in name}
+    assert len(ffn) == 2 and all("DequantizeLinear" not in inputs for inputs in ffn.values())
+    others = [inputs for name, inputs in matmuls.items() if name not in ffn and "initializer" not in inputs[1:]]
+    assert any("DequantizeLinear" in inputs for inputs in others)  # the rest is int8 (QDQ)
+
+
 def test_keep_ffn_fp32_refuses_a_graph_without_ffn_outputs() -> None:
     from embedrt.export.quantize import _ffn_outputs
 
     assert _ffn_outputs(["/l.0/ffn/lin2/MatMul", "/l.0/attention/output/dense/MatMul"], "x") == ["/l.0/ffn/lin2/MatMul"]
-    with pytest.raises(ValueError, match=r"model\.xml has no MatMul named like one .*--no-keep-ffn-fp32"):
+    with pytest.raises(QualityGateError, match=r"model\.xml has no MatMul named like one .*--no-keep-ffn-fp32"):
         _ffn_outputs(["/l.0/attention/output/dense/MatMul", "/pool/MatMul"], "model.xml")
