@@ -5,8 +5,8 @@ for NNCF also ``calibration_casual.txt``; outside every evaluation set); SciFact
 split in two fixed halves by query id: recipes are compared on the *select* half and reported on the *confirm*
 half, with STS-B Spearman (all 1,379 pairs) as a second, unrelated task. Short-text fidelity is chosen on too:
 the select half's queries, the exporter's probe texts and ``benchmarks/data/select_short.txt`` (hand-written
-sentences held out from the pool ``calibration_casual.txt`` came from), reported as ``cos_short_select``. Per-
-text fidelity is the cosine to the fp32 model over short texts (confirm: queries, STS sentences) and long ones
+sentences held out from the pool ``calibration_casual.txt`` came from), reported as ``cos_short_select``.
+Per-text fidelity is the cosine to the fp32 model over short texts (confirm: queries, STS sentences) and long ones
 (SciFact documents): minimum and 1st percentile, and the overlap of each query's top-10. Batch invariance: the
 largest difference between a text embedded alone and in a batch of 32 mixed texts.
 """
