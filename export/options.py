@@ -94,6 +94,10 @@ class ExportOptions:
 
         for path in self.eval_dirs:  # a typo fails now, not after the export and quantisation
             dataset_kind(path)
+        resolved = [path.resolve() for path in self.eval_dirs]
+        twice = sorted({str(path) for path in self.eval_dirs if resolved.count(path.resolve()) > 1})
+        if twice:
+            raise ValueError(f"--eval names the same set more than once: {', '.join(twice)}")
 
     def _check_quantize(self) -> None:
         """Refuse int8 settings the chosen formats would not honour, rather than ignore them."""

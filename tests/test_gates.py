@@ -188,6 +188,8 @@ def test_gate_tells_apart_two_sets_with_one_name(tmp_path) -> None:  # type: ign
     figures = run_gate(Hashed(), Hashed(lambda t: 0.99999), (sts, twin), 99.0, 0.85, 0.99)
     assert figures["passed"] == [str(sts), str(twin)]
     assert [d["path"] for d in figures["datasets"]] == [str(sts), str(twin)]
+    with pytest.raises(ValueError, match="--eval names the same set more than once"):
+        ExportOptions.parse(quantize="static", eval_dir=[str(sts), str(tmp_path / "." / sts.name)])
 
 
 def test_gate_refuses_what_is_not_an_evaluation_set(tmp_path) -> None:  # type: ignore[no-untyped-def]
