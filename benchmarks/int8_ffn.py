@@ -27,14 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks import systems, workloads
     from embedrt import load
     from embedrt.cpu import cpu_name
-    from embedrt.export import export_model
     from embedrt.export.artifacts import EXPORTER
 
     folders = systems.prepare(args.model, {"quantize": "dynamic"})
-    all_int8 = folders["ov-int8"].parent / "ov-int8-static-allint8"
-    if systems._exported_by(all_int8) != EXPORTER:
-        export_model(str(folders["checkpoint"]), all_int8, overwrite=True, formats="openvino", quantize="static",
-                     keep_ffn_output_fp32=False, min_agreement=0.0)
+    all_int8 = systems.ensure_export(folders["checkpoint"], folders["ov-int8"].parent / "ov-int8-static-allint8",
+                                     formats="openvino", quantize="static", keep_ffn_output_fp32=False,
+                                     min_agreement=0.0)
     loads = {w.name: w for w in workloads.build(n_queries=256, n_passages=64)}
     passages, queries = list(loads["passages"].texts), list(loads["queries"].texts)
     models = {name: load(folder, device="openvino", threads=args.threads)

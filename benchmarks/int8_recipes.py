@@ -101,23 +101,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     import embedrt
-    from benchmarks.systems import _exported_by
+    from benchmarks.systems import ensure_export
     from embedrt.beir import load_beir
-    from embedrt.export import export_model
     from embedrt.export.artifacts import EXPORTER
+    from embedrt.export.validate import PROBE_TEXTS
     from embedrt.sts import load_sts
 
     work = Path(args.work)
     beir = load_beir(DATA / "scifact")
     select, confirm = split_queries(beir)
-    from embedrt.export.validate import PROBE_TEXTS
-
     held_out = [line for line in SELECT_SHORT.read_text(encoding="utf-8").splitlines() if line.strip()]
     data = {"beir": beir, "select": select, "confirm": confirm, "sts": load_sts(DATA / "stsb"),
             "select_short": [*select.query_texts, *PROBE_TEXTS, *held_out]}
-    fp32_dir = work / "fp32"
-    if _exported_by(fp32_dir) != EXPORTER:
-        export_model(args.model, fp32_dir, formats="onnx,openvino", overwrite=True)
+    fp32_dir = ensure_export(args.model, work / "fp32", formats="onnx,openvino")
     rows: dict[str, Any] = {}
     for device in args.devices.split(","):
         fp32 = embedrt.load(fp32_dir, device=device, inference_precision="f32")  # never bf16, even on AMX
@@ -128,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = dict(RECIPES[name])
             if (recipe.get("formats") == "openvino") != (device == "openvino"):
                 continue
-            folder = work / name
-            if _exported_by(folder) != EXPORTER:  # missing, or from another exporter or recipe revision
-                export_model(args.model, folder, overwrite=True, **recipe)
+            folder = ensure_export(args.model, work / name, **recipe)
             rows[name] = judge(folder, device, reference, data)
             base = rows[f"fp32-{device}"]
             rows[name]["retained"] = {k: 100 * rows[name][k] / base[k]

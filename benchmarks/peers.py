@@ -53,14 +53,10 @@ def _st_openvino_folder(python: Path, checkpoint: Path, folder: Path) -> Path:
 
 def _bf16_folder(checkpoint: Path, folder: Path) -> Path | None:
     from embedrt.cpu import bf16_units
-    from embedrt.export import export_model
-    from embedrt.export.artifacts import EXPORTER
 
     if bf16_units() is None:
         return None
-    if systems._exported_by(folder) != EXPORTER:
-        export_model(str(checkpoint), folder, overwrite=True, formats="openvino", precision="bf16")
-    return folder
+    return systems.ensure_export(checkpoint, folder, formats="openvino", precision="bf16")
 
 
 def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, Any]]:

@@ -86,10 +86,20 @@ def _exported_by(folder: Path) -> str | None:
         return None
 
 
-def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
-    """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
+def ensure_export(source: str | Path, folder: Path, **settings: Any) -> Path:
+    """``folder`` exported from ``source`` with ``settings``, unless it already holds this exporter's export
+    (cached benchmark folders are rebuilt when the exporter or its recipe revision changes)."""
     from embedrt.export import export_model
     from embedrt.export.artifacts import EXPORTER
+
+    if _exported_by(folder) != EXPORTER:  # missing, or written by another exporter version
+        log.warning("exporting %s -> %s", source, folder)
+        export_model(str(source), folder, overwrite=True, **settings)
+    return folder
+
+
+def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
+    """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
     from embedrt.export.synthetic import StandIn, make_checkpoint
     from embedrt.models import find_entry
 
@@ -117,8 +127,5 @@ def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
         "ov-int8": (root / "ov-int8-static", {"formats": "openvino", "quantize": "static", **gate}),
     }
     for key, (folder, kwargs) in plans.items():
-        if _exported_by(folder) != EXPORTER:  # missing, or written by another exporter version
-            log.warning("exporting %s %s -> %s", model, key, folder)
-            export_model(str(checkpoint), folder, overwrite=True, **kwargs)
-        folders[key] = folder
+        folders[key] = ensure_export(checkpoint, folder, **kwargs)
     return folders

@@ -163,9 +163,9 @@ def _ffn_outputs(names: list[str], where: str) -> list[str]:
 
     found = [name for name in names if _FFN_OUTPUT.search(name)]
     if not found:
-        raise QualityGateError(f"int8 keeps the FFN down-projections in fp32, but {where} has no MatMul named like one "
-                         f"(looked for {_FFN_OUTPUT.pattern!r}); this architecture names them differently: pass "
-                         "--no-keep-ffn-fp32 (keep_ffn_output_fp32=False) to quantise every matmul")
+        raise QualityGateError(f"int8 keeps the FFN down-projections in fp32, but {where} has no MatMul named like "
+                               f"one (looked for {_FFN_OUTPUT.pattern!r}); this architecture names them differently: "
+                               "pass --no-keep-ffn-fp32 (keep_ffn_output_fp32=False) to quantise every matmul")
     return found
 
 
