@@ -77,7 +77,8 @@ class QuantConfig:
             "method": self.method.value, "target": self.target, "required_features": list(TARGETS[self.target]),
             "reduce_range": self.reduce_range, "per_channel": self.per_channel, "weights": "int8 symmetric",
             "activations": "uint8",
-            "ops": "MatMul inputs, with constant weights (activation x activation stays fp32; outputs are fp32)",
+            "ops": "MatMul inputs, with constant weights (activation x activation stays fp32; outputs and the "
+                   "residual stream are fp32)",
             "calibration": ({"texts": len(self.calibration_texts), "openvino_texts": len(self.openvino_texts),
                              "method": self.calibration_method} if self.method is Method.STATIC else None),
             "smooth_quant": self.smooth_quant,
@@ -217,6 +218,8 @@ def quantize_onnx(src: Path, scratch: Path, config: QuantConfig, tokenizer: Text
     else:
         _quantize_static(src, scratch, config, tokenizer, common)
     model = onnx.load(str(scratch))
+    if config.method is Method.STATIC:
+        unquantised_readers(model)
     quantize_embedding_rows(model)
     return model
 
@@ -237,6 +240,35 @@ def _quantize_static(src: Path, dest: Path, config: QuantConfig, tokenizer: Text
         str(src), str(dest), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
         calibrate_method=CalibrationMethod.MinMax, **common,  # the only method offered (CALIBRATION_METHODS)
     )
+
+
+def unquantised_readers(model: ModelProto) -> int:
+    """Give every node that is not a quantised MatMul its activation back in fp32, in ``model`` itself; returns
+    how many inputs were changed.
+
+    ONNX Runtime's QDQ quantizer points *every* reader of a quantised tensor at its DequantizeLinear output,
+    so the residual Add after each attention and FFN block carried the uint8 rounding of the LayerNorm output
+    into the residual stream (12 Adds in all-MiniLM-L6-v2). NNCF quantises only the MatMul's branch. Chosen on
+    SciFact's select half and the short select texts (all-MiniLM-L6-v2, 2026-11-24): the short texts' 1st
+    percentile cosine to fp32 0.9816 -> 0.9845, the worst 0.960 -> 0.983, NDCG@10 kept 99.85 -> 100.91%, at
+    the same speed.
+    """
+    graph = model.graph
+    weights = {i.name for i in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    changed = 0
+    for node in graph.node:
+        if node.op_type in ("MatMul", "QuantizeLinear", "DequantizeLinear"):
+            continue
+        for k, name in enumerate(node.input):
+            dq = producers.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in weights:
+                continue
+            q = producers.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                changed += 1
+    return changed
 
 
 def quantize_embedding_rows(model: ModelProto, min_rows: int = 4096) -> int:

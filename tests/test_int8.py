@@ -203,8 +203,14 @@ def test_onnx_static_int8_quantises_weight_matmul_inputs_only(static_int8) -> No
     assert len([n for n in matmuls if not weight_of(n)]) == 4
     # ... and no MatMul output goes through uint8 (ONNX Runtime's QDQ default, which cost fidelity)
     assert not [n.name for n in matmuls if "QuantizeLinear" in consumers.get(n.output[0], [])]
+    # ... nor does the residual stream: only MatMuls read a dequantised activation (ONNX Runtime's QDQ
+    # quantizer pointed the residual Adds at it too)
+    dequantised = {out for node in graph.node if node.op_type == "DequantizeLinear" and node.input[0] not in weights
+                   for out in node.output}
+    readers = {n.op_type for n in graph.node if set(n.input) & dequantised}
+    assert readers == {"MatMul"}
     ops = json.loads((static_int8 / "embedrt.json").read_text())["extra"]["quantization"]["ops"]
-    assert "activation x activation stays fp32" in ops and "outputs are fp32" in ops
+    assert "activation x activation stays fp32" in ops and "outputs and the residual stream are fp32" in ops
 
 
 def test_keep_ffn_fp32_refuses_a_graph_without_ffn_outputs() -> None:
