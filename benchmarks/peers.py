@@ -14,7 +14,8 @@ project's transformers, so it runs from its own environment:
 Its rows: the backend at its default precision (OpenVINO's own choice for this CPU, recorded: bf16 where the
 CPU has bf16 instructions) and forced to f32. embedrt's rows: ``embedrt.load(folder)`` on a default export
 (what a user gets without options; the path it took is recorded), fp32 on each backend, bf16 where the CPU has
-bf16 units, and the batch-invariant OpenVINO int8.
+bf16 units, and every shipped int8 recipe at its defaults: OpenVINO NNCF (batch-invariant; what ``auto`` and the
+server use), ONNX Runtime static (batch-invariant) and ONNX Runtime dynamic (not).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _bf16_folder(checkpoint: Path, folder: Path) -> Path | None:
 
 
 def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, Any]]:
-    folders = systems.prepare(model, RECIPES["dynamic"])
+    folders = systems.prepare(model, RECIPES["dynamic"], ort_static=True)
     checkpoint = folders["checkpoint"]
     main_py = sys.executable
     specs: list[dict[str, Any]] = [
@@ -86,8 +87,16 @@ def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, A
     if bf16 is not None:
         specs.append({"name": "embedrt-bf16-openvino", "python": main_py, "kind": "embedrt", "path": str(bf16),
                       "device": "openvino"})
-    specs.append({"name": "embedrt-int8-openvino", "python": main_py, "kind": "embedrt",
-                  "path": str(folders["ov-int8"]), "device": "openvino"})
+    # every shipped int8 recipe at its defaults: OpenVINO NNCF (what auto and the server use), ONNX Runtime
+    # static (batch-invariant) and dynamic (not)
+    specs += [
+        {"name": "embedrt-int8-openvino", "python": main_py, "kind": "embedrt", "path": str(folders["ov-int8"]),
+         "device": "openvino"},
+        {"name": "embedrt-int8-ort-static", "python": main_py, "kind": "embedrt",
+         "path": str(folders["ort-int8-static"]), "device": "cpu"},
+        {"name": "embedrt-int8-ort-dynamic", "python": main_py, "kind": "embedrt", "path": str(folders["int8"]),
+         "device": "cpu"},
+    ]
     for spec in specs:
         spec["threads"] = threads
     return specs

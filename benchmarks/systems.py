@@ -98,8 +98,9 @@ def ensure_export(source: str | Path, folder: Path, **settings: Any) -> Path:
     return folder
 
 
-def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
-    """Checkpoint and exported folders for a benchmark model, built once under models/_bench."""
+def prepare(model: str, int8_recipe: dict[str, Any], ort_static: bool = False) -> dict[str, Path]:
+    """Checkpoint and exported folders for a benchmark model, built once under models/_bench (with
+    ``ort_static``, also ONNX Runtime's static int8 as ``ort-int8-static``)."""
     from embedrt.export.synthetic import StandIn, make_checkpoint
     from embedrt.models import find_entry
 
@@ -126,6 +127,8 @@ def prepare(model: str, int8_recipe: dict[str, Any]) -> dict[str, Path]:
         "int8": (root / f"int8-{recipe_key}", {"formats": "onnx", **int8_recipe, **gate}),
         "ov-int8": (root / "ov-int8-static", {"formats": "openvino", "quantize": "static", **gate}),
     }
+    if ort_static:
+        plans["ort-int8-static"] = (root / "ort-int8-static", {"formats": "onnx", "quantize": "static", **gate})
     for key, (folder, kwargs) in plans.items():
         folders[key] = ensure_export(checkpoint, folder, **kwargs)
     return folders
