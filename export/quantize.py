@@ -111,7 +111,8 @@ def casual_calibration_texts() -> tuple[str, ...]:
     (``benchmarks/data/select_short.txt``), all-MiniLM-L6-v2, 2026-11-23: the OpenVINO int8 model's
     1st-percentile cosine to fp32 on those short texts went from 0.980 to 0.984 at 100.1% NDCG@10 kept. ONNX
     Runtime's static recipe does not take them: there the same data showed no gain (0.965 vs 0.966) and
-    NDCG@10 kept fell from 99.05 to 98.73%."""
+    NDCG@10 kept fell from 99.05 to 98.73%; again once its QDQ graph kept MatMul outputs fp32 (2026-11-24:
+    0.974 vs 0.982)."""
     return _shipped_lines("calibration_casual.txt")
 
 
