@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 # recorded in every manifest (extra.exporter); folders written by another exporter may hold other graphs
 # the recipe revision: bumped when an export's content changes without a version change (cached folders,
 # e.g. the benchmarks', are rebuilt when it differs)
-RECIPE_REVISION = ("2026-11-24 (ONNX Runtime static int8 quantises MatMul inputs only: activation x activation "
-                   "MatMuls, outputs and the residual stream fp32; int8 FFN down-projections fp32 by default, "
-                   "casual calibration texts for NNCF, NNCF MINMAX activation ranges, bf16 check of fp32 IRs)")
+RECIPE_REVISION = ("2026-11-24b (ONNX Runtime static int8 quantises MatMul inputs only: activation x activation "
+                   "MatMuls, outputs and the residual stream fp32, fused GELU outputs typed; int8 FFN "
+                   "down-projections fp32 by default, casual calibration texts for NNCF, NNCF MINMAX activation "
+                   "ranges, bf16 check of fp32 IRs)")
 EXPORTER = f"embedrt {__version__} recipes {RECIPE_REVISION}, torch.onnx (TorchScript) opset {OPSET}, eager attention"
 GRAPH_ENTRIES: dict[str, dict[str, Any]] = {
     "onnx": {"file": ONNX_NAME, "opset": OPSET},

@@ -162,7 +162,7 @@ def _quantised_matmuls(xml: Path) -> dict[str, bool]:
 
 
 def test_openvino_int8_keeps_ffn_outputs_fp32_unless_told(tiny_bert, static_int8, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    out = export_model(str(tiny_bert[0]), tmp_path / "all-int8", quantize="static", formats="openvino",
+    out = export_model(str(tiny_bert[0]), tmp_path / "all-int8", quantize="static", formats="onnx,openvino",
                        keep_ffn_output_fp32=False, min_agreement=0.5)
     quant = json.loads((static_int8 / "embedrt.json").read_text())["extra"]["quantization"]
     assert quant["fp32_ops"] == "FFN down-projections" and quant["batch_invariant"] is True
@@ -174,6 +174,15 @@ def test_openvino_int8_keeps_ffn_outputs_fp32_unless_told(tiny_bert, static_int8
     assert all(plain[name] for name in ffn)  # quantised when told ...
     assert not any(kept[name] for name in ffn)  # ... and left in f32 by default
     assert all(kept[name] == plain[name] for name in kept if name not in ffn)
+    # ONNX Runtime too: both inputs of each FFN down-projection dequantised (its input comes from the fused
+    # BiasGelu, which the QDQ quantizer used to skip as untyped, leaving int8 weights on fp32 inputs)
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx")).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    down = [n for n in graph.node if n.op_type == "MatMul" and n.name in ffn]
+    assert len(down) == 2
+    assert all(producers.get(i) == "DequantizeLinear" for n in down for i in n.input)
 
 
 def test_onnx_static_int8_quantises_weight_matmul_inputs_only(static_int8) -> None:  # type: ignore[no-untyped-def]
