@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the table here")
     args = p.parse_args(argv)
     import embedrt
+    from benchmarks.run import _machine, _versions
     from benchmarks.systems import ensure_export
     from embedrt.beir import load_beir
     from embedrt.export.artifacts import EXPORTER
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                                       for k in ("ndcg_select", "ndcg_confirm", "sts_spearman")}
             print(name, json.dumps(rows[name]), flush=True)
     recipes = {n: RECIPES[n] for n in args.recipes.split(",")}
-    rows["_run"] = {"exporter": EXPORTER, "model": args.model, "recipes": recipes, "embedrt": embedrt.__version__}
+    rows["_run"] = {"exporter": EXPORTER, "model": args.model, "recipes": recipes, "embedrt": embedrt.__version__,
+                    "machine": _machine(fp32.plan.threads), "versions": _versions()}
     text = json.dumps(rows, indent=1)
     print(text)
     if args.json:

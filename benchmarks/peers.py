@@ -8,8 +8,10 @@ PyTorch fp32 for every text, next to every speed figure.
 sentence-transformers with ``backend="openvino"`` needs optimum-intel, whose pins conflict with this
 project's transformers, so it runs from its own environment:
 
-    python -m venv .venv-stov && .venv-stov/bin/pip install -c constraints/dev.txt torch \\
-        && .venv-stov/bin/pip install -c constraints/dev.txt "sentence-transformers[openvino]"
+    python -m venv .venv-stov && .venv-stov/bin/pip install -c constraints/stov.txt torch \\
+        && .venv-stov/bin/pip install -c constraints/stov.txt "sentence-transformers[openvino]" \\
+        && .venv-stov/bin/pip uninstall -y torchvision  # pulled in by optimum-intel; its PyPI wheel breaks
+                                                        # `import transformers` against the CPU torch wheel
 
 Its rows: the backend at its default precision (OpenVINO's own choice for this CPU, recorded: bf16 where the
 CPU has bf16 instructions) and forced to f32. embedrt's rows: ``embedrt.load(folder)`` on a default export
@@ -58,6 +60,14 @@ def _bf16_folder(checkpoint: Path, folder: Path) -> Path | None:
     if bf16_units() is None:
         return None
     return systems.ensure_export(checkpoint, folder, formats="openvino", precision="bf16")
+
+
+def _stov_versions(python: Path) -> dict[str, str]:
+    """The versions in the peer environment (its optimum-intel pins another transformers than embedrt's)."""
+    names = ("sentence-transformers", "optimum-intel", "optimum", "transformers", "openvino", "torch")
+    code = f"import importlib.metadata as md, json; print(json.dumps({{n: md.version(n) for n in {names!r}}}))"
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True).stdout
+    return dict(json.loads(out))
 
 
 def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, Any]]:
@@ -153,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                      "single_p50_ms_rounds": [round(r["single_p50_ms"], 2) for r in done],
                      "min_cosine_to_st_torch": round(float(cos.min()), 6)})
     record = {"date": time.strftime("%Y-%m-%d"), "model": args.model, "machine": _machine(args.threads),
-              "versions": _versions(), "protocol": f"64 passages at batch 32 and 64 single queries, fresh process "
+              "versions": _versions(), "versions_st_openvino": _stov_versions(stov) if stov.is_file() else None,
+              "protocol": f"64 passages at batch 32 and 64 single queries, fresh process "
               f"per system and round, {args.rounds} rotated rounds, median", "rows": rows}
     for row in rows:
         print(json.dumps(row))

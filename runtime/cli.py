@@ -372,6 +372,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = _load(args)
     print(f"loaded {folder} in {1000 * (time.perf_counter() - start):.0f} ms on {model.device} ({model.precision})")
+    from embedrt.cpu import summary
+
+    print(f"CPU: {summary()}")
     queries = [
         "How do vaccines train the immune system?",
         "fastest way to travel between cities in Europe",
@@ -461,8 +464,9 @@ def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[s
     report = read_manifest(out).extra["auto"]
     print(f"exported {args.source} -> {out}: chose {report['chosen']} on {report['device']} ({report['cpu']})")
     for name, figures in report["candidates"].items():
-        if "rejected" in figures:
-            print(f"  {name}: rejected: {figures['rejected']}")
+        if "rejected" in figures or "not_tried" in figures:
+            verdict = "rejected" if "rejected" in figures else "not tried"
+            print(f"  {name}: {verdict}: {figures.get('rejected') or figures['not_tried']}")
             continue
         for device, f in figures.items():
             print(f"  {name} on {device} ({f['precision']}): {f['passages_per_s']:.1f} passages/s, "

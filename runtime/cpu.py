@@ -86,7 +86,36 @@ def bf16_pays(flags: frozenset[str] | None = None) -> bool:
     return "amx_bf16" in have
 
 
+def openvino_leads(flags: frozenset[str] | None = None) -> bool:
+    """Whether OpenVINO is the faster CPU backend here for a folder holding both graphs: with AVX-512, yes.
+
+    Measured with ``benchmarks.peers`` (DistilBERT-base stand-in, 2 threads, fresh processes, median of 3
+    rotated rounds): on a Xeon with AVX-512 (no AMX, 2026-11-24) OpenVINO fp32 gave 1.05x ONNX Runtime's
+    passages/s, and on AMX CPUs it is the only bf16 path; on an AVX2-only AMD EPYC (Zen 2, 2026-12-01) ONNX
+    Runtime was ahead on both passages/s and single-query latency, fp32 and int8 alike (see the README).
+    """
+    have = cpu_flags() if flags is None else flags
+    return "avx512f" in have
+
+
 def missing_features(target: str, flags: frozenset[str] | None = None) -> list[str]:
     """Flags ``target`` needs that this CPU lacks."""
     have = cpu_flags() if flags is None else flags
     return [f for f in TARGETS.get(target, ()) if f not in have]
+
+
+def summary(flags: frozenset[str] | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """One line on what this CPU gives embedrt: its name, bf16 units (and whether bf16 pays), int8 target."""
+    have = cpu_flags(cpuinfo) if flags is None else flags
+    units = bf16_units(have)
+    if units is None:
+        bf16 = "no bf16 units: fp32 folders run f32, bf16 folders are refused"
+    elif bf16_pays(have):
+        bf16 = f"bf16 units {units}: bf16 pays (AMX)"
+    else:
+        bf16 = f"bf16 units {units}, no AMX: f32 is faster, fp32 folders run f32"
+    target = detect_target(have)
+    int8 = f"int8 target {target}"
+    if target in SATURATING_TARGETS:
+        int8 += " (no VNNI: u8 x s8 products saturate, so ONNX Runtime int8 uses 7-bit weights)"
+    return f"{cpu_name(cpuinfo)}; {bf16}; {int8}"

@@ -17,7 +17,7 @@ from typing import Any
 
 from embedrt._optional import require
 from embedrt.batching import BatchCost
-from embedrt.cpu import BF16_FLAGS, bf16_pays, bf16_units
+from embedrt.cpu import BF16_FLAGS, bf16_pays, bf16_units, cpu_name, openvino_leads
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import ONNX_NAME, OPENVINO_BIN, OPENVINO_XML, Manifest, Precision
 from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, cuda_unavailable_reason
@@ -218,8 +218,11 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
     if units is not None:
         return "bf16"
     what = "this folder runs in bf16 (exported with --precision bf16)" if requested is None else "bf16 was asked for"
-    message = (f"{what}, but this CPU has no bf16 units "
-               f"(needs one of {', '.join(BF16_FLAGS)}): OpenVINO would emulate bf16, slower than f32")
+    # what OpenVINO 2026.4 does instead: AVX-512 CPUs emulate bf16, slower than f32; AVX2 ones (AMD Zen 2,
+    # measured 2026-12-01) read the bf16 hint back as f32 and compute f32 without a word
+    cannot = "the bf16 the folder was checked in cannot run here" if requested is None else "bf16 cannot run here"
+    message = (f"{what}, but this CPU ({cpu_name()}) has no bf16 units (none of {', '.join(BF16_FLAGS)} in "
+               f"/proc/cpuinfo), so {cannot}: OpenVINO would emulate it, slower than f32, or silently compute f32")
     if not allow_fallback:
         raise ProviderUnavailableError(f"{message}; load it with allow_fallback=True (--allow-fallback) to run "
                                        "it in f32, or use an fp32 export")
@@ -245,8 +248,10 @@ def _cost(calls: tuple[float, int | None], manifest: Manifest) -> BatchCost:
 
 
 def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
-    """``auto``'s order: CUDA if a CUDA session can come up (never for int8), else OpenVINO if the folder has an
-    IR, else the CPU. Each is tried in turn; the first whose backend comes up wins."""
+    """``auto``'s order: CUDA if a CUDA session can come up (never for int8), then the folder's CPU-side graphs,
+    the faster backend on this CPU first (:func:`embedrt.cpu.openvino_leads`: OpenVINO on CPUs with AVX-512,
+    ONNX Runtime elsewhere; a folder from ``export --precision auto`` timed on this CPU: the device it was fastest
+    on). Each is tried in turn; the first whose backend comes up wins."""
     candidates: list[DeviceRequest] = []
     if manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:  # int8 is never auto on GPU
         try:
@@ -261,10 +266,20 @@ def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
         cpu_side.append(DeviceRequest("openvino"))
     if "onnx" in manifest.graphs:
         cpu_side.append(DeviceRequest("cpu"))
-    # a folder from ``export --precision auto`` names the device it was fastest on: that one first
-    measured = (manifest.extra.get("auto") or {}).get("device")
-    cpu_side.sort(key=lambda r: r.kind != measured)
+    cpu_side.sort(key=lambda r: r.kind != _cpu_side_lead(manifest))
     return candidates + cpu_side
+
+
+def _cpu_side_lead(manifest: Manifest) -> str:
+    """``openvino`` or ``cpu``: what ``auto`` tries first for a folder holding both an IR and an ONNX graph."""
+    # a folder from ``export --precision auto`` names the device it was fastest on, on the CPU it was timed on
+    record = manifest.extra.get("auto") or {}
+    if record.get("device") and record.get("cpu") == cpu_name():
+        return str(record["device"])
+    if record.get("device"):
+        log.info("auto: the folder was timed on %s, not on this CPU (%s): its device choice is not taken",
+                 record.get("cpu"), cpu_name())
+    return "openvino" if openvino_leads() else "cpu"
 
 
 def fallback_request(request: DeviceRequest, allow_fallback: bool) -> DeviceRequest | None:

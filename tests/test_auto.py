@@ -33,8 +33,12 @@ def test_auto_keeps_the_fastest_passing_candidate_and_records_why(tiny_bert: tup
     cands = report["candidates"]
     assert all("rejected" in cands[name] for name in ("int8-ort-static", "int8-ov-static"))
     assert "mean cosine" in cands["int8-ort-static"]["rejected"]
-    assert ("bf16" in cands) == (bf16_units() is not None)
-    timed = {(name, dev): f for name, figs in cands.items() if "rejected" not in figs for dev, f in figs.items()}
+    if bf16_units() is None:  # not tried, and the record says why
+        assert list(cands["bf16"]) == ["not_tried"] and "no bf16 units" in cands["bf16"]["not_tried"]
+    else:
+        assert "not_tried" not in cands["bf16"]
+    timed = {(name, dev): f for name, figs in cands.items() if not {"rejected", "not_tried"} & set(figs)
+             for dev, f in figs.items()}
     assert {("fp32", "cpu"), ("fp32", "openvino")} <= set(timed)
     top = max(f["passages_per_s"] for f in timed.values())
     assert timed[(report["chosen"], report["device"])]["passages_per_s"] >= 0.97 * top
@@ -72,3 +76,18 @@ def test_cpu_name_from_cpuinfo(tmp_path: Path) -> None:
                     "flags\t\t: fpu avx2\n")
     assert cpu_name(info) == "Intel(R) Xeon(R) Test CPU"
     assert cpu_name(tmp_path / "missing")  # falls back to what platform reports, never empty
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    ("fpu avx2 fma", ["no bf16 units", "int8 target avx2", "7-bit weights"]),  # AMD Zen 2/3
+    ("avx2 avx512f avx512_vnni avx512_bf16", ["bf16 units avx512_bf16, no AMX: f32 is faster", "avx512_vnni"]),
+    ("avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", ["bf16 units amx_bf16: bf16 pays", "amx"]),
+])
+def test_cpu_summary_says_which_path_this_cpu_takes(tmp_path: Path, flags: str, says: list[str]) -> None:
+    from embedrt.cpu import summary
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"model name\t: Test CPU\nflags\t\t: {flags}\n")
+    line = summary(cpuinfo=info)
+    assert line.startswith("Test CPU; ") and all(s in line for s in says), line
+    assert ("7-bit" in line) == ("vnni" not in flags and "amx" not in flags)

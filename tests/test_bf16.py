@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import embedrt
+import embedrt.cpu
 from embedrt.cpu import bf16_units
 from embedrt.errors import ProviderUnavailableError
 from embedrt.export import export_model
@@ -26,10 +27,15 @@ TEXTS = ["how do vaccines train the immune system", "a" * 300, "interest rates a
 
 @pytest.fixture(scope="module")
 def minilm_bf16(tmp_path_factory: pytest.TempPathFactory, minilm_checkpoint: Path) -> Path:
-    if bf16_units() is None:
-        pytest.skip("needs a CPU with AMX or AVX512_BF16")
+    """all-MiniLM-L6-v2 exported with --precision bf16: here where this CPU has bf16 units; elsewhere as a CPU
+    with them would export it, standing in for a folder made on such a machine and copied to this one."""
     out = tmp_path_factory.mktemp("bf16") / "minilm-bf16"
-    return export_model("all-MiniLM-L6-v2", out, precision="bf16", formats="openvino")
+    if bf16_units() is not None:
+        return export_model("all-MiniLM-L6-v2", out, precision="bf16", formats="openvino")
+    real = embedrt.cpu.cpu_flags()
+    with pytest.MonkeyPatch.context() as patch:  # the export's bf16 check then computes f32 (no bf16 here)
+        patch.setattr("embedrt.cpu.cpu_flags", lambda *a: real | {"avx512_bf16"})
+        return export_model("all-MiniLM-L6-v2", out, precision="bf16", formats="openvino")
 
 
 @needs_bf16
@@ -57,9 +63,38 @@ def test_bf16_without_bf16_units_is_refused_or_runs_f32(minilm_bf16: Path, monke
     assert model.precision == "fp32" and model.plan.inference_precision == "f32"
     assert "running it in f32" in caplog.text
     monkeypatch.undo()
-    fp32_run = model.encode(TEXTS)
-    bf16_run = embedrt.load(minilm_bf16, device="openvino").encode(TEXTS)
-    assert row_cosine(fp32_run, bf16_run).min() >= 0.9999 and not np.array_equal(fp32_run, bf16_run)
+    if bf16_units() is not None:
+        fp32_run = model.encode(TEXTS)
+        bf16_run = embedrt.load(minilm_bf16, device="openvino").encode(TEXTS)
+        assert row_cosine(fp32_run, bf16_run).min() >= 0.9999 and not np.array_equal(fp32_run, bf16_run)
+
+
+@pytest.mark.skipif(bf16_units() is not None, reason="needs a CPU without bf16 units (this one has them)")
+def test_bf16_folder_on_this_cpu_without_units(minilm_bf16: Path, minilm_st, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """No flags faked: this CPU's own /proc/cpuinfo says no bf16, and the folder is refused or runs exact f32."""
+    from embedrt.cli import main
+
+    with pytest.raises(ProviderUnavailableError) as refused:
+        embedrt.load(minilm_bf16, device="openvino")
+    message = str(refused.value)
+    assert embedrt.cpu.cpu_name() in message and "no bf16 units" in message and "allow_fallback=True" in message
+    for device in ("auto", "openvino"):  # auto does not step around the refusal onto ONNX Runtime either
+        with pytest.raises(ProviderUnavailableError, match="no bf16 units"):
+            embedrt.load(minilm_bf16, device=device)
+    out = tmp_path / "v.npy"
+    assert main(["encode", str(minilm_bf16), "--device", "openvino", "--text", TEXTS[0], "-o", str(out)]) == 2
+    assert "no bf16 units" in capsys.readouterr().err and not out.exists()
+    # the fallback, and inference_precision="f32" without it, run the folder's fp32 IR: the fp32 model exactly
+    fallback = embedrt.load(minilm_bf16, device="openvino", allow_fallback=True)
+    exact = embedrt.load(minilm_bf16, device="openvino", inference_precision="f32")
+    for model in (fallback, exact):
+        assert model.precision == "fp32" and model.plan.inference_precision == "f32"
+    got = fallback.encode(TEXTS)
+    assert np.array_equal(got, exact.encode(TEXTS))
+    assert row_cosine(minilm_st.encode(TEXTS, convert_to_numpy=True), got).min() >= 0.99999
+    assert main(["encode", str(minilm_bf16), "--device", "openvino", "--allow-fallback", "--text", TEXTS[0],
+                 "-o", str(out)]) == 0
+    assert np.array_equal(np.load(out), got[:1])
 
 
 def test_bf16_export_on_a_cpu_without_units_is_refused(tiny_bert, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +140,8 @@ def test_which_folders_run_bf16_on_which_cpu(tiny_bert) -> None:  # type: ignore
     assert openvino_cpu_precision(_with_bf16_record(manifest, passed=False, min_cosine=0.9991), flags=amx) == "f32"
     assert openvino_cpu_precision(checked, flags=amx, requested="f32") == "f32"
     assert openvino_cpu_precision(manifest, flags=dot_only, requested="bf16") == "bf16"  # asked for: units suffice
-    with pytest.raises(ProviderUnavailableError, match="bf16 was asked for, but this CPU has no bf16 units"):
+    asked = r"bf16 was asked for, but this CPU \(.*\) has no bf16 units .*bf16 cannot run here"
+    with pytest.raises(ProviderUnavailableError, match=asked):
         openvino_cpu_precision(checked, flags=NO_BF16, requested="bf16")
     assert openvino_cpu_precision(checked, flags=NO_BF16, requested="bf16", allow_fallback=True) == "f32"
     # the guard int8 needs: its bf16 attention went wrong at sequence length 32 in OpenVINO 2026.4.1

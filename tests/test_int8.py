@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,23 @@ def test_runtime_warns_when_cpu_lacks_the_target(static_int8, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="embedrt"):
         embedrt.load(static_int8)
     assert any("was quantised for" in r.getMessage() and "lacks" in r.getMessage() for r in caplog.records)
+
+
+def test_openvino_int8_on_a_cpu_without_vnni_says_it_is_slower(static_int8, tmp_path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "avx2"
+    shutil.copytree(static_int8, folder)
+    manifest = json.loads((folder / "embedrt.json").read_text())
+    manifest["extra"]["quantization"]["target"] = "avx2"  # as exported on an AVX2-only CPU
+    (folder / "embedrt.json").write_text(json.dumps(manifest))
+    for flags, warned in ((frozenset({"avx2", "fma"}), True), (frozenset({"avx2", "avx512f", "avx512_vnni"}), False)):
+        monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a, f=flags: f)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="embedrt"):
+            embedrt.load(folder, device="openvino")
+            embedrt.load(folder, device="cpu")  # ONNX Runtime's int8 is not slower there: no word
+        said = [r.getMessage() for r in caplog.records if "without VNNI or AMX" in r.getMessage()]
+        assert len(said) == int(warned), said
+        assert not any("lacks" in r.getMessage() for r in caplog.records)
 
 
 def test_openvino_int8_runs_f32_outside_int8_and_ignores_padding(static_int8) -> None:  # type: ignore[no-untyped-def]

@@ -61,12 +61,30 @@ def test_session_that_silently_lost_cuda_is_caught(tiny_bert, monkeypatch) -> No
         embedrt.load(tiny_bert[1], device="cuda")
 
 
-def test_auto_prefers_openvino_ir_then_cpu(tiny_bert, stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+def test_auto_takes_the_faster_cpu_backend_of_this_cpu(tiny_bert, stand_in_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    import embedrt.cpu
     from embedrt.export.synthetic import StandIn
+    from embedrt.manifest import read_manifest
+    from embedrt.plan import auto_requests
 
     if _has_cuda():
         pytest.skip("auto would pick CUDA here")
+    real = embedrt.cpu.cpu_flags()
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: real | {"avx512f"})  # OpenVINO leads with AVX-512
     assert embedrt.load(tiny_bert[1], device="auto").device == "openvino:CPU"
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: real - {"avx512f"})  # AVX2 only: ONNX Runtime leads
+    assert embedrt.load(tiny_bert[1], device="auto").device == "cpu"
+    # a folder timed by export --precision auto keeps its device on the CPU it was timed on, not on another
+    manifest = read_manifest(tiny_bert[1])
+    here = dataclasses.replace(manifest, extra={**manifest.extra, "auto": {"device": "openvino",
+                                                                          "cpu": embedrt.cpu.cpu_name()}})
+    elsewhere = dataclasses.replace(manifest, extra={**manifest.extra, "auto": {"device": "openvino",
+                                                                               "cpu": "Another CPU"}})
+    assert [r.kind for r in auto_requests(here)] == ["openvino", "cpu"]
+    assert [r.kind for r in auto_requests(elsewhere)] == ["cpu", "openvino"]
+    monkeypatch.undo()
     _, onnx_only = stand_in_factory(StandIn(architecture="distilbert", seed=3), formats="onnx")
     assert embedrt.load(onnx_only, device="auto").device == "cpu"
     with pytest.raises(ProviderUnavailableError, match="holds no OpenVINO IR"):
