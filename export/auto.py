@@ -107,7 +107,7 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
         QualityGateError: no candidate passed its gate (the message gives each one's reason).
         FileExistsError: ``output`` exists and ``overwrite`` is False.
     """
-    from embedrt.cpu import BF16_FLAGS, bf16_units, cpu_flags, cpu_name, detect_target
+    from embedrt.cpu import NO_BF16_UNITS, OPENVINO_WITHOUT_BF16, bf16_units, cpu_flags, cpu_name, detect_target
     from embedrt.errors import EmbedrtError, QualityGateError
     from embedrt.export.artifacts import write_manifest
     from embedrt.export.options import ExportOptions
@@ -130,9 +130,8 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
                                   "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
         if units is None:  # said, not silently left out: a reader of the record asks where bf16 went
             report["candidates"]["bf16"] = {
-                "not_tried": f"this CPU has no bf16 units (none of {', '.join(BF16_FLAGS)} in /proc/cpuinfo): "
-                             "its bf16 cannot be checked or run here (OpenVINO emulates it, slower than f32, or "
-                             "silently computes f32)"}
+                "not_tried": f"this CPU has {NO_BF16_UNITS}, so bf16 cannot be checked or run here: "
+                             f"{OPENVINO_WITHOUT_BF16}"}
         passed: dict[str, Candidate] = {}
         for cand in candidates(units is not None):
             settings = {**gate, **cand.settings}  # the candidate's own settings win

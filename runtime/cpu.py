@@ -67,6 +67,10 @@ def parse_target(value: str) -> str:
 # CPU flags that give OpenVINO native bf16 matmuls: AMX tiles (Sapphire Rapids and later) or AVX512_BF16
 # dot products (Cooper Lake, Zen 4); without them bf16 is emulated and slower than f32
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# what a CPU without them lacks, and what OpenVINO 2026.4 does when asked for bf16 there: AVX-512 CPUs emulate
+# it, slower than f32; AVX2 ones (AMD Zen 2, measured 2026-12-01) read the hint back as f32 and compute f32
+NO_BF16_UNITS = f"no bf16 units (none of {', '.join(BF16_FLAGS)} in /proc/cpuinfo)"
+OPENVINO_WITHOUT_BF16 = "OpenVINO would emulate it, slower than f32, or silently compute f32"
 
 
 def bf16_units(flags: frozenset[str] | None = None) -> str | None:

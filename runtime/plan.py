@@ -17,7 +17,7 @@ from typing import Any
 
 from embedrt._optional import require
 from embedrt.batching import BatchCost
-from embedrt.cpu import BF16_FLAGS, bf16_pays, bf16_units, cpu_name, openvino_leads
+from embedrt.cpu import NO_BF16_UNITS, OPENVINO_WITHOUT_BF16, bf16_pays, bf16_units, cpu_name, openvino_leads
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import ONNX_NAME, OPENVINO_BIN, OPENVINO_XML, Manifest, Precision
 from embedrt.providers import CPU_EP, CUDA_EP, DeviceRequest, cuda_unavailable_reason
@@ -218,11 +218,8 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
     if units is not None:
         return "bf16"
     what = "this folder runs in bf16 (exported with --precision bf16)" if requested is None else "bf16 was asked for"
-    # what OpenVINO 2026.4 does instead: AVX-512 CPUs emulate bf16, slower than f32; AVX2 ones (AMD Zen 2,
-    # measured 2026-12-01) read the bf16 hint back as f32 and compute f32 without a word
     cannot = "the bf16 the folder was checked in cannot run here" if requested is None else "bf16 cannot run here"
-    message = (f"{what}, but this CPU ({cpu_name()}) has no bf16 units (none of {', '.join(BF16_FLAGS)} in "
-               f"/proc/cpuinfo), so {cannot}: OpenVINO would emulate it, slower than f32, or silently compute f32")
+    message = f"{what}, but this CPU ({cpu_name()}) has {NO_BF16_UNITS}, so {cannot}: {OPENVINO_WITHOUT_BF16}"
     if not allow_fallback:
         raise ProviderUnavailableError(f"{message}; load it with allow_fallback=True (--allow-fallback) to run "
                                        "it in f32, or use an fp32 export")
@@ -266,7 +263,8 @@ def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
         cpu_side.append(DeviceRequest("openvino"))
     if "onnx" in manifest.graphs:
         cpu_side.append(DeviceRequest("cpu"))
-    cpu_side.sort(key=lambda r: r.kind != _cpu_side_lead(manifest))
+    lead = _cpu_side_lead(manifest)
+    cpu_side.sort(key=lambda r: r.kind != lead)
     return candidates + cpu_side
 
 
