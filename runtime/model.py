@@ -347,7 +347,7 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DeviceP
             " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
         )
     elif plan.request.kind == "openvino" and plan.on_host and detect_target() in SATURATING_TARGETS:
-        # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.85x its fp32 IR's
+        # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.81x its fp32 IR's
         # speed, while ONNX Runtime's int8 of the same model ran 1.1-1.2x its fp32 (README, Devices)
         log.warning("%s: OpenVINO int8 on a CPU without VNNI or AMX (int8 target %s) runs slower than the fp32 model "
                     "here; ONNX Runtime's int8 (--format onnx) or fp32 is faster on such CPUs, and "
