@@ -49,8 +49,10 @@ def _st(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
 def _embedrt(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     import embedrt
 
-    model = embedrt.load(spec["path"], device=spec.get("device", "auto"), threads=spec["threads"])
-    info = {"device": model.device, "precision": model.manifest.precision.value,
+    # no "device" in the spec: load's own default, what a user gets without options
+    device = {"device": spec["device"]} if "device" in spec else {}
+    model = embedrt.load(spec["path"], threads=spec["threads"], **device)
+    info = {"device": model.device, "precision": model.manifest.precision.value, "running": model.precision,
             "inference_precision": model.plan.inference_precision, "providers": list(model.providers)}
     return model.encode, info
 

@@ -86,8 +86,7 @@ def build_specs(model: str, threads: int, stov: Path | None) -> list[dict[str, A
              "path": str(st_ov), "ov_config": {"INFERENCE_PRECISION_HINT": "f32"}},
         ]
     specs += [
-        {"name": "embedrt-default", "python": main_py, "kind": "embedrt", "path": str(folders["fp32"]),
-         "device": "auto"},
+        {"name": "embedrt-default", "python": main_py, "kind": "embedrt", "path": str(folders["fp32"])},
         {"name": "embedrt-fp32-ort", "python": main_py, "kind": "embedrt", "path": str(folders["fp32"]),
          "device": "cpu"},
         {"name": "embedrt-fp32-openvino", "python": main_py, "kind": "embedrt", "path": str(folders["fp32"]),

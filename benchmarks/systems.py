@@ -123,7 +123,7 @@ def prepare(model: str, int8_recipe: dict[str, Any], ort_static: bool = False) -
     folders = {"checkpoint": checkpoint}
     recipe_key = "-".join(f"{k}={v}" for k, v in sorted(int8_recipe.items()))
     plans = {
-        "fp32": (root / "fp32", {"formats": "onnx,openvino"}),
+        "fp32": (root / "fp32", {}),  # the default export (ONNX + IR; checked in bf16 where the CPU can)
         "int8": (root / f"int8-{recipe_key}", {"formats": "onnx", **int8_recipe, **gate}),
         "ov-int8": (root / "ov-int8-static", {"formats": "openvino", "quantize": "static", **gate}),
     }

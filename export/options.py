@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from embedrt.export.quantize import Method, QuantConfig, casual_calibration_text
 from embedrt.export.validate import BF16_MIN_COSINE, FP16_MIN_COSINE, FP32_MIN_COSINE
 from embedrt.manifest import Precision
 from embedrt.ops import Similarity
+
+log = logging.getLogger("embedrt.export")
 
 
 class Format(str, enum.Enum):
@@ -35,12 +39,38 @@ def parse_formats(value: str | Sequence[str]) -> tuple[Format, ...]:
     return tuple(dict.fromkeys(formats))
 
 
+def default_formats(precision: Precision, quantize: QuantConfig | None) -> tuple[Format, ...]:
+    """What an export without ``--format`` writes: the graphs that make ``load(folder)`` fast here and elsewhere.
+
+    - fp32: the ONNX graph and the OpenVINO IR. ``load``'s default device (``auto``) then picks the faster
+      CPU backend per CPU (:func:`embedrt.plan.auto_requests`), and on a CPU with bf16 units the export also
+      checks the IR in bf16 against sentence-transformers, so that on AMX CPUs the folder runs in bf16 with
+      that check behind it (:func:`embedrt.plan.openvino_cpu_precision`). Without openvino installed: ONNX
+      only, with a warning saying what the folder will lack.
+    - fp16 (for GPUs): ONNX (CUDA runs it). bf16: the IR (OpenVINO is the only bf16 path on x86 CPUs).
+    - int8: ONNX (ONNX Runtime's recipe; ``--format openvino`` for NNCF's).
+    """
+    if quantize is not None or precision is Precision.FP16:
+        return (Format.ONNX,)
+    if precision is Precision.BF16:
+        return (Format.OPENVINO,)
+    if not _openvino_installed():
+        log.warning("openvino is not installed (pip install 'embedrt[openvino]'), so this export writes the ONNX graph "
+                    "only: the folder will run on ONNX Runtime, in f32 even on CPUs with bf16 matrix units (AMX)")
+        return (Format.ONNX,)
+    return (Format.ONNX, Format.OPENVINO)
+
+
+def _openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
     """What to produce and how strictly to check it.
 
     Attributes:
-        formats: graph formats to write.
+        formats: graph formats to write; empty for :func:`default_formats` of the precision and quantisation.
         precision: fp32, fp16 (for GPUs) or bf16 (OpenVINO on CPUs with bf16 units; fp32 weights, checked
             in bf16); int8 comes from ``quantize``.
         similarity: override of the checkpoint's similarity function.
@@ -59,7 +89,7 @@ class ExportOptions:
         min_mean_cosine: built-in gate: minimum mean cosine of int8 to fp32 embeddings.
     """
 
-    formats: tuple[Format, ...] = (Format.ONNX,)
+    formats: tuple[Format, ...] = ()
     precision: Precision = Precision.FP32
     similarity: Similarity | None = None
     revision: str | None = None
@@ -76,13 +106,13 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.precision is Precision.INT8:
             raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
+        if not self.formats:
+            object.__setattr__(self, "formats", default_formats(self.precision, self.quantize))
         if self.quantize is not None and self.precision in (Precision.FP16, Precision.BF16):
             raise ValueError(f"--quantize and --precision {self.precision.value} exclude each other")
         if self.precision is Precision.BF16 and self.formats != (Format.OPENVINO,):
             raise ValueError("--precision bf16 runs on OpenVINO only (ONNX Runtime has no bf16 kernels for x86 CPUs): "
                              "use --format openvino")
-        if not self.formats:
-            raise ValueError("no format given; valid: onnx, openvino")
         self._check_quantize()
         for name in ("min_cosine", "min_agreement", "min_mean_cosine", "min_p1_cosine"):
             value = getattr(self, name)
@@ -122,7 +152,7 @@ class ExportOptions:
     def parse(
         cls,
         *,
-        formats: str | Sequence[str] = "onnx",
+        formats: str | Sequence[str] | None = None,
         precision: str = "fp32",
         similarity: str | None = None,
         revision: str | None = None,
@@ -142,6 +172,8 @@ class ExportOptions:
         min_p1_cosine: float = 0.95,
     ) -> ExportOptions:
         """Options from the plain values a command line or a caller of ``export_model(**kwargs)`` gives.
+
+        ``formats=None`` (no ``--format``) writes :func:`default_formats` for the precision and quantisation.
 
         Raises:
             ValueError: an unknown format, precision, similarity, quantisation method or target (the message
@@ -166,7 +198,7 @@ class ExportOptions:
                 smooth_quant=smooth_quant,
             )
         return cls(
-            formats=parse_formats(formats), precision=Precision.parse(precision),
+            formats=parse_formats(formats) if formats is not None else (), precision=Precision.parse(precision),
             similarity=Similarity.parse(similarity) if similarity else None, revision=revision,
             parity_texts=tuple(parity_texts), min_cosine=min_cosine, overwrite=overwrite, quantize=quant,
             eval_dirs=_paths(eval_dir), min_retained=min_retained,

@@ -93,7 +93,8 @@ class BulkOptions:
         part_rows: rows per Parquet part; default: ``PART_BYTES`` of embeddings.
         batch_size: most texts per inference call.
         max_tokens: most padded tokens per inference call (default: the device's budget).
-        device: the device string the model was loaded with (part of the job's identity).
+        device: the device string the model was loaded with (the Ray path loads its actors on what it resolved
+            to; the job's identity records ``model.device``, where it really ran).
         inference_precision: ``load``'s option of that name (the Ray path loads its actors with it); what the
             model really runs in, ``model.precision``, is part of the job's identity.
         show_progress: a progress bar on stderr (texts/s, tokens/s, ETA).
@@ -106,7 +107,7 @@ class BulkOptions:
     part_rows: int | None = None
     batch_size: int = 32
     max_tokens: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
     show_progress: bool = False
     inference_precision: str | None = None
 
@@ -402,7 +403,7 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
         "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns},
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
-                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": options.device,
+                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": model.device,
                     "precision": model.precision},
     }
 
@@ -416,11 +417,14 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
-def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | None = None) -> JobState:
+def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | None = None,
+                 legacy_device: str | None = None) -> JobState:
     """Start a fresh job in ``out``, or pick up the one there after checking it is the same job.
 
     ``legacy_precision``: what this model ran in before job states recorded ``options.precision``
-    (2026-11-23), used for states without it, so that those jobs still resume.
+    (2026-11-23), used for states without it, so that those jobs still resume. ``legacy_device``: the device
+    string asked for now; job states before 2026-12-02 recorded that string (``openvino``, ``auto``) rather
+    than the device it resolved to (``openvino:CPU``), so such a state resumes when the same string is asked.
     """
     state_path = out / STATE_NAME
     if not state_path.is_file():
@@ -438,6 +442,8 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     options = state.identity.get("options")
     if isinstance(options, dict) and "precision" not in options and legacy_precision is not None:
         options["precision"] = legacy_precision
+    if isinstance(options, dict) and legacy_device is not None and options.get("device") == legacy_device:
+        options["device"] = identity["options"]["device"]
     diffs = _differences(state.identity, identity)
     if diffs:
         raise ResumeError(f"{out} holds another job; refusing to resume with a different "
@@ -607,7 +613,7 @@ def embed_corpus(
     out = Path(output_dir)
     # before precision was recorded, an fp32 folder always ran fp32 (it may now run bf16 on AMX CPUs)
     legacy = "fp32" if model.precision == "bf16" and model.manifest.precision.value == "fp32" else model.precision
-    state = _open_output(out, job_identity(model, file, fmt, opts, part_rows), legacy)
+    state = _open_output(out, job_identity(model, file, fmt, opts, part_rows), legacy, opts.device)
     if state.summary.complete:
         return state.summary
     state.summary.resumed_texts = state.summary.texts

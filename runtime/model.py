@@ -247,7 +247,7 @@ def _progress(total: int, show: bool) -> Any:
 
 def load(
     path: str | os.PathLike[str],
-    device: str = "cpu",
+    device: str = "auto",
     *,
     threads: int | None = None,
     allow_fallback: bool = False,
@@ -262,7 +262,13 @@ def load(
 
     Args:
         path: the model folder.
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"openvino"`` or ``"openvino:NAME"``.
+        device: ``"auto"`` (the default), ``"cpu"`` (ONNX Runtime), ``"cuda"``, ``"cuda:N"``, ``"openvino"`` or
+            ``"openvino:NAME"``. ``auto`` tries, in order (:func:`embedrt.plan.auto_requests`): CUDA where an
+            ONNX Runtime CUDA session can start (never for int8 folders), then the folder's CPU graphs, the
+            faster backend for this CPU first (OpenVINO on CPUs with AVX-512, where an fp32 folder checked in
+            bf16 at export runs bf16 on AMX; ONNX Runtime elsewhere); ``"auto:cpu"`` the same without CUDA.
+            ``model.device`` and ``model.precision`` say what it took; ``device="cpu"`` pins ONNX Runtime on
+            the CPU.
         threads: intra-op threads; default: what this process's CPU affinity and cgroup quota allow.
         allow_fallback: if the device asked for cannot be used, log a warning and run on the CPU
             instead of raising.
@@ -308,7 +314,7 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
     """The plan and its running backend: ``auto`` tries its candidates in order, else the request, else fallback."""
     if request.kind == "auto":
         reasons = []
-        for candidate in auto_requests(manifest):
+        for candidate in auto_requests(manifest, request.cpu_only):
             try:
                 return _open(root, manifest, candidate, settings)
             except (ProviderUnavailableError, ImportError) as exc:  # ImportError: openvino not installed

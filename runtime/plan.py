@@ -244,13 +244,15 @@ def _cost(calls: tuple[float, int | None], manifest: Manifest) -> BatchCost:
     return BatchCost(overhead, 6.0 * manifest.dim, budget)
 
 
-def auto_requests(manifest: Manifest) -> list[DeviceRequest]:
-    """``auto``'s order: CUDA if a CUDA session can come up (never for int8), then the folder's CPU-side graphs,
+def auto_requests(manifest: Manifest, cpu_only: bool = False) -> list[DeviceRequest]:
+    """``auto``'s order: CUDA if a CUDA session can come up (never for int8; never with ``cpu_only``, i.e.
+    ``auto:cpu``), then the folder's CPU-side graphs,
     the faster backend on this CPU first (:func:`embedrt.cpu.openvino_leads`: OpenVINO on CPUs with AVX-512,
     ONNX Runtime elsewhere; a folder from ``export --precision auto`` timed on this CPU: the device it was fastest
     on). Each is tried in turn; the first whose backend comes up wins."""
     candidates: list[DeviceRequest] = []
-    if manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:  # int8 is never auto on GPU
+    # int8 is never auto on GPU
+    if not cpu_only and manifest.precision is not Precision.INT8 and "onnx" in manifest.graphs:
         try:
             import onnxruntime
 

@@ -18,13 +18,19 @@ CPU_EP = "CPUExecutionProvider"
 
 @dataclasses.dataclass(frozen=True)
 class DeviceRequest:
-    """A parsed device string: ``auto``, ``cpu``, ``cuda[:N]`` or ``openvino[:DEVICE]``."""
+    """A parsed device string: ``auto``, ``auto:cpu``, ``cpu``, ``cuda[:N]`` or ``openvino[:DEVICE]``.
+
+    ``cpu_only`` (``auto:cpu``): ``auto`` among the folder's CPU backends only, never a GPU.
+    """
 
     kind: str
     index: int = 0
     openvino_device: str = "CPU"
+    cpu_only: bool = False
 
     def __str__(self) -> str:
+        if self.kind == "auto" and self.cpu_only:
+            return "auto:cpu"
         if self.kind == "cuda":
             return f"cuda:{self.index}"
         if self.kind == "openvino":
@@ -36,8 +42,9 @@ def parse_device(device: str) -> DeviceRequest:
     """Parse a device string.
 
     Args:
-        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"openvino"`` or ``"openvino:NAME"``
-            where NAME is an OpenVINO device (``CPU``, ``GPU``, ``GPU.1``, ``NPU``, ...).
+        device: ``"auto"``, ``"auto:cpu"`` (auto without GPUs), ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+            ``"openvino"`` or ``"openvino:NAME"`` where NAME is an OpenVINO device (``CPU``, ``GPU``, ``GPU.1``,
+            ``NPU``, ...).
 
     Returns:
         The parsed request.
@@ -47,7 +54,9 @@ def parse_device(device: str) -> DeviceRequest:
     """
     kind, _, arg = device.strip().partition(":")
     kind = kind.lower()
-    valid = "auto, cpu, cuda, cuda:N, openvino, openvino:CPU|GPU|GPU.N|NPU"
+    valid = "auto, auto:cpu, cpu, cuda, cuda:N, openvino, openvino:CPU|GPU|GPU.N|NPU"
+    if kind == "auto" and arg.lower() == "cpu":
+        return DeviceRequest("auto", cpu_only=True)
     if kind not in DEVICE_KINDS or (arg and kind in ("auto", "cpu")):
         raise ValueError(f"unknown device {device!r}; valid: {valid}")
     if kind == "cuda":

@@ -86,7 +86,7 @@ def embed_dataset(
     id_field: str = "_id",
     field: str = "text",
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "auto:cpu",
     num_actors: int | None = None,
     cpus_per_actor: int = 1,
     batch_rows: int = BATCH_ROWS,
@@ -100,7 +100,10 @@ def embed_dataset(
     Args:
         dataset: a ``ray.data.Dataset`` of input rows (a ``title`` column is joined as ``embedrt eval`` does).
         model_dir: a model folder every node can read at this path.
-        id_field, field, dtype, device, batch_size, max_tokens: as for ``embedrt embed``.
+        id_field, field, dtype, batch_size, max_tokens: as for ``embedrt embed``.
+        device: what each actor loads the model on; default ``auto:cpu``, the faster CPU backend of each
+            actor's node (actors reserve CPUs, not GPUs). ``embed_with_ray`` passes the device its own load
+            resolved to, so that every actor runs alike.
         num_actors: actor pool size; default: the cluster's CPUs // ``cpus_per_actor``.
         cpus_per_actor: CPUs Ray reserves per actor, and its intra-op threads.
         batch_rows: rows per Ray batch (one ``__call__``).
@@ -197,13 +200,16 @@ def embed_with_ray(
         start = time.perf_counter()
         from embedrt.model import load
 
-        model = load(model_dir, device=opts.device, threads=1, huge_pages=False,  # metadata for the job record
+        # metadata for the job record, and the device every actor runs on: actors reserve CPUs, not GPUs, so
+        # the default auto is the CPU-side auto here
+        device = "auto:cpu" if opts.device == "auto" else opts.device
+        model = load(model_dir, device=device, threads=1, huge_pages=False,
                      inference_precision=opts.inference_precision)
         identity = job_identity(model, file, fmt, opts, 0)
         identity["options"]["mode"] = "ray"
         dataset = embed_dataset(
             read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
-            dtype=opts.dtype.value, device=opts.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
+            dtype=opts.dtype.value, device=model.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32")
         staging = out / f".ray-{uuid.uuid4().hex}"

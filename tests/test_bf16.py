@@ -14,7 +14,7 @@ import embedrt.cpu
 from embedrt.cpu import bf16_units
 from embedrt.errors import ProviderUnavailableError
 from embedrt.export import export_model
-from embedrt.export.options import ExportOptions
+from embedrt.export.options import ExportOptions, Format
 from embedrt.manifest import Precision, read_manifest
 from embedrt.ops import row_cosine
 from embedrt.plan import openvino_cpu_precision
@@ -104,7 +104,7 @@ def test_bf16_export_on_a_cpu_without_units_is_refused(tiny_bert, tmp_path, monk
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"precision": "bf16"}, "OpenVINO only"),
+    ({"precision": "bf16", "formats": "onnx"}, "OpenVINO only"),
     ({"precision": "bf16", "formats": "onnx,openvino"}, "OpenVINO only"),
     ({"precision": "bf16", "formats": "openvino", "quantize": "static"}, "exclude each other"),
 ])
@@ -112,6 +112,67 @@ def test_bf16_options_that_cannot_work_are_refused(kwargs: dict[str, str], match
     with pytest.raises(ValueError, match=match):
         ExportOptions.parse(**kwargs)
     assert ExportOptions.parse(precision="bf16", formats="openvino").parity_threshold == 0.9999
+    assert ExportOptions.parse(precision="bf16").formats == (Format.OPENVINO,)  # bf16 without --format: the IR
+
+
+def test_default_formats_follow_the_precision(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    assert ExportOptions.parse().formats == ExportOptions().formats == (Format.ONNX, Format.OPENVINO)
+    assert ExportOptions.parse(precision="fp16").formats == (Format.ONNX,)
+    assert ExportOptions.parse(quantize="dynamic").formats == (Format.ONNX,)
+    assert ExportOptions.parse(quantize="static").formats == (Format.ONNX,)
+    assert ExportOptions.parse(formats="openvino").formats == (Format.OPENVINO,)  # given: as given
+    with pytest.raises(ValueError, match="no format given"):
+        ExportOptions.parse(formats=" , ")
+    monkeypatch.setattr("embedrt.export.options._openvino_installed", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="embedrt.export"):
+        assert ExportOptions.parse().formats == (Format.ONNX,)
+    assert "openvino is not installed" in caplog.text and "in f32 even on CPUs with bf16" in caplog.text
+
+
+def test_default_export_and_load_take_each_cpus_fast_faithful_path(tiny_bert, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``embedrt export SOURCE`` then ``embedrt.load(folder)``, no options: bf16 with its parity check on
+    AMX CPUs, OpenVINO f32 on other AVX-512 CPUs, ONNX Runtime f32 on AVX2 ones. The first export stands in
+    for one made on an AMX CPU (flags patched; without bf16 units OpenVINO computes its bf16 check in f32)."""
+    from embedrt.cli import main
+
+    monkeypatch.setattr("embedrt.plan.cuda_unavailable_reason", lambda ort: "no GPU in this test")
+    real = embedrt.cpu.cpu_flags()
+    amx = real | {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: amx)
+    assert main(["export", str(tiny_bert[0]), "-o", str(tmp_path / "default")]) == 0
+    assert "openvino in bf16 (amx_bf16): min cosine" in capsys.readouterr().out
+    folder = tmp_path / "default"
+    manifest = read_manifest(folder)
+    assert sorted(manifest.graphs) == ["onnx", "openvino"] and manifest.precision is Precision.FP32
+    record = manifest.parity["openvino"]["bf16"]
+    assert record["passed"] and record["units"] == "amx_bf16" and record["threshold"] == 0.9999
+
+    fast = embedrt.load(folder)
+    assert (fast.device, fast.precision, fast.plan.inference_precision) == ("openvino:CPU", "bf16", "bf16")
+    assert fast.plan.openvino_config["INFERENCE_PRECISION_HINT"] == "bf16"
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: amx - {"amx_bf16", "amx_tile"})  # AVX512_BF16 only
+    assert (lambda m: (m.device, m.precision))(embedrt.load(folder)) == ("openvino:CPU", "fp32")
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: frozenset({"avx2", "fma", "avx_vnni"}))
+    assert (lambda m: (m.device, m.precision))(embedrt.load(folder)) == ("cpu", "fp32")
+    # the CLI's commands default to the same path
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: amx)
+    assert main(["encode", str(folder), "--text", "hello", "-o", str(tmp_path / "v.npy")]) == 0
+    assert "on openvino:CPU" in capsys.readouterr().out
+
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: real)  # this CPU as it is
+    assert main(["export", str(tiny_bert[0]), "-o", str(tmp_path / "here")]) == 0
+    printed = capsys.readouterr().out
+    here = read_manifest(tmp_path / "here")
+    assert sorted(here.graphs) == ["onnx", "openvino"]
+    model = embedrt.load(tmp_path / "here")
+    if bf16_units() is None:  # nothing here could check bf16: the folder runs f32 on every CPU, and says so
+        assert "bf16" not in here.parity["openvino"] and "not checked in bf16" in printed
+        assert model.precision == "fp32"
+        monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: amx)
+        assert embedrt.load(tmp_path / "here").precision == "fp32"
+    elif "amx_bf16" in real:
+        assert model.precision == "bf16" and model.device == "openvino:CPU"
+    assert row_cosine(model.encode(TEXTS), embedrt.load(folder, device="cpu").encode(TEXTS)).min() >= 0.9999
 
 
 def _with_bf16_record(manifest, passed: bool = True, min_cosine: float = 0.99995,  # type: ignore[no-untyped-def]

@@ -193,6 +193,29 @@ def test_a_job_started_before_precision_was_recorded_resumes(model, tmp_path) ->
         bulk._open_output(out, {**state["job"], "options": {**state["job"]["options"], "precision": "bf16"}}, "fp32")
 
 
+
+def test_a_job_records_where_it_ran_and_older_records_of_the_device_asked_for_resume(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The job records the device the model ran on (``openvino:CPU``), not the string asked for (``auto``);
+    progress files from before 2026-12-02 recorded that string, and resume when the same string is asked."""
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(30))
+    out = tmp_path / "out"
+    on_openvino = embedrt.load(tiny_bert[1], device="openvino")
+    embed_corpus(on_openvino, src, out, BulkOptions(part_rows=20, device="openvino"))
+    state = json.loads((out / bulk.STATE_NAME).read_text())
+    assert state["job"]["options"]["device"] == "openvino:CPU"
+    state["job"]["options"]["device"] = "openvino"  # as an older embedrt wrote it
+    (out / bulk.STATE_NAME).write_text(json.dumps(state))
+    assert embed_corpus(on_openvino, src, out, BulkOptions(part_rows=20, device="openvino")).texts == 30
+    # the same job on another backend is another job, whatever string asked for it
+    on_ort = embedrt.load(tiny_bert[1], device="cpu")
+    with pytest.raises(ResumeError, match=r"options\.device: was 'openvino', now 'cpu'"):
+        embed_corpus(on_ort, src, out, BulkOptions(part_rows=20, device="auto"))
+    fresh = tmp_path / "fresh"
+    embed_corpus(on_openvino, src, fresh, BulkOptions(part_rows=20, device="auto"))
+    with pytest.raises(ResumeError, match=r"options\.device: was 'openvino:CPU', now 'cpu'"):
+        embed_corpus(on_ort, src, fresh, BulkOptions(part_rows=20, device="auto"))
+
+
 BAD_LINES = [
     json.dumps({"_id": "a", "text": "fine"}),
     json.dumps({"_id": "b"}),                       # 2: no text

@@ -23,7 +23,7 @@ def test_parse_device(text: str, kind: str, index: int, ov: str) -> None:
 
 @pytest.mark.parametrize("text", ["gpu", "cuda:x", "cpu:0", "tpu"])
 def test_bad_device_lists_valid_ones(text: str) -> None:
-    with pytest.raises(ValueError, match="valid: auto, cpu, cuda, cuda:N"):
+    with pytest.raises(ValueError, match="valid: auto, auto:cpu, cpu, cuda, cuda:N"):
         parse_device(text)
 
 
@@ -118,3 +118,21 @@ def test_openvino_cache_dir_and_hint(tiny_bert, tmp_path) -> None:  # type: igno
     np.testing.assert_allclose(model.encode(["a b c"]), again.encode(["a b c"]), atol=1e-6)
     with pytest.raises(ValueError, match="valid: latency, throughput"):
         embedrt.load(tiny_bert[1], device="openvino", performance_hint="fast")
+
+
+def test_auto_cpu_never_takes_a_gpu(tiny_bert, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``auto`` (load's default) puts CUDA first where a CUDA session can start; ``auto:cpu`` (the Ray
+    actors' default: they reserve CPUs) only the folder's CPU backends."""
+    from embedrt.manifest import read_manifest
+    from embedrt.plan import auto_requests
+    from embedrt.providers import DeviceRequest, parse_device
+
+    assert parse_device("auto:cpu") == DeviceRequest("auto", cpu_only=True)
+    assert str(parse_device("AUTO:CPU")) == "auto:cpu"
+    with pytest.raises(ValueError, match="valid: auto, auto:cpu, cpu"):
+        parse_device("auto:gpu")
+    monkeypatch.setattr("embedrt.plan.cuda_unavailable_reason", lambda ort: None)  # as if CUDA could start
+    manifest = read_manifest(tiny_bert[1])
+    assert auto_requests(manifest)[0].kind == "cuda"
+    assert "cuda" not in [r.kind for r in auto_requests(manifest, cpu_only=True)]
+    assert embedrt.load(tiny_bert[1], device="auto:cpu").device in ("cpu", "openvino:CPU")

@@ -69,27 +69,31 @@ def test_missing_manifest_is_named(bert_folder) -> None:  # type: ignore[no-unty
         embedrt.load(bert_folder)
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
-def test_missing_file_is_named(bert_folder, name: str) -> None:  # type: ignore[no-untyped-def]
+# the graph files are checked by the load that reads them (device="cpu": model.onnx; "openvino": the IR)
+@pytest.mark.parametrize(("name", "device"), [("model.onnx", "cpu"), ("tokenizer.json", "auto"),
+                                              ("openvino_model.xml", "openvino"), ("openvino_model.bin", "openvino")])
+def test_missing_file_is_named(bert_folder, name: str, device: str) -> None:  # type: ignore[no-untyped-def]
     (bert_folder / name).unlink()
     with pytest.raises(ModelFolderError, match=rf"{name}: file missing"):
-        embedrt.load(bert_folder)
+        embedrt.load(bert_folder, device=device)
 
 
-def test_truncated_graph_is_named(bert_folder) -> None:  # type: ignore[no-untyped-def]
-    path = bert_folder / "model.onnx"
+@pytest.mark.parametrize(("name", "device"), [("model.onnx", "cpu"), ("openvino_model.bin", "openvino")])
+def test_truncated_graph_is_named(bert_folder, name: str, device: str) -> None:  # type: ignore[no-untyped-def]
+    path = bert_folder / name
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ModelFolderError, match=r"model\.onnx: corrupt or truncated"):
-        embedrt.load(bert_folder)
+    with pytest.raises(ModelFolderError, match=rf"{name}: corrupt or truncated"):
+        embedrt.load(bert_folder, device=device)
 
 
-def test_same_size_corruption_is_caught_by_verify(bert_folder) -> None:  # type: ignore[no-untyped-def]
-    path = bert_folder / "model.onnx"
+@pytest.mark.parametrize(("name", "device"), [("model.onnx", "cpu"), ("openvino_model.bin", "openvino")])
+def test_same_size_corruption_is_caught_by_verify(bert_folder, name: str, device: str) -> None:  # type: ignore[no-untyped-def]
+    path = bert_folder / name
     data = bytearray(path.read_bytes())
     data[-100:] = b"\x00" * 100
     path.write_bytes(bytes(data))
-    with pytest.raises(ModelFolderError, match=r"model\.onnx: sha256 does not match"):
-        embedrt.load(bert_folder, verify=True)
+    with pytest.raises(ModelFolderError, match=rf"{name}: sha256 does not match"):
+        embedrt.load(bert_folder, device=device, verify=True)
 
 
 def test_bad_manifest_fields_are_named(bert_folder) -> None:  # type: ignore[no-untyped-def]
