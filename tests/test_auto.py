@@ -10,7 +10,7 @@ import pytest
 
 import embedrt
 from embedrt.cpu import bf16_units
-from embedrt.export.auto import candidates, export_auto, timing_texts
+from embedrt.export.auto import candidates, choose, export_auto, timing_texts
 from embedrt.manifest import read_manifest
 
 
@@ -40,8 +40,8 @@ def test_auto_keeps_the_fastest_passing_candidate_and_records_why(tiny_bert: tup
     timed = {(name, dev): f for name, figs in cands.items() if not {"rejected", "not_tried"} & set(figs)
              for dev, f in figs.items()}
     assert {("fp32", "cpu"), ("fp32", "openvino")} <= set(timed)
-    top = max(f["passages_per_s"] for f in timed.values())
-    assert timed[(report["chosen"], report["device"])]["passages_per_s"] >= 0.97 * top
+    assert (report["chosen"], report["device"]) == choose(timed) and "1.10x" in report["rule"]
+    assert "within 10%" in report["rule"]
     assert report["cpu"] and report["int8_target"]
     manifest = read_manifest(out)
     assert manifest.precision.value == ("bf16" if report["chosen"] == "bf16" else "fp32")
@@ -50,6 +50,33 @@ def test_auto_keeps_the_fastest_passing_candidate_and_records_why(tiny_bert: tup
     assert [p.name for p in tmp_path.iterdir()] == ["auto"]  # the scratch folder is gone
     with pytest.raises(FileExistsError):
         export_auto(str(tiny_bert[0]), out, overwrite=False)
+
+
+def _run(passages_per_s: float, p50: float, precision: str) -> dict[str, float | str]:
+    return {"passages_per_s": passages_per_s, "query_p50_ms": p50, "precision": precision}
+
+
+def test_auto_buys_a_less_exact_model_only_with_a_clear_gain() -> None:
+    # the AMD EPYC's auto run of 2026-12-01: within 10% the lower single-query latency wins (ONNX Runtime), and
+    # an int8 5% faster than the best fp32 is noise, not a reason; measured against that best, not the pick
+    fp32 = {("fp32", "cpu"): _run(13.0, 8.0, "fp32"), ("fp32", "openvino"): _run(13.7, 11.8, "fp32")}
+    assert choose(fp32) == ("fp32", "cpu")
+    assert choose({**fp32, ("int8-ort-static", "cpu"): _run(14.4, 6.5, "int8")}) == ("fp32", "cpu")
+    assert choose({**fp32, ("int8-ort-static", "cpu"): _run(15.1, 6.5, "int8")}) == ("int8-ort-static", "cpu")
+    slower = {("fp32", "cpu"): _run(12.0, 8.0, "fp32"), ("fp32", "openvino"): _run(13.7, 11.8, "fp32")}
+    assert choose(slower) == ("fp32", "openvino")  # 14% faster: not a tie
+    # an AMX CPU: the fp32 folder runs bf16 on OpenVINO (3x), and int8 must clear 1.10x of that
+    amx = {("fp32", "cpu"): _run(9.7, 9.7, "fp32"), ("fp32", "openvino"): _run(32.0, 5.0, "bf16"),
+           ("bf16", "openvino"): _run(31.5, 5.1, "bf16")}
+    assert choose(amx) == ("fp32", "openvino")
+    assert choose({**amx, ("int8-ov-static", "openvino"): _run(46.6, 2.6, "int8")}) == ("int8-ov-static", "openvino")
+    assert choose({**amx, ("int8-ov-static", "openvino"): _run(34.0, 2.6, "int8")}) == ("fp32", "openvino")
+    # the gain is measured against the choice so far, not against fp32
+    ladder = {("fp32", "cpu"): _run(10.0, 9.0, "fp32"), ("bf16", "openvino"): _run(11.5, 8.0, "bf16"),
+              ("int8-ov-static", "openvino"): _run(12.0, 7.0, "int8")}
+    assert choose(ladder) == ("bf16", "openvino")
+    with pytest.raises(ValueError, match="no timed candidate"):
+        choose({})
 
 
 def test_auto_refuses_smooth_quant(tmp_path: Path) -> None:
