@@ -48,8 +48,11 @@ def default_formats(precision: Precision, quantize: QuantConfig | None) -> tuple
       that check behind it (:func:`embedrt.plan.openvino_cpu_precision`). Without openvino installed: ONNX
       only, with a warning saying what the folder will lack.
     - fp16 (for GPUs): ONNX (CUDA runs it). bf16: the IR (OpenVINO is the only bf16 path on x86 CPUs).
-    - int8: ONNX (ONNX Runtime's recipe; ``--format openvino`` for NNCF's).
+    - int8: ONNX (ONNX Runtime's recipe; ``--format openvino`` for NNCF's), the IR with ``--smooth-quant``
+      (NNCF's only).
     """
+    if quantize is not None and quantize.smooth_quant:
+        return (Format.OPENVINO,)
     if quantize is not None or precision is Precision.FP16:
         return (Format.ONNX,)
     if precision is Precision.BF16:

@@ -30,6 +30,7 @@ from embedrt._enums import parse_enum
 from embedrt._optional import require
 from embedrt.errors import EmbedrtError
 from embedrt.manifest import write_json_atomic
+from embedrt.providers import parse_device
 from embedrt.textio import InputFileError, join_title
 
 if TYPE_CHECKING:
@@ -417,6 +418,16 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
+def _never_recorded_now(device: str) -> bool:
+    """Whether a job state holding ``device`` can only be an old one (``auto``, ``openvino``, ``cuda``): new
+    states record ``model.device``, always in its canonical form (``openvino:CPU``, ``cuda:0``, ``cpu``)."""
+    try:
+        request = parse_device(device)
+    except ValueError:
+        return False
+    return request.kind == "auto" or str(request) != device
+
+
 def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | None = None,
                  legacy_device: str | None = None) -> JobState:
     """Start a fresh job in ``out``, or pick up the one there after checking it is the same job.
@@ -442,12 +453,17 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     options = state.identity.get("options")
     if isinstance(options, dict) and "precision" not in options and legacy_precision is not None:
         options["precision"] = legacy_precision
-    if isinstance(options, dict) and legacy_device is not None and options.get("device") == legacy_device:
+    if (isinstance(options, dict) and legacy_device is not None and options.get("device") == legacy_device
+            and _never_recorded_now(legacy_device)):
         options["device"] = identity["options"]["device"]
     diffs = _differences(state.identity, identity)
     if diffs:
+        ran = options.get("device") if isinstance(options, dict) else None
+        hint = f"; to resume on the device it ran on, pass --device {ran}" if any(
+            d.startswith("options.device:") for d in diffs) and ran else ""
         raise ResumeError(f"{out} holds another job; refusing to resume with a different "
-                          f"{'; '.join(diffs)} (use a new output folder, or the original model, input and options)")
+                          f"{'; '.join(diffs)} (use a new output folder, or the original model, input and options"
+                          f"{hint})")
     _clean_output(out, state)
     return state
 

@@ -38,6 +38,7 @@ from embedrt.bulk import (
     resolve_input,
 )
 from embedrt.manifest import write_json_atomic
+from embedrt.providers import parse_device
 from embedrt.textio import InputFileError
 
 # rows per Ray batch: a quarter of the model's planning window (embedrt.model.WINDOW), which keeps most of its
@@ -101,9 +102,9 @@ def embed_dataset(
         dataset: a ``ray.data.Dataset`` of input rows (a ``title`` column is joined as ``embedrt eval`` does).
         model_dir: a model folder every node can read at this path.
         id_field, field, dtype, batch_size, max_tokens: as for ``embedrt embed``.
-        device: what each actor loads the model on; default ``auto:cpu``, the faster CPU backend of each
-            actor's node (actors reserve CPUs, not GPUs). ``embed_with_ray`` passes the device its own load
-            resolved to, so that every actor runs alike.
+        device: what each actor loads the model on; default ``auto:cpu``: called directly, each actor takes
+            the faster CPU backend of its own node (actors reserve CPUs, not GPUs); ``embed_with_ray`` passes
+            the device its driver's load resolved to, so that every actor runs alike.
         num_actors: actor pool size; default: the cluster's CPUs // ``cpus_per_actor``.
         cpus_per_actor: CPUs Ray reserves per actor, and its intra-op threads.
         batch_rows: rows per Ray batch (one ``__call__``).
@@ -202,7 +203,7 @@ def embed_with_ray(
 
         # metadata for the job record, and the device every actor runs on: actors reserve CPUs, not GPUs, so
         # the default auto is the CPU-side auto here
-        device = "auto:cpu" if opts.device == "auto" else opts.device
+        device = "auto:cpu" if parse_device(opts.device).kind == "auto" else opts.device
         model = load(model_dir, device=device, threads=1, huge_pages=False,
                      inference_precision=opts.inference_precision)
         identity = job_identity(model, file, fmt, opts, 0)

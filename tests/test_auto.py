@@ -75,6 +75,10 @@ def test_auto_buys_a_less_exact_model_only_with_a_clear_gain() -> None:
     ladder = {("fp32", "cpu"): _run(10.0, 9.0, "fp32"), ("bf16", "openvino"): _run(11.5, 8.0, "bf16"),
               ("int8-ov-static", "openvino"): _run(12.0, 7.0, "int8")}
     assert choose(ladder) == ("bf16", "openvino")
+    # a slower int8 run with a lower p50 does not hide a faster one that clears the gain
+    fast_int8 = {**fp32, ("int8-ov-static", "openvino"): _run(16.0, 9.0, "int8")}
+    assert choose(fast_int8) == ("int8-ov-static", "openvino")
+    assert choose({**fast_int8, ("int8-ort-static", "cpu"): _run(14.5, 6.5, "int8")}) == ("int8-ov-static", "openvino")
     with pytest.raises(ValueError, match="no timed candidate"):
         choose({})
 

@@ -88,7 +88,7 @@ def test_bad_settings_are_named() -> None:
 
 
 def test_encode_uses_the_backend_budget_and_rejects_a_bad_one(tiny_bert) -> None:  # type: ignore[no-untyped-def]
-    model = embedrt.load(tiny_bert[1])
+    model = embedrt.load(tiny_bert[1], device="auto:cpu")  # the CPU budget, on either CPU backend
     assert model.batch_cost().token_budget == 4096 and model.batch_cost(100).token_budget == 100
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
         model.encode(["a"], max_tokens=0)

@@ -120,6 +120,7 @@ def test_default_formats_follow_the_precision(monkeypatch, caplog) -> None:  # t
     assert ExportOptions.parse(precision="fp16").formats == (Format.ONNX,)
     assert ExportOptions.parse(quantize="dynamic").formats == (Format.ONNX,)
     assert ExportOptions.parse(quantize="static").formats == (Format.ONNX,)
+    assert ExportOptions.parse(quantize="static", smooth_quant=True).formats == (Format.OPENVINO,)  # NNCF's only
     assert ExportOptions.parse(formats="openvino").formats == (Format.OPENVINO,)  # given: as given
     with pytest.raises(ValueError, match="no format given"):
         ExportOptions.parse(formats=" , ")

@@ -212,8 +212,13 @@ def test_a_job_records_where_it_ran_and_older_records_of_the_device_asked_for_re
         embed_corpus(on_ort, src, out, BulkOptions(part_rows=20, device="auto"))
     fresh = tmp_path / "fresh"
     embed_corpus(on_openvino, src, fresh, BulkOptions(part_rows=20, device="auto"))
-    with pytest.raises(ResumeError, match=r"options\.device: was 'openvino:CPU', now 'cpu'"):
+    with pytest.raises(ResumeError, match=r"options\.device: was 'openvino:CPU', now 'cpu'.*--device openvino:CPU"):
         embed_corpus(on_ort, src, fresh, BulkOptions(part_rows=20, device="auto"))
+    # a new state's device is never mapped: asked for as "openvino:CPU" but run elsewhere (a fallback) is refused
+    with pytest.raises(ResumeError, match=r"options\.device: was 'openvino:CPU', now 'cpu'"):
+        embed_corpus(on_ort, src, fresh, BulkOptions(part_rows=20, device="openvino:CPU"))
+    assert bulk._never_recorded_now("auto") and bulk._never_recorded_now("openvino")
+    assert not bulk._never_recorded_now("cpu") and not bulk._never_recorded_now("cuda:0")
 
 
 BAD_LINES = [

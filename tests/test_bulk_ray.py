@@ -32,7 +32,7 @@ def cluster():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def model(tiny_bert) -> embedrt.EmbeddingModel:  # type: ignore[no-untyped-def]
-    return embedrt.load(tiny_bert[1])
+    return embedrt.load(tiny_bert[1], device="auto:cpu")  # where the Ray actors run
 
 
 def test_ray_output_equals_local(cluster, tiny_bert, model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -53,7 +53,7 @@ def test_static_int8_manifest_and_size(static_int8, tiny_bert) -> None:  # type:
     assert quant["calibration"]["openvino_texts"] == len(default_calibration_texts()) + len(casual_calibration_texts())
     assert set(quant["gate"]) == {"onnx", "openvino"}
     # the recorded gate figure, recomputed here from the two folders with the runtime's own top-k
-    fp32, int8 = embedrt.load(tiny_bert[1]), embedrt.load(static_int8)
+    fp32, int8 = embedrt.load(tiny_bert[1], device="cpu"), embedrt.load(static_int8, device="cpu")  # gate["onnx"]
     corpus, queries = builtin_texts()
     want = embedrt.top_k(fp32.encode(queries), fp32.encode(corpus), k=10)[0]
     got = embedrt.top_k(int8.encode(queries), int8.encode(corpus), k=10)[0]
