@@ -125,7 +125,11 @@ def export_model(
     if target_dir.exists() and not options.overwrite:
         raise FileExistsError(f"{target_dir} exists; pass overwrite=True (--overwrite) to replace it")
     spec = read_checkpoint(resolved.path, resolved.catalogue)
-    with claim_work_dir(target_dir) as work:  # also sweeps what exports killed earlier left behind
+    from embedrt.cpu import SATURATING_TARGETS, detect_target
+    from embedrt.model import openvino_int8_advice, without_speed_advice
+
+    # the checks load scratch folders: the speed advice is given once below, for the published folder
+    with claim_work_dir(target_dir) as work, without_speed_advice():
         build = load(resolved, spec, options, work)
         export(build)
         optimise(build)
@@ -134,6 +138,8 @@ def export_model(
         write_manifest(folder, manifest)
         _publish(work, target_dir, options.overwrite)
     log.info("exported %s -> %s", resolved.source_id, target_dir)
+    if options.quantize and Format.OPENVINO in options.formats and detect_target() in SATURATING_TARGETS:
+        log.warning("%s", openvino_int8_advice(target_dir, detect_target()))
     return target_dir
 
 

@@ -109,7 +109,8 @@ def missing_features(target: str, flags: frozenset[str] | None = None) -> list[s
 
 
 def summary(flags: frozenset[str] | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    """One line on what this CPU gives embedrt: its name, bf16 units (and whether bf16 pays), int8 target."""
+    """One line on what this CPU gives embedrt: its name, the CPU backend ``auto`` tries first, bf16 units (and
+    whether bf16 pays), int8 target."""
     have = cpu_flags(cpuinfo) if flags is None else flags
     units = bf16_units(have)
     if units is None:
@@ -122,4 +123,6 @@ def summary(flags: frozenset[str] | None = None, cpuinfo: Path = Path("/proc/cpu
     int8 = f"int8 target {target}"
     if target in SATURATING_TARGETS:
         int8 += " (no VNNI: u8 x s8 products saturate, so ONNX Runtime int8 uses 7-bit weights)"
-    return f"{cpu_name(cpuinfo)}; {bf16}; {int8}"
+    lead = ("auto tries OpenVINO first (AVX-512)" if openvino_leads(have)
+            else "auto tries ONNX Runtime first (no AVX-512)")
+    return f"{cpu_name(cpuinfo)}; {lead}; {bf16}; {int8}"

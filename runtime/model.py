@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -272,7 +274,8 @@ def load(
         threads: intra-op threads; default: what this process's CPU affinity and cgroup quota allow.
         allow_fallback: if the device asked for cannot be used, log a warning and run on the CPU
             instead of raising.
-        verify: also check the sha256 of every file against the manifest (sizes are always checked).
+        verify: also check the sha256 of every file the manifest lists, the graphs of other devices too
+            (the sizes of the files this load reads are always checked).
         openvino_cache_dir: where OpenVINO caches compiled models (faster second load).
         performance_hint: OpenVINO's ``latency`` or ``throughput`` hint.
         huge_pages: on the CPU under Linux, move the memory this load allocates (the weights, as the
@@ -298,7 +301,9 @@ def load(
     request = parse_device(device)
     settings = LoadSettings(threads if threads is not None else default_thread_count(), verify,
                             openvino_cache_dir, performance_hint, batch_cost, allow_fallback, inference_precision)
-    check_files(root, manifest, [TOKENIZER_NAME], full_hash=verify)
+    # verify: every file the manifest lists, also the graphs this device will not read (a folder copied to
+    # many hosts is checked whole wherever it is verified); else the sizes of the files this load reads
+    check_files(root, manifest, list(manifest.files) if verify else [TOKENIZER_NAME], full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
     before = hugepages.snapshot() if huge_pages else None
     plan, backend = _start(root, manifest, request, settings)
@@ -334,8 +339,31 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
 def _open(root: Path, manifest: Manifest, request: DeviceRequest, settings: LoadSettings,
           ) -> tuple[DevicePlan, Backend]:
     plan = plan_device(root, manifest, request, settings)
-    check_files(root, manifest, list(plan.graph_files), full_hash=settings.verify)
+    check_files(root, manifest, list(plan.graph_files), full_hash=False)  # verify hashed them all up front
     return plan, open_backend(root, plan)
+
+
+# False while the exporter loads its own scratch folders to check them: it gives the speed advice once itself
+_SPEED_ADVICE: contextvars.ContextVar[bool] = contextvars.ContextVar("embedrt_speed_advice", default=True)
+
+
+@contextlib.contextmanager
+def without_speed_advice() -> Iterator[None]:
+    """Loads inside this block skip the "OpenVINO int8 runs slower than fp32 on this CPU" warning."""
+    token = _SPEED_ADVICE.set(False)
+    try:
+        yield
+    finally:
+        _SPEED_ADVICE.reset(token)
+
+
+def openvino_int8_advice(root: Path | str, target: str) -> str:
+    """The warning for an OpenVINO int8 folder on a CPU whose int8 target is ``target`` (no VNNI or AMX)."""
+    # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.81x its fp32 IR's
+    # speed, while ONNX Runtime's int8 of the same model ran 1.1-1.2x its fp32 (README, Devices)
+    return (f"{root}: OpenVINO int8 on a CPU without VNNI or AMX (int8 target {target}) runs slower than the fp32 "
+            "model here; ONNX Runtime's int8 (--format onnx) or fp32 is faster on such CPUs, and "
+            "`embedrt export --precision auto` measures which")
 
 
 def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DevicePlan) -> None:
@@ -352,9 +380,6 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DeviceP
             root, target, ", ".join(missing),
             " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
         )
-    elif plan.request.kind == "openvino" and plan.on_host and detect_target() in SATURATING_TARGETS:
-        # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.81x its fp32 IR's
-        # speed, while ONNX Runtime's int8 of the same model ran 1.1-1.2x its fp32 (README, Devices)
-        log.warning("%s: OpenVINO int8 on a CPU without VNNI or AMX (int8 target %s) runs slower than the fp32 model "
-                    "here; ONNX Runtime's int8 (--format onnx) or fp32 is faster on such CPUs, and "
-                    "`embedrt export --precision auto` measures which", root, detect_target())
+    elif (plan.request.kind == "openvino" and plan.on_host and detect_target() in SATURATING_TARGETS
+          and _SPEED_ADVICE.get()):
+        log.warning("%s", openvino_int8_advice(root, detect_target()))

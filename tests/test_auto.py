@@ -110,9 +110,11 @@ def test_cpu_name_from_cpuinfo(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("flags", "says"), [
-    ("fpu avx2 fma", ["no bf16 units", "int8 target avx2", "7-bit weights"]),  # AMD Zen 2/3
-    ("avx2 avx512f avx512_vnni avx512_bf16", ["bf16 units avx512_bf16, no AMX: f32 is faster", "avx512_vnni"]),
-    ("avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", ["bf16 units amx_bf16: bf16 pays", "amx"]),
+    ("fpu avx2 fma", ["ONNX Runtime first", "no bf16 units", "int8 target avx2", "7-bit weights"]),  # AMD Zen 2/3
+    ("avx2 avx512f avx512_vnni avx512_bf16", ["OpenVINO first", "bf16 units avx512_bf16, no AMX: f32 is faster",
+                                              "avx512_vnni"]),
+    ("avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8 amx_tile", ["OpenVINO first",
+                                                                         "bf16 units amx_bf16: bf16 pays", "amx"]),
 ])
 def test_cpu_summary_says_which_path_this_cpu_takes(tmp_path: Path, flags: str, says: list[str]) -> None:
     from embedrt.cpu import summary

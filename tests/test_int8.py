@@ -246,3 +246,13 @@ def test_keep_ffn_fp32_refuses_a_graph_without_ffn_outputs() -> None:
     assert _ffn_outputs(["/l.0/ffn/lin2/MatMul", "/l.0/attention/output/dense/MatMul"], "x") == ["/l.0/ffn/lin2/MatMul"]
     with pytest.raises(QualityGateError, match=r"model\.xml has no MatMul named like one .*--no-keep-ffn-fp32"):
         _ffn_outputs(["/l.0/attention/output/dense/MatMul", "/pool/MatMul"], "model.xml")
+
+
+def test_openvino_int8_export_on_a_cpu_without_vnni_advises_once(tiny_bert, tmp_path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """The export's own check loads of its scratch folders stay quiet; the advice comes once, for the folder."""
+    monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: frozenset({"avx2", "fma"}))
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        out = export_model(str(tiny_bert[0]), tmp_path / "ov-int8", formats="openvino", quantize="static",
+                           min_agreement=0.0)
+    said = [r.getMessage() for r in caplog.records if "without VNNI or AMX" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(str(out)), said

@@ -86,7 +86,9 @@ def test_truncated_graph_is_named(bert_folder, name: str, device: str) -> None: 
         embedrt.load(bert_folder, device=device)
 
 
-@pytest.mark.parametrize(("name", "device"), [("model.onnx", "cpu"), ("openvino_model.bin", "openvino")])
+# verify hashes every file, also the graph this device does not read
+@pytest.mark.parametrize(("name", "device"), [("model.onnx", "cpu"), ("openvino_model.bin", "openvino"),
+                                              ("model.onnx", "openvino"), ("openvino_model.bin", "cpu")])
 def test_same_size_corruption_is_caught_by_verify(bert_folder, name: str, device: str) -> None:  # type: ignore[no-untyped-def]
     path = bert_folder / name
     data = bytearray(path.read_bytes())
