@@ -213,6 +213,9 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
             log.info("embedrt: running the fp32 folder in bf16 on AMX: its export checked it in bf16 (min cosine "
                      "%.5f to sentence-transformers); load(..., inference_precision='f32') for exact fp32", verified)
             return "bf16"
+        if bf16_pays(flags):  # where bf16 would pay, say why it does not run
+            log.info("embedrt: running the fp32 folder in f32 on this AMX CPU: its export did not check it in bf16 on "
+                     "AMX (export it on an AMX CPU for a folder that runs bf16 here)")
         return "f32"
     units = bf16_units(flags)
     if units is not None:

@@ -130,7 +130,8 @@ def test_default_formats_follow_the_precision(monkeypatch, caplog) -> None:  # t
     assert "openvino is not installed" in caplog.text and "in f32 even on CPUs with bf16" in caplog.text
 
 
-def test_default_export_and_load_take_each_cpus_fast_faithful_path(tiny_bert, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_default_export_and_load_take_each_cpus_fast_faithful_path(  # type: ignore[no-untyped-def]
+        tiny_bert, tmp_path, monkeypatch, capsys, caplog) -> None:
     """``embedrt export SOURCE`` then ``embedrt.load(folder)``, no options: bf16 with its parity check on
     AMX CPUs, OpenVINO f32 on other AVX-512 CPUs, ONNX Runtime f32 on AVX2 ones. The first export stands in
     for one made on an AMX CPU (flags patched; without bf16 units OpenVINO computes its bf16 check in f32)."""
@@ -170,7 +171,9 @@ def test_default_export_and_load_take_each_cpus_fast_faithful_path(tiny_bert, tm
         assert "bf16" not in here.parity["openvino"] and "not checked in bf16" in printed
         assert model.precision == "fp32"
         monkeypatch.setattr("embedrt.cpu.cpu_flags", lambda *a: amx)
-        assert embedrt.load(tmp_path / "here").precision == "fp32"
+        with caplog.at_level(logging.INFO, logger="embedrt"):
+            assert embedrt.load(tmp_path / "here").precision == "fp32"
+        assert "did not check it in bf16 on AMX" in caplog.text
     elif "amx_bf16" in real:
         assert model.precision == "bf16" and model.device == "openvino:CPU"
     assert row_cosine(model.encode(TEXTS), embedrt.load(folder, device="cpu").encode(TEXTS)).min() >= 0.9999
