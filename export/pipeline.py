@@ -125,7 +125,6 @@ def export_model(
     if target_dir.exists() and not options.overwrite:
         raise FileExistsError(f"{target_dir} exists; pass overwrite=True (--overwrite) to replace it")
     spec = read_checkpoint(resolved.path, resolved.catalogue)
-    from embedrt.cpu import SATURATING_TARGETS, detect_target
     from embedrt.model import openvino_int8_advice, without_speed_advice
 
     # the checks load scratch folders: the speed advice is given once below, for the published folder
@@ -138,8 +137,9 @@ def export_model(
         write_manifest(folder, manifest)
         _publish(work, target_dir, options.overwrite)
     log.info("exported %s -> %s", resolved.source_id, target_dir)
-    if options.quantize and Format.OPENVINO in options.formats and detect_target() in SATURATING_TARGETS:
-        log.warning("%s", openvino_int8_advice(target_dir, detect_target()))
+    advice = openvino_int8_advice(target_dir) if options.quantize and Format.OPENVINO in options.formats else None
+    if advice:
+        log.warning("%s", advice)
     return target_dir
 
 

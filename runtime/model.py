@@ -357,8 +357,13 @@ def without_speed_advice() -> Iterator[None]:
         _SPEED_ADVICE.reset(token)
 
 
-def openvino_int8_advice(root: Path | str, target: str) -> str:
-    """The warning for an OpenVINO int8 folder on a CPU whose int8 target is ``target`` (no VNNI or AMX)."""
+def openvino_int8_advice(root: Path | str) -> str | None:
+    """The warning for an OpenVINO int8 folder at ``root`` on this CPU, or None where its int8 pays (VNNI, AMX)."""
+    from embedrt.cpu import SATURATING_TARGETS, detect_target
+
+    target = detect_target()
+    if target not in SATURATING_TARGETS:
+        return None
     # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.81x its fp32 IR's
     # speed, while ONNX Runtime's int8 of the same model ran 1.1-1.2x its fp32 (README, Devices)
     return (f"{root}: OpenVINO int8 on a CPU without VNNI or AMX (int8 target {target}) runs slower than the fp32 "
@@ -370,7 +375,7 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DeviceP
     target = manifest.extra.get("quantization", {}).get("target") if manifest.precision is Precision.INT8 else None
     if not target or plan.request.kind == "cuda":
         return
-    from embedrt.cpu import SATURATING_TARGETS, detect_target, missing_features
+    from embedrt.cpu import SATURATING_TARGETS, missing_features
 
     missing = missing_features(str(target))
     if missing:
@@ -380,6 +385,7 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DeviceP
             root, target, ", ".join(missing),
             " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
         )
-    elif (plan.request.kind == "openvino" and plan.on_host and detect_target() in SATURATING_TARGETS
-          and _SPEED_ADVICE.get()):
-        log.warning("%s", openvino_int8_advice(root, detect_target()))
+    elif plan.request.kind == "openvino" and plan.on_host and _SPEED_ADVICE.get():
+        advice = openvino_int8_advice(root)
+        if advice:
+            log.warning("%s", advice)

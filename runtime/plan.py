@@ -209,11 +209,12 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
         return "f32"
     if manifest.precision is not Precision.BF16 and requested is None:
         verified = bf16_verified(manifest, units="amx_bf16")
-        if verified is not None and bf16_pays(flags):
+        pays = bf16_pays(flags)
+        if verified is not None and pays:
             log.info("embedrt: running the fp32 folder in bf16 on AMX: its export checked it in bf16 (min cosine "
                      "%.5f to sentence-transformers); load(..., inference_precision='f32') for exact fp32", verified)
             return "bf16"
-        if bf16_pays(flags):  # where bf16 would pay, say why it does not run
+        if pays:  # where bf16 would pay, say why it does not run
             log.info("embedrt: running the fp32 folder in f32 on this AMX CPU: its export did not check it in bf16 on "
                      "AMX (export it on an AMX CPU for a folder that runs bf16 here)")
         return "f32"
