@@ -22,20 +22,6 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def corpus_passages(folder: Path, n: int) -> list[str]:
-    """The first ``n`` passages of a BEIR folder's ``corpus.jsonl``, title joined in front as eval does."""
-    from embedrt.textio import join_title
-
-    out: list[str] = []
-    with open(folder / "corpus.jsonl", encoding="utf-8") as fh:
-        for line in fh:
-            record = json.loads(line)
-            out.append(join_title(record.get("title"), record["text"]))
-            if len(out) == n:
-                break
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Export (once, cached) and time every system on both text sets; print and write the figures."""
     p = argparse.ArgumentParser(description=__doc__)
@@ -50,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.run import _machine, _versions
     from embedrt import load
     from embedrt.export.auto import timing_texts
+    from embedrt.textio import read_records
 
     folders = systems.prepare(args.model, {"quantize": "dynamic"}, ort_static=True)
     systems_ = {"fp32 onnxruntime": (folders["fp32"], "cpu"), "fp32 openvino": (folders["fp32"], "openvino"),
@@ -59,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     passages, _ = timing_texts()
     sets = {"auto timing texts": passages}
     if args.corpus:
-        sets[f"{args.corpus.name} first {args.n}"] = corpus_passages(args.corpus, args.n)
+        # the passages as embedrt eval embeds them (title joined in front)
+        sets[f"{args.corpus.name} first {args.n}"] = read_records(args.corpus / "corpus.jsonl")[1][: args.n]
     tokens = next(iter(models.values()))
     lengths = {name: [int(x) for x in tokens.tokenize_batch(texts).lengths] for name, texts in sets.items()}
     for model in models.values():  # warm-up: shapes, thread pools
