@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -14,6 +16,19 @@ from embedrt._optional import require
 from embedrt.errors import ModelFolderError
 
 TYPE_IDS = "token_type_ids"
+# a single text up to this many characters is tokenized with ``encode``, which holds the GIL (~30 us here)
+SHORT_TEXT = 2048
+# texts longer than this many characters per token of max_length are first tokenized cut short (see _cut)
+CUT_CHARS_PER_TOKEN = 64
+# the normalizers and pre-tokenizers under which a text's tokens up to a whitespace character do not depend
+# on what follows it: per-character normalization, splitting at whitespace
+_LOCAL_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents",
+                                "Strip", "Prepend"})
+_SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Punctuation",
+                                       "Digits", "ByteLevel", "Metaspace"})
+# a cut point: a plain space after a character that is not whitespace (every such pre-tokenizer splits there;
+# other whitespace, a tab or a newline, is not a split point of Metaspace)
+_CUT_POINT = re.compile(r"(?<=\S) ")
 
 
 def check_texts(texts: Any) -> list[str]:
@@ -113,6 +128,8 @@ class TextTokenizer:
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.max_length = max_length
         self.prefix, self.suffix = self._special_template()
+        # None: every text is tokenized whole
+        self.cut_at = max(SHORT_TEXT, CUT_CHARS_PER_TOKEN * max_length) if _cuttable(self._tok) else None
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens the post-processor puts before and after a text's tokens ([CLS] / [SEP], <s> / </s>)."""
@@ -137,11 +154,42 @@ class TextTokenizer:
         return Tokenized([np.concatenate([prefix, r[:keep], suffix]) for r in rows], truncated)
 
     def _encodings(self, texts: list[str]) -> list[Any]:
-        if len(texts) == 1:
+        cut = self._cut(texts)
+        todo = [text[: cut[i]] if i in cut else text for i, text in enumerate(texts)] if cut else texts
+        if len(todo) == 1 and len(todo[0]) <= SHORT_TEXT:
             # encode_batch wakes the tokenizers thread pool, whose spinning threads then take CPU from the
             # inference that follows: ~0.1 ms on an 18-token query with 2 cores
-            return [self._tok.encode(texts[0], add_special_tokens=True)]
-        return list(self._tok.encode_batch(texts, add_special_tokens=True))
+            encodings = [self._tok.encode(todo[0], add_special_tokens=True)]
+        else:
+            # encode holds the GIL throughout (a 1 MB text: ~1.5 s in which no other Python thread runs, a
+            # server's event loop included); encode_batch releases it
+            encodings = list(self._tok.encode_batch(todo, add_special_tokens=True))
+        short = [i for i in cut if not encodings[i].overflowing]
+        if short:  # a cut text that did not fill max_length (spaces, dropped characters): the whole text
+            whole = self._tok.encode_batch([texts[i] for i in short], add_special_tokens=True)
+            for i, enc in zip(short, whole, strict=True):
+                encodings[i] = enc
+        return encodings
+
+    def _cut(self, texts: list[str]) -> dict[int, int]:
+        """Where to cut each text longer than ``cut_at`` characters: at the first space after it.
+
+        Tokenizing 16 MB for 256 tokens takes ~25 s; the cut keeps the tokens exact. The tokenizer
+        normalizes per character and splits at spaces (``_cuttable``), so the tokens of the text before a
+        space are those of the whole text up to there; if the cut text still fills ``max_length``, its
+        truncated tokens are the whole text's. ``_encodings`` checks that it did, and tokenizes the whole
+        text where it did not.
+        """
+        limit = self.cut_at
+        if limit is None:
+            return {}
+        cut = {}
+        for i, text in enumerate(texts):
+            if len(text) > limit:
+                found = _CUT_POINT.search(text, limit)
+                if found is not None:
+                    cut[i] = found.start()
+        return cut
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, truncated, special tokens included, not padded."""
@@ -173,3 +221,37 @@ class TextTokenizer:
             feeds[TYPE_IDS] = np.zeros_like(batch)  # one segment: type 0 everywhere, as sentence-transformers
         return feeds
 
+
+def _cuttable(tok: Any) -> bool:
+    """Whether the tokenizer's normalizer is per character and its pre-tokenizer splits at spaces."""
+    spec = json.loads(tok.to_str())
+
+    def kinds(node: Any, key: str) -> list[str]:
+        if node is None:
+            return []
+        if node.get("type") == "Sequence":
+            return [k for child in node.get(key, []) for k in kinds(child, key)]
+        return [node.get("type", "")]
+
+    normalizers = kinds(spec.get("normalizer"), "normalizers")
+    pre = spec.get("pre_tokenizer")
+    pre_tokenizers = kinds(pre, "pretokenizers")
+    if not pre_tokenizers or not set(normalizers) <= _LOCAL_NORMALIZERS:
+        return False
+    if not set(pre_tokenizers) <= _SPLITTING_PRE_TOKENIZERS:
+        return False
+
+    def splits(node: Any) -> bool:  # a ByteLevel without its regex, or a Metaspace that does not split, does not
+        if node.get("type") == "Sequence":
+            return all(splits(child) for child in node.get("pretokenizers", []))
+        if node.get("type") == "ByteLevel":
+            return bool(node.get("use_regex", True))
+        if node.get("type") == "Metaspace":
+            return bool(node.get("split", True))
+        return True
+
+    # a pre-tokenizer sequence must split at spaces in one of its steps: Punctuation or Digits alone do not
+    whitespace = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
+    # an added token with a space in it could straddle the cut
+    spaced = any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens") or [])
+    return splits(pre) and bool(whitespace & set(pre_tokenizers)) and not spaced

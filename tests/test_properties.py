@@ -51,3 +51,98 @@ def test_a_non_str_item_is_a_type_error_naming_its_index(
     items: list[Any] = [*texts[:at], bad, *texts[at:]]
     with pytest.raises(TypeError, match=rf"texts\[{at}\] is {type(bad).__name__}, not str"):
         model.encode(items)
+
+
+def _tokenizer_files(tmp: Any, tiny_bert: Any) -> dict[str, Any]:
+    """tokenizer.json of WordPiece (BERT), byte-level BPE (RoBERTa) and Metaspace BPE (SentencePiece-like)."""
+    import tokenizers
+
+    from embedrt.export.synthetic import _roberta_tokenizer
+    from embedrt.export.validate import PROBE_TEXTS
+
+    files = {"wordpiece": tiny_bert[1] / "tokenizer.json"}
+    files["bytelevel"] = tmp / "roberta.json"
+    _roberta_tokenizer().backend_tokenizer.save(str(files["bytelevel"]))
+    sp = tokenizers.SentencePieceBPETokenizer()
+    sp.train_from_iterator(list(PROBE_TEXTS) * 5, vocab_size=300, special_tokens=["<s>", "</s>", "<pad>", "<unk>"])
+    sp.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", sp.token_to_id("<s>")), ("</s>", sp.token_to_id("</s>"))])
+    files["metaspace"] = tmp / "metaspace.json"
+    sp.save(str(files["metaspace"]))
+    return files
+
+
+_WORDS = st.sampled_from(["a", "the", "Café", "naïve", "e\u0301", "日本語", "😀", "!", "...", "12", "x" * 120,
+                          "\u00a0", "\u3000", "\t", "\n", " ", "  ", "don't", "<mask>", "[MASK]", "\x00", "\u200b"])
+_LONG = st.builds("".join, st.lists(st.one_of(_WORDS, st.text(_CHARS, max_size=6)), min_size=1, max_size=120))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, tiny_bert: Any) -> dict[str, Any]:
+    return _tokenizer_files(tmp_path_factory.mktemp("tokenizers"), tiny_bert)
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bytelevel", "metaspace"])
+def test_long_texts_are_cut_before_tokenizing_and_keep_the_whole_texts_tokens(
+    tokenizer_files: dict[str, Any], kind: str
+) -> None:
+    """A text far past max_length is tokenized cut at a space; its truncated tokens are the whole text's."""
+    from embedrt.tokenize import TextTokenizer
+
+    tok = TextTokenizer(tokenizer_files[kind], 12, 0, ("input_ids", "attention_mask"))
+    assert tok.cut_at is not None, f"{kind}: the cut should apply to this tokenizer"
+    tok.cut_at = 30  # cut short texts too, so that examples reach the cut and its fallback
+
+    @_SETTINGS
+    @given(texts=st.lists(_LONG, min_size=1, max_size=6))
+    def check(texts: list[str]) -> None:
+        texts = [t.encode("utf-8", "replace").decode("utf-8") for t in texts]
+        whole = [tok._tok.encode(t, add_special_tokens=True) for t in texts]
+        got = tok.encode_compact(texts)
+        assert [list(x) for x in got.ids] == [w.ids for w in whole]
+        assert got.truncated.tolist() == [bool(w.overflowing) for w in whole]
+        for t, w in zip(texts, whole, strict=True):  # one text alone takes the other path
+            assert tok.encode([t]) == [w.ids]
+
+    check()
+    # cut where the text is long; a text with no token after the cut point is tokenized whole
+    spaced = "word" + " " * 200 + "end " + "more words " * 10
+    assert tok._cut(["word " * 20, spaced]) == {0: 34, 1: 207}
+    assert tok.encode([spaced]) == [tok._tok.encode(spaced).ids]  # the cut text was short: tokenized whole
+
+
+def test_tokenizers_that_do_not_split_at_spaces_are_never_cut(tmp_path: Any) -> None:
+    import tokenizers
+
+    from embedrt.tokenize import TextTokenizer
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    bpe.normalizer = tokenizers.normalizers.Replace("  ", " ")  # looks across the cut point
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(["some words here"] * 3, tokenizers.trainers.BpeTrainer(special_tokens=["<unk>"]))
+    bpe.save(str(tmp_path / "a.json"))
+    assert TextTokenizer(tmp_path / "a.json", 8, 0, ("input_ids",)).cut_at is None
+    bpe.normalizer = None
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(use_regex=False)
+    bpe.save(str(tmp_path / "b.json"))
+    assert TextTokenizer(tmp_path / "b.json", 8, 0, ("input_ids",)).cut_at is None
+
+
+def test_the_cut_never_splits_a_word(tmp_path: Any) -> None:
+    """Metaspace splits at spaces only: a cut at a newline would split a word, here one WordPiece makes [UNK]."""
+    import tokenizers
+
+    from embedrt.tokenize import TextTokenizer
+
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[CLS]", "[SEP]", "▁ab", "▁x", "##x", "##y", "##\n", "▁more"])}
+    wp = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    wp.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    wp.post_processor = tokenizers.processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                                 special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    wp.save(str(tmp_path / "wp.json"))
+    tok = TextTokenizer(tmp_path / "wp.json", 12, 0, ("input_ids",))
+    assert tok.cut_at is not None
+    tok.cut_at = 30
+    for gap in ("\n", "\t", "\u00a0", " "):
+        text = "ab x" + "x" * 40 + gap + "y" * 70 + " more" * 20  # "x...x\ny...y" is one word of 112 characters
+        assert tok.encode_compact([text]).ids[0].tolist() == tok._tok.encode(text).ids, repr(gap)

@@ -99,6 +99,7 @@ class Gated:
         self.gate = threading.Event()
         self.rows = 0
         self.entered = threading.Event()
+        self.calls: list[list[tuple[int, ...]]] = []  # each call's inputs, in the order they ran
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
@@ -107,6 +108,7 @@ class Gated:
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
         self.rows += len(ids)
+        self.calls.append([tuple(int(t) for t in x) for x in ids])
         return self._model.encode_tokens(ids, *args, **kwargs)
 
 
@@ -199,8 +201,10 @@ def test_bad_requests_are_400_naming_the_field(live: LiveServer) -> None:
             client.post("/embeddings", body=body, cast_to=object)
         error = _error(info.value)
         assert info.value.status_code == 400 and error["param"] == param, (body, error)
-    status, _, body = live.request("POST", "/v1/embeddings", b"{not json")
-    assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
+    deep = b"[" * 5000 + b"]" * 5000
+    for raw in (b"{not json", deep, b'{"model": "x", "input": ' + deep + b"}"):
+        status, _, body = live.request("POST", "/v1/embeddings", raw)  # nested too deeply: 400, not 500
+        assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json", (raw[:20], body)
     # dimensions equal to the model's own is no cut: accepted; 'user' is accepted
     ok = client.embeddings.create(model="all-MiniLM-L6-v2", input="a", dimensions=384, user="u-1")
     assert len(ok.data[0].embedding) == 384
@@ -294,6 +298,7 @@ def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
         with pytest.raises(openai.APIStatusError) as info:
             client.embeddings.create(model=name, input="late", extra_headers={"X-Request-Timeout": "0.3"})
         assert info.value.status_code == 504 and _error(info.value)["code"] == "deadline_exceeded"
+        assert "(0.3 s)" in _error(info.value)["message"]  # its own deadline, not the server's default
         # E's client goes away while E waits: dropped, counted
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=0.3)
         conn.request("POST", "/v1/embeddings", body=json.dumps({"model": name, "input": ["gone", "away"]}),
@@ -310,6 +315,78 @@ def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
         assert server.metric("embedrt_dropped_inputs_total", reason="deadline") == 1
         assert server.metric("embedrt_requests_total", status="429") == 1
         assert server.metric("embedrt_requests_total", status="504") == 1
+
+
+def test_requests_in_a_lane_take_turns(tiny: Any) -> None:
+    """A small bulk request waits a call or two behind a large one, not for all of it."""
+    with _gated_server(tiny, max_batch_inputs=4) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+
+        def bulk(texts: list[str]) -> Any:
+            return client.embeddings.create(model=name, input=texts, extra_headers={"X-Embedrt-Lane": "bulk"})
+
+        large = [f"large request, passage {i}" for i in range(40)]
+        small = [f"small request, passage {i}" for i in range(9)]
+        a_thread, a = _in_thread(bulk, large)
+        _wait(gated.entered.is_set, "the large request's first call")
+        b_thread, b = _in_thread(bulk, small)
+        _wait(lambda: sum(n for n, _ in scheduler.depth().values()) == 2, "both queued")
+        gated.gate.set()
+        for thread in (a_thread, b_thread):
+            thread.join(60)
+        assert np.abs(_vectors(a["result"]) - tiny.encode(large)).max() <= 1e-6
+        assert np.abs(_vectors(b["result"]) - tiny.encode(small)).max() <= 1e-6
+        # calls of 4 rows take turns: the small one's 9 rows are done within about 7 calls; first come, first
+        # served, they would wait for all 40 of the large one's
+        mine = {tuple(int(t) for t in x) for x in tiny.tokenize_batch(small).ids}
+        rows, done_at = 0, None
+        for call in gated.calls:
+            rows += len(call)
+            if mine & set(call):
+                done_at = rows
+        assert done_at is not None and done_at <= 32, ("the small request waited for the large one", done_at)
+
+
+def test_lane_header_cannot_put_a_large_request_among_the_queries(live: LiveServer) -> None:
+    name = _tiny_name(live)
+    for count, asked, lane in ((2, "bulk", "bulk"), (2, "interactive", "interactive"), (20, "interactive", "bulk")):
+        status, headers, _ = live.request("POST", "/v1/embeddings", {"model": name, "input": ["q"] * count},
+                                          headers={"X-Embedrt-Lane": asked})
+        assert status == 200 and headers["x-embedrt-lane"] == lane, (count, asked, headers)
+
+
+def test_a_client_gone_while_sending_its_body_is_499_not_a_server_error(live: LiveServer) -> None:
+    before = live.metric("embedrt_requests_total", status="500")
+    gone = live.metric("embedrt_requests_total", status="499")
+    with socket.create_connection(("127.0.0.1", live.port)) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b'Content-Length: 1000\r\n\r\n{"model": ')
+    _wait(lambda: live.metric("embedrt_requests_total", status="499") == gone + 1, "the 499")
+    assert live.metric("embedrt_requests_total", status="500") == before
+
+
+def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
+    """Requests still waiting at the drain timeout get OpenAI's shape, not a bare 500 from the host server."""
+    with _gated_server(tiny, drain_timeout=1.0) as (server, gated):
+        name = next(iter(server.service.models))
+        client = server.client()
+        a_thread, a = _in_thread(client.embeddings.create, model=name, input="stuck in inference")
+        _wait(gated.entered.is_set, "the first call")
+        b_thread, b = _in_thread(client.embeddings.create, model=name, input=["queued", "behind it"])
+        scheduler = server.service.models[name].scheduler
+        _wait(lambda: sum(n for n, _ in scheduler.depth().values()) == 1, "B queued")
+        start = time.monotonic()
+        server.service.begin_drain()
+        for thread in (a_thread, b_thread):
+            thread.join(10)
+        assert time.monotonic() - start < 1.0, "answered within the drain timeout"
+        for out in (a, b):
+            error = out["error"]
+            assert isinstance(error, openai.APIStatusError) and error.status_code == 503, out
+            assert _error(error)["code"] == "draining" and "drain timeout" in _error(error)["message"]
+        assert server.metric("embedrt_dropped_inputs_total", reason="draining") == 2  # B's rows never ran
 
 
 def test_api_keys_and_open_probes(tiny: Any) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -70,6 +70,8 @@ class Service:
         self.metrics = Metrics(lambda: {name: s.scheduler for name, s in self.models.items()})
         self.ready = False
         self.draining = False
+        self.drain_end: float | None = None  # time.monotonic() by which a drain answers everything
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the requests
         self.started = time.time()
         # tokenizing and JSON happen here, never on the event loop; two threads keep one request's
         # tokenization from holding up a small one
@@ -129,18 +131,40 @@ class Service:
         return bulk
 
     def begin_drain(self) -> None:
-        """Stop taking work: /ready turns false and new embedding requests get 503; queued work finishes."""
-        if not self.draining:
-            log.info("embedrt serve: draining")
+        """Stop taking work: /ready turns false and new embedding requests get 503; queued work finishes.
+
+        Requests still unanswered ``drain_timeout`` s later (less a margin for writing the answers, so the
+        process exits within it) get a 503 ``draining``. Safe to call from a signal handler or any thread.
+        """
+        if self.draining:
+            return
+        log.info("embedrt serve: draining")
         self.draining = True
+        self.drain_end = time.monotonic() + self.config.drain_timeout
+        if self.loop is not None and not self.loop.is_closed():
+            margin = min(1.0, self.config.drain_timeout / 4)
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing is waiting
+                self.loop.call_soon_threadsafe(self.loop.call_later, self.config.drain_timeout - margin,
+                                               self._cut_off)
+
+    def _cut_off(self) -> None:
+        """The drain ran out of time: answer every request still waiting with a 503."""
+        error = protocol.unavailable("The server shut down before answering this request (its drain "
+                                     f"timeout of {self.config.drain_timeout:g} s ran out); retry it.", "draining")
+        for served in self.models.values():
+            count = served.scheduler.abandon(error)
+            if count:
+                log.warning("embedrt serve: %s: %d requests unanswered at the drain timeout got 503",
+                            served.name, count)
 
     def stop(self) -> None:
-        """Drain (finish queued work, at most ``drain_timeout``) and stop the workers."""
+        """Drain (finish queued work, within ``drain_timeout`` of the drain's start) and stop the workers."""
         self.begin_drain()
-        end = time.monotonic() + self.config.drain_timeout
+        end = self.drain_end if self.drain_end is not None else time.monotonic() + self.config.drain_timeout
         for served in self.models.values():
             if not served.scheduler.close(max(0.1, end - time.monotonic())):
                 log.warning("embedrt serve: %s did not drain within %g s", served.name, self.config.drain_timeout)
+        self._cut_off()  # a host server that did not wait for its requests: answer what is left
         self.edge.shutdown(wait=False, cancel_futures=True)
         # the access log may be buffered (embedrt.serve.accesslog); uvicorn ends the process by re-raising
         # the signal, which skips logging's exit hooks, so its last lines are written here
@@ -210,6 +234,9 @@ def _endpoint(service: Service, path: str, handler: Handler, *, open_: bool = Fa
         except ApiError as exc:
             info["error"] = exc.code
             response = Response(exc.body(), exc.status, headers=exc.headers, media_type=JSON)
+        except ClientDisconnect:  # gone while sending the body: nobody reads an answer, and it is not ours
+            info.update(status=499, error="client_disconnected")
+            response = Response(status_code=499)
         except Exception as exc:  # answer, log and count it rather than let the server print a bare 500
             log.exception("unexpected error on %s", path)
             error = ApiError(500, f"Internal error: {type(exc).__name__}", type="server_error", code="internal")
@@ -266,13 +293,17 @@ def _deadline_seconds(request: Request, default: float) -> float:
 
 
 def _lane(request: Request, count: int, config: ServeConfig) -> Lane:
+    """The request's lane: by its size, or the header's; a request too large for interactive goes bulk."""
     raw = request.headers.get(LANE_HEADER.lower())
+    small = count <= config.interactive_max_inputs
     if raw is None:
-        return Lane.INTERACTIVE if count <= config.interactive_max_inputs else Lane.BULK
+        return Lane.INTERACTIVE if small else Lane.BULK
     try:
-        return Lane(raw.lower())
+        lane = Lane(raw.lower())
     except ValueError:
         raise protocol.bad_request(f"{LANE_HEADER} must be interactive or bulk, got {raw!r}.", LANE_HEADER) from None
+    # the header may move a small request to the bulk lane, never a large one ahead of the queries
+    return lane if small else Lane.BULK
 
 
 def _tokenize(model: Any, parsed: protocol.EmbeddingRequest) -> Any:
@@ -330,12 +361,15 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
                                    "and truncation is off ('truncate': false).", f"input[{i}]", "input_too_long")
     tokens = int(tokenized.lengths.sum())
     info.update(tokens=tokens, truncated=len(truncated))
-    job = scheduler.submit(tokenized.ids, lane, arrival + timeout)
+    job = scheduler.submit(tokenized.ids, lane, arrival + timeout, timeout)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         waiting: set[asyncio.Future[Any]] = {job.future, watcher}
         done, _ = await asyncio.wait(waiting, timeout=max(0.0, arrival + timeout - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the host server gave up on the request: its rows need not run
+        scheduler.cancel(job, DropReason.DRAINING)
+        raise
     finally:
         watcher.cancel()
     if job.future not in done:
@@ -357,7 +391,8 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         payload = await loop.run_in_executor(service.edge, protocol.embeddings_body, *args)
     else:
         payload = protocol.embeddings_body(*args)
-    return Response(payload, media_type=JSON, headers={TRUNCATED_HEADER: str(len(truncated))})
+    return Response(payload, media_type=JSON, headers={TRUNCATED_HEADER: str(len(truncated)),
+                                                       LANE_HEADER: lane.value})
 
 
 async def list_models(service: Service, request: Request, info: dict[str, Any]) -> Response:
@@ -397,6 +432,7 @@ def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, A
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.loop = asyncio.get_running_loop()
         await asyncio.get_running_loop().run_in_executor(None, service.start)
         try:
             yield

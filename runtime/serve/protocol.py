@@ -102,6 +102,9 @@ def parse_embedding_request(body: bytes, max_inputs: int) -> EmbeddingRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("The body is not valid JSON for this API: it is nested too deeply.",
+                          code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("The body must be a JSON object.", code="invalid_json")
     model = data.get("model")

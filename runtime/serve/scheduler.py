@@ -1,13 +1,16 @@
 """One scheduler per model: the inputs of all waiting requests form the inference calls.
 
 Requests arrive tokenized (tokenization runs in the edge threads, not here) and wait in one of two lanes,
-interactive (few inputs) and bulk, as rows. Each lane has its own worker thread; a worker takes a window of
-its lane's oldest rows, lets :func:`embedrt.batching.plan_batches` (the planner ``encode`` uses:
-length-sorted, token budget, cost per call) cut it into calls, and runs the call holding the oldest row with
+interactive (few inputs) and bulk. Each lane has its own worker thread; a worker takes a window of rows from
+its lane's waiting requests (round robin: at most half a window from each, the request whose turn it is
+first), lets :func:`embedrt.batching.plan_batches` (the planner ``encode`` uses: length-sorted, token
+budget, cost per call) cut it into calls, and runs the call holding the leading request's first row with
 ``EmbeddingModel.encode_tokens``. A request with more rows than one call is split across calls, and its rows
 share calls with other requests' rows.
 
 Fairness:
+    * Within a lane, requests take turns: after each call the request that led it goes to the back of the
+      lane, so a 9-input request waits about one call behind a 2,000-input one, not for all of it.
     * Interactive rows never wait behind bulk ones: they have their own worker, which starts a call as soon
       as the previous interactive call ends, even while a bulk call runs.
     * Priority: the bulk worker does not start a call while an interactive call runs or interactive rows
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import enum
 import logging
@@ -65,6 +69,8 @@ class Job:
     loop: asyncio.AbstractEventLoop
     out: np.ndarray
     enqueued: float
+    timeout: float = 0.0  # seconds it was given (for the 504's message)
+    pending: collections.deque[int] = dataclasses.field(default_factory=collections.deque)  # rows not taken
     untaken: int = 0  # rows still waiting in the lane
     unfinished: int = 0  # rows not yet embedded
     queued_tokens: int = 0
@@ -112,7 +118,9 @@ class Scheduler:
         self._on_call = on_call or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason, rows: None)
         self._work = threading.Condition()
-        self._lanes: dict[Lane, collections.deque[tuple[Job, int]]] = {lane: collections.deque() for lane in Lane}
+        # per lane, the requests with rows waiting, in turn order (the front one leads the next window)
+        self._lanes: dict[Lane, collections.deque[Job]] = {lane: collections.deque() for lane in Lane}
+        self._open: set[Job] = set()  # requests not yet answered (for abandon)
         self._tokens = dict.fromkeys(Lane, 0)
         self._jobs = dict.fromkeys(Lane, 0)  # requests with rows still waiting
         self._busy = dict.fromkeys(Lane, False)
@@ -137,8 +145,11 @@ class Scheduler:
         rate = self._tokens_per_s or 1000.0
         return int(min(60, max(1, math.ceil(queued / rate))))
 
-    def submit(self, ids: list[np.ndarray], lane: Lane, deadline: float) -> Job:
+    def submit(self, ids: list[np.ndarray], lane: Lane, deadline: float, timeout: float | None = None) -> Job:
         """Queue one request's tokenized inputs; its ``future`` resolves on the calling event loop.
+
+        ``deadline`` is a ``time.monotonic()`` time; ``timeout`` the seconds it stands for (the 504 names it;
+        the server's request timeout when not given).
 
         Raises:
             ApiError: 413 if the request alone exceeds the queue bound, 429 if it does not fit now,
@@ -149,7 +160,8 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         job = Job(ids, lengths, lane, deadline, loop.create_future(), loop,
                   np.empty((len(ids), self.model.dim), dtype=np.float32), time.monotonic(),
-                  untaken=len(ids), unfinished=len(ids), queued_tokens=tokens)
+                  self.config.request_timeout if timeout is None else timeout,
+                  collections.deque(range(len(ids))), untaken=len(ids), unfinished=len(ids), queued_tokens=tokens)
         limit = self.config.max_queue_tokens
         if tokens > limit:
             raise protocol.too_large(f"The request holds {tokens} tokens; this server queues at most {limit} "
@@ -159,7 +171,8 @@ class Scheduler:
                 raise protocol.unavailable("The server is shutting down.", "draining")
             if sum(self._tokens.values()) + tokens > limit:
                 raise protocol.queue_full(self.retry_after())
-            self._lanes[lane].extend((job, row) for row in range(len(ids)))
+            self._lanes[lane].append(job)
+            self._open.add(job)
             self._tokens[lane] += tokens
             self._jobs[lane] += 1
             if lane is Lane.INTERACTIVE:
@@ -174,9 +187,30 @@ class Scheduler:
                 return 0
             job.alive = False
             dropped = self._forget(job)
+            self._open.discard(job)
         if dropped:
             self._on_drop(reason, dropped)
         return dropped
+
+    def abandon(self, error: BaseException) -> int:
+        """Answer every request not yet answered with ``error`` (a drain that ran out of time).
+
+        Their waiting rows are dropped (counted as ``draining``); rows already in a running call finish
+        there, unread. Returns how many requests were answered so.
+        """
+        with self._work:
+            jobs = [job for job in self._open if job.alive]
+            dropped = 0
+            for job in jobs:
+                job.alive = False
+                dropped += self._forget(job)
+            self._open.clear()
+            self._work.notify_all()
+        if dropped:
+            self._on_drop(DropReason.DRAINING, dropped)
+        for job in jobs:
+            _resolve(job, error)
+        return len(jobs)
 
     def depth(self) -> dict[Lane, tuple[int, int]]:
         """Per lane: (requests, tokens) waiting."""
@@ -205,12 +239,16 @@ class Scheduler:
     # ---- the workers ----
 
     def _forget(self, job: Job) -> int:
-        """Take a dead job's waiting rows off the books (its deque entries are skipped later). Lock held."""
+        """Take a dead job's waiting rows off the books and out of its lane. Lock held."""
         dropped = job.untaken
         if dropped:
             self._tokens[job.lane] -= job.queued_tokens
             self._jobs[job.lane] -= 1
             job.untaken, job.queued_tokens = 0, 0
+        if job.pending:
+            job.pending.clear()
+            with contextlib.suppress(ValueError):  # rows of it are out in a window being planned
+                self._lanes[job.lane].remove(job)
         return dropped
 
     def _worker(self, lane: Lane) -> None:
@@ -249,25 +287,34 @@ class Scheduler:
         return interactive and self._interactive_streak < self.config.bulk_yield_limit
 
     def _window(self, lane: Lane) -> list[tuple[Job, int]]:
-        """Pop the lane's oldest live rows (at most about two calls' worth). Lock held."""
-        queue = self._lanes[lane]
-        if not queue or (lane is Lane.BULK and not self._closed and self._bulk_yields()):
+        """Take rows of the lane's waiting requests in turn order (at most about two calls' worth). Lock held.
+
+        Each request gives at most half the window, so the planner can fill a call with rows of similar
+        length from the next ones too; the first row is the leading request's.
+        """
+        jobs = self._lanes[lane]
+        if not jobs or (lane is Lane.BULK and not self._closed and self._bulk_yields()):
             return []
         now = time.monotonic()
+        for job in [job for job in jobs if job.deadline <= now]:
+            self._expire(job)
         cost = self._lane_cost(lane)
         max_rows = 2 * self.config.max_batch_inputs
         max_tokens = 2 * cost.token_budget if cost.token_budget else math.inf
         window: list[tuple[Job, int]] = []
         tokens = 0
-        while queue and len(window) < max_rows and tokens < max_tokens:
-            job, row = queue.popleft()
-            if not job.alive:
-                continue
-            if job.deadline <= now:
-                self._expire(job)
-                continue
-            window.append((job, row))
-            tokens += int(job.lengths[row])
+        for job in jobs:
+            share_rows, share_tokens = 0, 0
+            while (job.pending and len(window) < max_rows and tokens < max_tokens
+                   and (not window or (share_rows < max_rows // 2 and share_tokens < max_tokens / 2))):
+                row = job.pending.popleft()
+                window.append((job, row))
+                length = int(job.lengths[row])
+                tokens += length
+                share_rows += 1
+                share_tokens += length
+            if len(window) >= max_rows or tokens >= max_tokens:
+                break
         return window
 
     def _expire(self, job: Job) -> None:
@@ -276,7 +323,8 @@ class Scheduler:
         dropped = self._forget(job)
         if dropped:
             self._on_drop(DropReason.DEADLINE, dropped)
-        _resolve(job, protocol.deadline_passed(self.config.request_timeout))
+        self._open.discard(job)
+        _resolve(job, protocol.deadline_passed(job.timeout))
 
     def _run_call(self, lane: Lane, window: list[tuple[Job, int]], cost: BatchCost) -> None:
         lengths = np.fromiter((job.lengths[row] for job, row in window), dtype=np.int64, count=len(window))
@@ -286,8 +334,11 @@ class Scheduler:
         chosen = next(call for call in plan if 0 in call)  # the call holding the oldest row
         picked = set(chosen.tolist())
         with self._work:
-            rest = [item for i, item in enumerate(window) if i not in picked]
-            self._lanes[lane].extendleft(reversed(rest))
+            for i in reversed(range(len(window))):  # rows not in this call go back, in their order
+                job, row = window[i]
+                if i not in picked and job.alive:
+                    job.pending.appendleft(row)
+            self._take_turn(lane, window[0][0])
             rows = []
             for i in sorted(picked):
                 job, row = window[i]
@@ -315,6 +366,7 @@ class Scheduler:
                 for job, _ in rows:
                     job.alive = False
                     self._forget(job)
+                    self._open.discard(job)
             for job, _ in rows:
                 _resolve(job, error)
             return
@@ -325,11 +377,24 @@ class Scheduler:
         self._on_call(CallStats(lane, len(rows), pad, seconds))
         for job in {job for job, _ in rows}:
             job.inference_s += seconds
+        done = []
         for (job, row), vector in zip(rows, emb, strict=True):
             job.out[row] = vector
             job.unfinished -= 1
             if job.unfinished == 0:
-                _resolve(job, job.out)
+                done.append(job)
+        with self._work:
+            self._open.difference_update(done)
+        for job in done:
+            _resolve(job, job.out)
+
+    def _take_turn(self, lane: Lane, leader: Job) -> None:
+        """After a window: requests with no rows left leave the lane, the leader goes to the back. Lock held."""
+        jobs = self._lanes[lane]
+        if any(not job.pending for job in jobs):
+            self._lanes[lane] = jobs = collections.deque(job for job in jobs if job.pending)
+        if jobs and jobs[0] is leader:
+            jobs.rotate(-1)
 
 
 def _resolve(job: Job, result: np.ndarray | BaseException) -> None:
