@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.ops import Similarity, top_k
-from embedrt.textio import InputFileError, read_records
+from embedrt.textio import InputFileError, read_lines, read_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,11 +29,13 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``; keep only judged queries.
 
     Raises:
-        InputFileError: a file is missing or malformed (names it), or a judged query has no text.
+        InputFileError: a file is missing or malformed (names it), an id is there twice, or a judged query
+            has no text.
     """
     root = Path(folder)
-    corpus_ids, corpus_texts = read_records(root / "corpus.jsonl")
-    all_query_ids, all_query_texts = read_records(root / "queries.jsonl")
+    # a document twice would count its relevance twice (NDCG@10 above 100)
+    corpus_ids, corpus_texts = read_records(root / "corpus.jsonl", unique=True)
+    all_query_ids, all_query_texts = read_records(root / "queries.jsonl", unique=True)
     qrels = _read_qrels(root / "qrels" / f"{split}.tsv")
     by_id = dict(zip(all_query_ids, all_query_texts, strict=False))
     missing = [q for q in qrels if q not in by_id]
@@ -45,12 +47,10 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    try:
-        with path.open(encoding="utf-8", newline="") as fh:
-            rows = list(csv.reader(fh, delimiter="\t"))
-    except OSError as exc:
-        raise InputFileError(f"{path}: cannot read: {exc}") from exc
+    rows = list(csv.reader(read_lines(path), delimiter="\t"))
     for number, row in enumerate(rows[1:], start=2):  # the first row is the header
+        if not any(cell.strip() for cell in row):  # a blank line (a trailing one, say) holds no judgement
+            continue
         if len(row) < 3:
             raise InputFileError(f"{path}:{number}: expected query-id, corpus-id, score")
         try:

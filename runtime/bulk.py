@@ -28,10 +28,11 @@ import numpy as np
 
 from embedrt._enums import parse_enum
 from embedrt._optional import require
-from embedrt.errors import EmbedrtError
-from embedrt.manifest import write_json_atomic
+from embedrt.errors import EmbedrtError, OutputPathError
+from embedrt.manifest import MANIFEST_NAME, write_json_atomic
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError, join_title
+from embedrt.tokenize import check_count
 
 if TYPE_CHECKING:
     from embedrt.model import EmbeddingModel
@@ -112,6 +113,12 @@ class BulkOptions:
     show_progress: bool = False
     inference_precision: str | None = None
 
+    def __post_init__(self) -> None:
+        check_count(self.batch_size, "batch_size")
+        for name in ("part_rows", "max_tokens"):
+            if getattr(self, name) is not None:
+                check_count(getattr(self, name), name)
+
 
 @dataclasses.dataclass
 class BulkSummary:
@@ -183,7 +190,7 @@ def resolve_input(path: str | os.PathLike[str]) -> tuple[Path, InputFormat]:
 def count_rows(file: Path, fmt: InputFormat) -> int | None:
     """Rows in the input, for the progress bar's ETA: exact for Parquet, lines (not blank) for the others."""
     if fmt is InputFormat.PARQUET:
-        return int(require("pyarrow.parquet", "bulk").ParquetFile(file).metadata.num_rows)
+        return int(parquet_file(file).metadata.num_rows)
     count, last = 0, b"\n"
     with file.open("rb") as fh:
         while block := fh.read(1 << 20):
@@ -204,15 +211,27 @@ def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterat
 
 
 def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
-    with _open_text(file) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():  # a blank line is no row (a trailing newline, an editor's last line)
+    # bytes, decoded a line at a time: a bad byte is that line's problem (named, skippable), not the file's
+    with _open_bytes(file) as fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            if not raw.strip():  # a blank line is no row (a trailing newline, an editor's last line)
                 continue
             where = f"{file}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield RawRow(where, MISSING, MISSING, problem=f"not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                                                              f"{exc.start + 1})")
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield RawRow(where, MISSING, MISSING, problem=f"not valid JSON: {exc.msg}")
+                continue
+            except RecursionError:
+                yield RawRow(where, MISSING, MISSING, problem="not valid JSON: nested too deeply")
                 continue
             if not isinstance(record, dict):
                 yield RawRow(where, MISSING, MISSING, problem=f"not a JSON object but {type(record).__name__}")
@@ -222,20 +241,24 @@ def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
 
 def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator[RawRow]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than the 128 KiB default
-    with _open_text(file, newline="") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark; a bad byte becomes a lone surrogate
+    # (surrogateescape), which a CSV cannot otherwise hold, and makes its row bad
+    with _open_text(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh, delimiter=delimiter)
         if reader.fieldnames is None or id_field not in reader.fieldnames or field not in reader.fieldnames:
             raise InputFileError(f"{file}:1: header {reader.fieldnames} lacks {id_field!r} or {field!r}")
         for record in reader:
+            where = f"{file}:{reader.line_num}"
+            if any(isinstance(v, str) and _has_surrogates(v) for v in record.values()):
+                yield RawRow(where, MISSING, MISSING, problem="not UTF-8")
+                continue
             title = record.get("title") or None
             text = record.get(field)
-            yield RawRow(f"{file}:{reader.line_num}", record.get(id_field),
-                         MISSING if text is None else text, title)
+            yield RawRow(where, record.get(id_field), MISSING if text is None else text, title)
 
 
 def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
-    pq = require("pyarrow.parquet", "bulk")
-    source = pq.ParquetFile(file)
+    source = parquet_file(file)
     names = source.schema_arrow.names
     for name in (id_field, field):
         if name not in names:
@@ -250,11 +273,38 @@ def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
             yield RawRow(f"{file}: row {number}", rid, MISSING if text is None else text, title)
 
 
-def _open_text(file: Path, newline: str | None = None) -> Any:
+_BOM = b"\xef\xbb\xbf"
+
+
+def _open_text(file: Path, newline: str | None = None, encoding: str = "utf-8", errors: str = "strict") -> Any:
     try:
-        return file.open(encoding="utf-8", newline=newline)
+        return file.open(encoding=encoding, newline=newline, errors=errors)
     except OSError as exc:
         raise InputFileError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+
+
+def _open_bytes(file: Path) -> Any:
+    try:
+        return file.open("rb")
+    except OSError as exc:
+        raise InputFileError(f"{file}: cannot read: {exc.strerror or exc}") from exc
+
+
+def parquet_file(file: Path) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of ``file``, or InputFileError naming it."""
+    pq = require("pyarrow.parquet", "bulk")
+    try:
+        return pq.ParquetFile(file)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise InputFileError(f"{file}: not a readable Parquet file: {exc}") from exc
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
@@ -269,6 +319,8 @@ def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
     rid = str(rid)
     if not rid.strip():
         return "empty id"
+    if _has_surrogates(rid):  # a JSON escape of half a UTF-16 pair: Parquet cannot store it
+        return "id is not valid Unicode (it holds a lone surrogate)"
     if text is MISSING:
         return f"missing text field {field!r}"
     if not isinstance(text, str):
@@ -362,6 +414,9 @@ def write_part(table: Any, path: Path) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a quota: name the part, leave nothing half-written
+        tmp.unlink(missing_ok=True)
+        raise OutputPathError(f"{path}: cannot write: {exc.strerror or exc}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -399,8 +454,10 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
     for name, entry in sorted(model.manifest.files.items()):
         files.update(f"{name}:{entry.sha256}\n".encode())
     stat = file.stat()
+    manifest = hashlib.sha256((model.path / MANIFEST_NAME).read_bytes()).hexdigest()
     return {
-        "model": {"name": model_name(model), "dim": model.dim, "files_sha256": files.hexdigest()},
+        "model": {"name": model_name(model), "dim": model.dim, "files_sha256": files.hexdigest(),
+                  "manifest_sha256": manifest},
         "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns},
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
@@ -450,6 +507,14 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
         state = JobState(data["job"], BulkSummary(**data["progress"]), int(data["bad_bytes"]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ResumeError(f"{state_path}: unreadable progress file ({exc}); start in a new folder") from exc
+    if _did_nothing(state):  # it stopped before its first part (a bad option, a bad first row): start over
+        _clean_output(out, state)
+        state = JobState(identity, BulkSummary())
+        write_json_atomic(state_path, state.to_json())
+        return state
+    recorded = state.identity.get("model")
+    if isinstance(recorded, dict) and "manifest_sha256" not in recorded:  # states before 2026-12-02
+        recorded["manifest_sha256"] = identity["model"]["manifest_sha256"]
     options = state.identity.get("options")
     if isinstance(options, dict) and "precision" not in options and legacy_precision is not None:
         options["precision"] = legacy_precision
@@ -466,6 +531,12 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
                           f"{hint})")
     _clean_output(out, state)
     return state
+
+
+def _did_nothing(state: JobState) -> bool:
+    """Whether a job state records no work: no part, no input row, no bad row kept."""
+    summary = state.summary
+    return not summary.complete and summary.parts == 0 and summary.input_rows == 0 and state.bad_bytes == 0
 
 
 def _clean_output(out: Path, state: JobState) -> None:
@@ -563,11 +634,16 @@ class _Job:
         if self.bad_file is None:
             self.bad_file = (self.out / BAD_ROWS_NAME).open("a", encoding="utf-8")
         rid = raw.id if isinstance(raw.id, (str, int)) and not isinstance(raw.id, bool) else None
-        self.bad_file.write(json.dumps({"row": raw.where, "id": rid, "problem": problem}, ensure_ascii=False) + "\n")
+        record = {"row": raw.where, "id": rid, "problem": problem}
+        line = json.dumps(record, ensure_ascii=False)
+        if _has_surrogates(line):  # an id holding a lone surrogate: kept as its JSON escape
+            line = json.dumps(record)
+        self.bad_file.write(line + "\n")
         self.summary.bad += 1
 
     def _write_part(self, position: int, last: bool = False) -> None:
-        written = bool(self.ids)
+        # a job with no text to embed still writes one (empty) part, so that the dataset has its schema
+        written = bool(self.ids) or (last and self.summary.parts == 0)
         if written:
             n = len(self.ids)
             table = embedding_table(self.ids, self.buffer[:n], self.schema)

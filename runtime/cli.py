@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -178,11 +179,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input or a failed check)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    # a text or id that is not valid Unicode (a lone surrogate from a JSON escape) is printed escaped, not fatal
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        return int(_COMMANDS[args.command](args) or 0)
-    except (EmbedrtError, ValueError, TypeError, FileExistsError) as exc:
+        code = int(_COMMANDS[args.command](args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return code
+    except BrokenPipeError:  # `embedrt search ... | head`: the reader has gone, which is not an error here
+        _quiet_stdout()
+        return 0
+    except KeyboardInterrupt:
+        print(f"embedrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (EmbedrtError, ValueError, TypeError, FileExistsError, OSError) as exc:
         print(f"embedrt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's flush at exit does not fail on the closed pipe."""
+    with contextlib.suppress(OSError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _load(args: argparse.Namespace) -> Any:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import time
 import uuid
 import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from embedrt._optional import require
 from embedrt.bulk import (
@@ -34,8 +38,10 @@ from embedrt.bulk import (
     embedding_schema,
     embedding_table,
     job_identity,
+    parquet_file,
     part_name,
     resolve_input,
+    write_part,
 )
 from embedrt.manifest import write_json_atomic
 from embedrt.providers import parse_device
@@ -143,7 +149,7 @@ def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
     """A Ray Dataset of the input file's rows; read tasks take no CPU slot, so a full actor pool cannot starve them."""
     ray = require("ray", "ray")
     if fmt is InputFormat.PARQUET:
-        return ray.data.read_parquet(str(file), num_cpus=0)
+        return _read_parquet(file, id_field, field)
     if fmt is InputFormat.JSONL:
         return ray.data.read_json(str(file), lines=True, num_cpus=0, file_extensions=None)
     pa_csv = require("pyarrow.csv", "bulk")
@@ -154,6 +160,67 @@ def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
     parse = pa_csv.ParseOptions(delimiter="\t" if fmt is InputFormat.TSV else ",", newlines_in_values=True)
     return ray.data.read_csv(str(file), num_cpus=0, convert_options=convert, parse_options=parse,
                              file_extensions=None)
+
+
+def _read_parquet(file: Path, id_field: str, field: str) -> Any:
+    """A Parquet file's rows, read a row group per task with no CPU slot.
+
+    Not ``ray.data.read_parquet``: in Ray 2.60 it lists the files in a task that takes one CPU, whatever
+    ``num_cpus`` says, and waits forever once the actor pool holds every CPU.
+    """
+    ray = require("ray", "ray")
+    pa = require("pyarrow", "bulk")
+    source = parquet_file(file)
+    names = source.schema_arrow.names
+    for name in (id_field, field):
+        if name not in names:
+            raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
+    columns = [id_field, field] + (["title"] if field == "text" and "title" in names else [])
+    path = str(file.resolve())
+
+    def read(groups: Any) -> Any:
+        pq = require("pyarrow.parquet", "bulk")
+        reader = pq.ParquetFile(path)
+        for group in groups.column("row_group").to_pylist():
+            for batch in reader.iter_batches(batch_size=BATCH_ROWS * 4, row_groups=[group], columns=columns):
+                yield pa.Table.from_batches([batch])
+
+    groups = [{"row_group": i} for i in range(source.metadata.num_row_groups)]
+    if not groups:
+        return ray.data.from_arrow(source.schema_arrow.empty_table().select(columns))
+    return ray.data.from_items(groups).map_batches(read, batch_size=1, batch_format="pyarrow", num_cpus=0)
+
+
+def _embedrt_cause(exc: BaseException) -> BaseException | None:
+    """The embedrt error (a bad row, a missing column) an actor raised, which Ray hands back only as text.
+
+    A task's exception reaches the driver as a ``RayTaskError`` whose chain ends at Ray's
+    ``UserCodeException``; the actor's own exception survives in the traceback text only.
+    """
+    if isinstance(exc, (BadRowError, InputFileError)):
+        return exc
+    found = _ACTOR_ERROR.findall(str(exc))
+    if not found:
+        return None
+    kind, message = found[-1]
+    return (BadRowError if kind == "BadRowError" else InputFileError)(message.strip())
+
+
+# how an actor's bad row or bad input reads in Ray's text of the failed task
+_ACTOR_ERROR = re.compile(r"embedrt\.(?:\w+\.)*?(BadRowError|InputFileError): (.+)")
+
+
+def _check_ray_output(out: Path) -> None:
+    """Refuse a folder that holds anything, naming the leftovers of an interrupted Ray job."""
+    if not out.is_dir():
+        return
+    entries = list(out.iterdir())
+    staging = [e for e in entries if e.name.startswith(".ray-") and e.is_dir()]
+    if staging and len(staging) == len(entries):
+        raise ResumeError(f"{out}: holds only {', '.join(e.name for e in staging)}, the staging folder of a Ray "
+                          "job that was interrupted before it published; delete it to reuse the folder")
+    if entries:
+        raise ResumeError(f"{out}: not empty; a Ray job is not resumable, choose a new or empty folder")
 
 
 def embed_with_ray(
@@ -192,8 +259,7 @@ def embed_with_ray(
         raise ValueError("--skip-bad is not supported with --ray: a bad row stops the job (run without --ray)")
     file, fmt = resolve_input(input_path)
     out = Path(output_dir)
-    if out.is_dir() and any(out.iterdir()):
-        raise ResumeError(f"{out}: not empty; a Ray job is not resumable, choose a new or empty folder")
+    _check_ray_output(out)
     started = not ray.is_initialized()
     if started:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
@@ -214,11 +280,18 @@ def embed_with_ray(
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32")
         staging = out / f".ray-{uuid.uuid4().hex}"
-        with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # like the reads, writes take no CPU slot: the actor pool holds them all
-            dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
-        summary = _publish(staging, out, time.perf_counter() - start)
+        try:
+            with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
+                warnings.simplefilter("ignore", DeprecationWarning)
+                # like the reads, writes take no CPU slot: the actor pool holds them all
+                dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
+            summary = _publish(staging, out, time.perf_counter() - start, model)
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing was published: the folder stays usable
+            cause = _embedrt_cause(exc)
+            if cause is not None and cause is not exc:
+                raise cause from None  # the bad row, not Ray's wrapping of it
+            raise
         write_json_atomic(out / STATE_NAME, JobState(identity, summary).to_json())
         return summary
     finally:
@@ -226,22 +299,26 @@ def embed_with_ray(
             ray.shutdown()
 
 
-def _publish(staging: Path, out: Path, seconds: float) -> BulkSummary:
-    """Check every id is there once, then rename Ray's files into ``out`` as numbered parts."""
+def _publish(staging: Path, out: Path, seconds: float, model: Any) -> BulkSummary:
+    """Check every id is there once, then rename Ray's files into ``out`` as numbered parts.
+
+    An input without rows gives one empty part, as ``embed_corpus`` writes, so the dataset has its schema.
+    """
     pq = require("pyarrow.parquet", "bulk")
-    files = sorted(staging.glob("*.parquet"))
+    files = sorted(staging.glob("*.parquet")) if staging.is_dir() else []
     seen = IdSet()
     texts = 0
     for path in files:
         for batch in pq.ParquetFile(path).iter_batches(columns=["id"], batch_size=65536):
             for rid in batch.column(0).to_pylist():
                 if not seen.add(rid):
-                    raise BadRowError(f"duplicate id {rid!r} in the input; nothing was published "
-                                      f"(Ray's files are in {staging})")
+                    raise BadRowError(f"duplicate id {rid!r} in the input; nothing was published")
             texts += batch.num_rows
+    out.mkdir(parents=True, exist_ok=True)
+    if not files:
+        write_part(embedding_table([], np.empty((0, model.dim), np.float32),
+                                   embedding_schema(model, EmbedDtype.FLOAT32)), out / part_name(0))
     for index, path in enumerate(files):
         os.replace(path, out / part_name(index))
-    for leftover in staging.iterdir():
-        leftover.unlink()
-    staging.rmdir()
-    return BulkSummary(texts=texts, input_rows=texts, parts=len(files), seconds=seconds, complete=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return BulkSummary(texts=texts, input_rows=texts, parts=max(1, len(files)), seconds=seconds, complete=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from embedrt.errors import EmbedrtError
@@ -30,33 +31,66 @@ def read_package_records(package: str, name: str, field: str = "text") -> tuple[
         return read_records(path, field)
 
 
-def read_records(path: str | Path, field: str = "text") -> tuple[list[str], list[str]]:
+def read_records(path: str | Path, field: str = "text", unique: bool = False) -> tuple[list[str], list[str]]:
     """Read ``(ids, texts)`` from a text file.
 
     ``.jsonl``: one JSON object per line; the text is ``field``, and BEIR-style records with a ``title``
     get ``title + " " + text`` (as BEIR and MTEB embed them); the id is ``_id`` or ``id`` or the line
-    number. Any other suffix: one text per line (blank lines are texts too: nothing is dropped).
+    number; blank lines are not records. Any other suffix: one text per line (blank lines are texts too:
+    nothing is dropped). ``unique``: two records with the same id are an error. Lines end at ``\n``,
+    ``\r\n`` or ``\r`` only (a U+2028 or a form feed inside a text is part of it); a UTF-8 byte order mark
+    at the start is not part of the first line.
 
     Raises:
-        InputFileError: the file is missing or unreadable, or a line is not a usable record (names file:line).
+        InputFileError: the file is missing or unreadable, not UTF-8, or a line is not a usable record
+            (names file:line), or (``unique``) two records have the same id.
     """
     file = Path(path)
-    try:
-        content = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputFileError(f"{file}: cannot read: {exc}") from exc
-    lines = content.splitlines()
+    lines = read_lines(file)
     if file.suffix.lower() != ".jsonl":
         return [str(i) for i in range(len(lines))], lines
     ids, texts = [], []
+    where: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputFileError(f"{file}:{number}: not valid JSON: {exc.msg}") from exc
+        except RecursionError:
+            raise InputFileError(f"{file}:{number}: not valid JSON: nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
         text = join_title(record.get("title"), record[field], field)
-        ids.append(str(record.get("_id", record.get("id", number))))
+        key = str(record.get("_id", record.get("id", number)))
+        if unique and key in where:
+            raise InputFileError(f"{file}:{number}: id {key!r} again (first on line {where[key]}); ids must be "
+                                 "unique")
+        where[key] = number
+        ids.append(key)
         texts.append(text)
     return ids, texts
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def read_lines(path: Path) -> list[str]:
+    """The file's lines (see ``read_records``), decoded as UTF-8; a bad byte is named by line and column."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read: {exc}") from exc
+    try:
+        content = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InputFileError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at column {column})") from None
+    if not content:
+        return []
+    lines = _LINE_END.split(content)
+    if lines[-1] == "":  # the last line's end is not another line
+        lines.pop()
+    return lines

@@ -261,6 +261,77 @@ def test_skip_bad_writes_side_file(model, tmp_path) -> None:  # type: ignore[no-
     assert bad[3] == {"row": f"{src}:5", "id": "a", "problem": "duplicate id 'a'"}
 
 
+def test_undecodable_and_surrogate_rows_are_named_and_skippable(model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"_id": "a", "text": "first, after a byte order mark"}\n'
+                    b'{"_id": "b", "text": "be\xfft"}\n'
+                    b'{"_id": "c\\udc00", "text": "an id no Parquet file can hold"}\n'
+                    b'{"_id": "d", "text": "last"}\n')
+    assert main(["embed", str(model.path), str(src), "-o", str(tmp_path / "o")]) == 2
+    assert f"{src}:2: not UTF-8 (byte 0xff at column 25)" in capsys.readouterr().err
+    summary = embed_corpus(model, src, tmp_path / "o", BulkOptions(skip_bad=True))  # the failed run did nothing
+    assert summary.texts == 2 and summary.bad == 2
+    assert sorted(read_output(tmp_path / "o")[0]) == ["a", "d"]
+    bad = [json.loads(line) for line in (tmp_path / "o" / bulk.BAD_ROWS_NAME).read_text().splitlines()]
+    assert [b["row"] for b in bad] == [f"{src}:2", f"{src}:3"] and "lone surrogate" in bad[1]["problem"]
+    # Excel's "CSV UTF-8": a byte order mark before the header; a bad byte makes its row bad
+    csv_src = tmp_path / "c.csv"
+    csv_src.write_bytes(b"\xef\xbb\xbf_id,text\r\nx,first\r\ny,be\xfft\r\n")
+    summary = embed_corpus(model, csv_src, tmp_path / "csv", BulkOptions(skip_bad=True))
+    assert summary.texts == 1 and summary.bad == 1
+
+
+def test_a_job_that_did_nothing_is_not_another_job(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "c.csv"
+    src.write_text("id,text\n1,hello\n")
+    with pytest.raises(bulk.InputFileError, match="lacks '_id'"):
+        embed_corpus(model, src, tmp_path / "o")
+    assert embed_corpus(model, src, tmp_path / "o", BulkOptions(id_field="id")).texts == 1
+    with pytest.raises(ValueError, match="part_rows must be >= 1"):
+        BulkOptions(part_rows=-1)
+
+
+def test_an_input_without_rows_gives_a_dataset_with_its_schema(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n")
+    assert embed_corpus(model, src, tmp_path / "o").texts == 0
+    table = pq.read_table(tmp_path / "o")
+    assert table.num_rows == 0 and table.schema.names == ["id", "embedding"]
+    assert json.loads(table.schema.metadata[b"embedrt"])["dim"] == model.dim
+
+
+def test_an_edited_manifest_is_another_model(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert[1], folder)
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(30))
+    embed_corpus(embedrt.load(folder), src, tmp_path / "o", BulkOptions(part_rows=10))
+    state = json.loads((tmp_path / "o" / bulk.STATE_NAME).read_text())
+    state["progress"].update(complete=False)
+    (tmp_path / "o" / bulk.STATE_NAME).write_text(json.dumps(state))
+    manifest = json.loads((folder / "embedrt.json").read_text())
+    manifest["max_seq_length"] = 8
+    (folder / "embedrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(ResumeError, match=r"model\.manifest_sha256"):
+        embed_corpus(embedrt.load(folder), src, tmp_path / "o", BulkOptions(part_rows=10))
+
+
+def test_a_full_disk_names_the_part_and_leaves_nothing(model, tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    import errno
+
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        Path(args[1]).write_bytes(b"half a part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(5))
+    assert main(["embed", str(model.path), str(src), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "part-000000.parquet: cannot write: No space left on device" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [bulk.STATE_NAME]
+
+
 def test_idset_finds_duplicates_across_merges() -> None:
     seen = IdSet(pending_max=7)
     ids = [f"id-{i}" for i in range(100)]

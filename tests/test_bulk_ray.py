@@ -72,16 +72,52 @@ def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -
     src = write_jsonl(tmp_path / "dup.jsonl", rows)
     with pytest.raises(BadRowError, match="duplicate id 'd3'"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
-    assert not list((tmp_path / "out").glob("part-*"))  # nothing published
+    assert not list((tmp_path / "out").iterdir())  # nothing published, no staging left: the folder is reusable
     rows = make_rows(20)
     rows[4]["_id"] = ""
     src = write_jsonl(tmp_path / "empty.jsonl", rows)
-    with pytest.raises(Exception, match="empty id"):  # Ray wraps the actor's BadRowError
-        embed_with_ray(tiny_bert[1], src, tmp_path / "out2")
+    # the actor's BadRowError, not Ray's wrapping of it, so the CLI says which row and exits 2
+    with pytest.raises(BadRowError, match="row with id '': empty id"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out")
+    assert not list((tmp_path / "out").iterdir())
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out"), "--ray"]) == 2
+    (tmp_path / "out" / ".ray-0123").mkdir()  # what a killed driver leaves
+    with pytest.raises(ResumeError, match="staging folder of a Ray job that was interrupted"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out")
+    (tmp_path / "out" / "other").touch()
     with pytest.raises(ResumeError, match="not empty"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
     with pytest.raises(ValueError, match="--skip-bad is not supported with --ray"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out3", BulkOptions(skip_bad=True))
+
+
+def test_ray_reads_parquet_with_every_cpu_in_the_pool(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ray 2.60's read_parquet lists files in a task that needs a CPU the actor pool already holds: a hang."""
+    from embedrt.ray import embed_with_ray
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = make_rows(300, seed=8)
+    src = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), src, row_group_size=70)
+    result: dict[str, object] = {}
+    worker = threading.Thread(target=lambda: result.update(summary=embed_with_ray(tiny_bert[1], src, tmp_path / "o")),
+                              daemon=True)
+    worker.start()
+    worker.join(240)
+    assert not worker.is_alive(), "the Ray job on a Parquet input did not finish"
+    assert_equals_encode(tmp_path / "o", model, rows)
+
+
+def test_ray_on_an_empty_input_writes_the_schema(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.ray import embed_with_ray
+
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    summary = embed_with_ray(tiny_bert[1], src, tmp_path / "o")
+    assert summary.texts == 0 and summary.complete
+    table = pytest.importorskip("pyarrow.parquet").read_table(tmp_path / "o")
+    assert table.num_rows == 0 and table.schema.field("embedding").type == pa.list_(pa.float32(), model.dim)
+    assert b"embedrt" in table.schema.metadata
 
 
 def _embed_workers() -> list[psutil.Process]:

@@ -73,6 +73,42 @@ def test_eval_on_a_small_beir_folder(tiny_bert, tmp_path, capsys) -> None:  # ty
     assert "NDCG@10 100.00" in capsys.readouterr().out
 
 
+def test_eval_refuses_a_corpus_with_an_id_twice(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    beir = small_beir(tmp_path)
+    corpus = beir / "corpus.jsonl"
+    first = corpus.read_text().splitlines()[0]
+    corpus.write_text(corpus.read_text() + first + "\n\n")  # d1 twice would score NDCG@10 above 100
+    (beir / "qrels" / "test.tsv").write_text((beir / "qrels" / "test.tsv").read_text() + "\n")
+    assert main(["eval", str(tiny_bert[1]), str(beir)]) == 2
+    assert f"{corpus}:4: id 'd1' again (first on line 1)" in capsys.readouterr().err
+
+
+def test_text_files_split_at_line_ends_only(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.textio import InputFileError, read_records
+
+    txt = tmp_path / "a.txt"
+    txt.write_bytes("\ufeffone\x0cstill one\r\ntwo\u2028still two\u0085too\nthree\n".encode())
+    assert read_records(txt)[1] == ["one\x0cstill one", "two\u2028still two\u0085too", "three"]
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(json.dumps({"_id": "a", "text": "p1\u2028p2"}, ensure_ascii=False) + "\n\n")
+    assert read_records(jsonl) == (["a"], ["p1\u2028p2"])  # and the trailing blank line is no record
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "b\xe9d"}\n')
+    with pytest.raises(InputFileError, match=r"a.jsonl:2: not UTF-8 \(byte 0xe9 at column 12\)"):
+        read_records(jsonl)
+
+
+def test_a_closed_pipe_ends_quietly(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"passage {i}" for i in range(50)) + "\n")
+    cmd = (f"{sys.executable} -m embedrt.cli search {tiny_bert[1]} --corpus {corpus} -k 50 "
+           + " ".join(f"--query q{i}" for i in range(20)) + " | head -c 1")
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "Broken" not in done.stderr, done.stderr
+
+
 def test_errors_exit_2_with_message(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "model folder not found" in capsys.readouterr().err
