@@ -25,6 +25,8 @@ _POOLING_NAMES = {"cls": Pooling.CLS, "mean": Pooling.MEAN, "max": Pooling.MAX,
 _MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
 _ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity"}
 SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet")
+# architectures whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "mpnet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +152,15 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
             f"{base / 'config.json'}: model_type {architecture!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    positions = _usable_positions(config, architecture)
     max_len = transformer.config.get("max_seq_length")
     if not isinstance(max_len, int) or max_len < 1:
         # sentence-transformers then uses the tokenizer's model_max_length capped by the positions
-        max_len = _tokenizer_max_length(base, config)
+        max_len = _tokenizer_max_length(base, positions)
+    elif max_len > positions:
+        raise SourceError(f"{base / 'sentence_bert_config.json'}: max_seq_length {max_len} is more than the "
+                          f"{positions} positions the model has (config.json); lower it to at most {positions}")
+    _refuse_what_embedrt_does_not_do(folder, base)
     similarity, sim_source = _similarity(folder, entry)
     for dense in (m for m in modules if m.kind == "Dense"):
         act = dense.config.get("activation_function", "torch.nn.modules.activation.Tanh")
@@ -183,6 +190,11 @@ def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
     for i, item in enumerate(raw):
         type_name, module_path = _module_fields(path, i, item)
         kind = type_name.rsplit(".", 1)[-1]
+        if "." in type_name and not type_name.startswith("sentence_transformers."):
+            raise SourceError(
+                f"{path}: module {i} has type {type_name!r}, a module of another package (it needs "
+                "trust_remote_code); embedrt exports sentence-transformers' own modules only"
+            )
         if kind not in _MODULE_KINDS:
             raise SourceError(
                 f"{path}: module {i} has type {type_name!r}, which embedrt cannot export; "
@@ -238,10 +250,33 @@ def _similarity(folder: Path, entry: CatalogueEntry | None) -> tuple[Similarity,
     return Similarity.COSINE, "default"  # what sentence-transformers itself assumes
 
 
-def _tokenizer_max_length(base: Path, config: dict[str, Any]) -> int:
+def _usable_positions(config: dict[str, Any], architecture: str) -> int:
+    """Token positions the model can embed: RoBERTa-style models number them from ``pad_token_id + 1``."""
+    positions = int(config.get("max_position_embeddings", 512))
+    if architecture in _OFFSET_POSITIONS:
+        positions -= int(config.get("pad_token_id", 1)) + 1
+    return positions
+
+
+def _refuse_what_embedrt_does_not_do(folder: Path, base: Path) -> None:
+    """A default prompt or left truncation would give other vectors than embedrt computes: refuse them by name."""
+    st_config = folder / "config_sentence_transformers.json"
+    st = _read_json(st_config) if st_config.is_file() else {}
+    default = st.get("default_prompt_name")
+    if default:
+        prompt = (st.get("prompts") or {}).get(default)
+        raise SourceError(f"{st_config}: default_prompt_name {default!r} (prompt {prompt!r}) is not supported: "
+                          "sentence-transformers puts it before every text, embedrt does not add prompts")
+    tok_config = base / "tokenizer_config.json"
+    side = _read_json(tok_config).get("truncation_side") if tok_config.is_file() else None
+    if side not in (None, "right"):
+        raise SourceError(f"{tok_config}: truncation_side {side!r} is not supported: embedrt keeps the start of "
+                          "a long text, as truncation_side 'right' does")
+
+
+def _tokenizer_max_length(base: Path, positions: int) -> int:
     tok_config = base / "tokenizer_config.json"
     limit = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
-    positions = int(config.get("max_position_embeddings", 512))
     if isinstance(limit, int) and 0 < limit < 10**6:
         return min(limit, positions)
     raise SourceError(f"{base}: no max_seq_length in sentence_bert_config.json and no usable model_max_length")

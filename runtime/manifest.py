@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from embedrt._enums import parse_enum
@@ -179,8 +179,16 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         graphs=graphs,
         files=files,
         parity=field("parity", dict),
-        extra=data.get("extra", {}),
+        extra=_extra(path, data.get("extra", {})),
     )
+
+
+def _extra(path: Path, extra: Any) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise ModelFolderError(f"{path}: field 'extra' has the wrong type ({type(extra).__name__}); an object")
+    return extra
 
 
 def _inputs(path: Path, names: list[Any]) -> tuple[str, ...]:
@@ -191,6 +199,9 @@ def _inputs(path: Path, names: list[Any]) -> tuple[str, ...]:
 
 
 def _file_entry(path: Path, name: str, entry: Any) -> FileEntry:
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or "\\" in name or any(p in ("..", ".") for p in parts):
+        raise ModelFolderError(f"{path}: files[{name!r}] is not a path inside the model folder")
     if not isinstance(entry, dict) or not {"bytes", "sha256"} <= entry.keys():
         raise ModelFolderError(f"{path}: files[{name!r}] needs 'bytes' and 'sha256'")
     size, digest = entry["bytes"], entry["sha256"]

@@ -182,12 +182,16 @@ class EmbeddingModel:
         For callers that batch by themselves, and for checking that padding does not change a result.
 
         Raises:
-            TypeError, ValueError: as ``encode_tokens``; or ``pad_to`` is shorter than the longest row.
+            TypeError, ValueError: as ``encode_tokens``; or ``pad_to`` is shorter than the longest row, or
+                longer than ``max_seq_length`` (past it, the model has no positions).
         """
         rows = check_token_ids(ids, self._tokenizer.vocab_size, self.manifest.max_seq_length)
         longest = max((len(r) for r in rows), default=0)
         if check_count(pad_to, "pad_to") < longest:
             raise ValueError(f"pad_to must be >= the longest row ({longest} ids), got {pad_to}")
+        if pad_to > self.manifest.max_seq_length:
+            raise ValueError(f"pad_to must be <= the model's max_seq_length ({self.manifest.max_seq_length}), "
+                             f"got {pad_to}")
         if not rows:
             return np.empty((0, self.dim), dtype=np.float32)
         return self._run(rows, pad_to)

@@ -121,7 +121,7 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
     Raises:
         ValueError: unknown metric or mismatched dimensions.
     """
-    metric = Similarity.parse(metric) if isinstance(metric, str) else metric
+    metric = _metric(metric)
     qa, qb = _as_matrix(a, "a"), _as_matrix(b, "b")
     if qa.shape[1] != qb.shape[1]:
         raise ValueError(f"dimension mismatch: a has {qa.shape[1]} columns, b has {qb.shape[1]}")
@@ -161,17 +161,24 @@ def top_k(
         ValueError: ``k`` or ``chunk_size`` below 1, mismatched dimensions, or a query or corpus row with
             NaN/inf values (names the array and the first such row).
     """
+    for name, value in (("k", k), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int >= 1, got {value!r}")
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
-    metric = Similarity.parse(metric) if isinstance(metric, str) else metric
+    metric = _metric(metric)
     q, c = _as_matrix(queries, "queries"), _as_matrix(corpus, "corpus")
+    if c.size and q.shape[1] != c.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have {q.shape[1]} columns, corpus has {c.shape[1]}")
     _check_finite(q, "queries", 0)
     cosine = metric is Similarity.COSINE
     if cosine:  # normalise the queries once, not once per chunk; each corpus chunk is normalised as it is scored
         q, metric = l2_normalize(q), Similarity.DOT
-    k = min(k, c.shape[0])
+    k = min(int(k), c.shape[0])
     best_idx = np.zeros((q.shape[0], 0), dtype=np.int64)
     best_score = np.zeros((q.shape[0], 0), dtype=np.float32)
+    if q.shape[0] == 0:  # no query: no hits, [0, k]
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
     for start in range(0, c.shape[0], chunk_size):
         chunk = c[start : start + chunk_size]
         _check_finite(chunk, "corpus", start)  # chunk by chunk, so the check's memory stays bounded too
@@ -181,6 +188,15 @@ def top_k(
             np.concatenate([best_idx, idx], axis=1), np.concatenate([best_score, scores], axis=1), k
         )
     return best_idx, best_score
+
+
+def _metric(metric: Similarity | str) -> Similarity:
+    if isinstance(metric, Similarity):
+        return metric
+    if isinstance(metric, str):
+        return Similarity.parse(metric)
+    valid = ", ".join(m.value for m in Similarity)
+    raise TypeError(f"metric must be a Similarity or one of {valid}, got {metric!r}")
 
 
 def _check_finite(x: FloatArray, name: str, offset: int) -> None:

@@ -51,6 +51,11 @@ CPU_DISABLED_FUSIONS: tuple[str, ...] = ("SkipLayerNormFusion",)
 HINTS = ("latency", "throughput")
 
 
+# more intra-op threads than any CPU here has cores: thread pools that large only stall (4,096 on 2 cores
+# did not finish a load in 2 minutes) or exhaust memory
+MAX_THREADS = 1024
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadSettings:
     """What the caller of ``load`` asked for, besides the device."""
@@ -64,8 +69,12 @@ class LoadSettings:
     inference_precision: str | None = None  # OpenVINO CPU: "f32" or "bf16"; None: the folder's own choice
 
     def __post_init__(self) -> None:
-        if self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+            raise TypeError(f"threads must be an int, got {self.threads!r}")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        if self.batch_cost is not None and not isinstance(self.batch_cost, BatchCost):
+            raise TypeError(f"batch_cost must be a BatchCost or None, got {type(self.batch_cost).__name__}")
         if self.inference_precision not in (None, "f32", "bf16"):
             raise ValueError(f"unknown inference_precision {self.inference_precision!r}; valid: f32, bf16 "
                              "(or None for the folder's own choice)")

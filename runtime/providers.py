@@ -52,6 +52,8 @@ def parse_device(device: str) -> DeviceRequest:
     Raises:
         ValueError: the string is not one of these forms; the message lists them.
     """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'auto', 'cpu', 'cuda:0' or 'openvino', got {device!r}")
     kind, _, arg = device.strip().partition(":")
     kind = kind.lower()
     valid = "auto, auto:cpu, cpu, cuda, cuda:N, openvino, openvino:CPU|GPU|GPU.N|NPU"

@@ -122,12 +122,16 @@ class TextTokenizer:
         # the manifest's max_seq_length wins over whatever tokenizer.json carries (all-MiniLM-L6-v2's
         # says 128 and pads to 128, its checkpoint says 256); padding is done per batch below
         self._tok.no_padding()
+        self._tok.no_truncation()  # the probe of the special tokens must not be cut
+        self.prefix, self.suffix = self._special_template()
+        if max_length < len(self.prefix) + len(self.suffix) + 1:
+            raise ModelFolderError(f"max_seq_length {max_length} leaves no room for a token beside the "
+                                   f"{len(self.prefix) + len(self.suffix)} special tokens the tokenizer adds")
         self._tok.enable_truncation(max_length=max_length)
         self.pad_id = pad_id
         self.input_names = tuple(input_names)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.max_length = max_length
-        self.prefix, self.suffix = self._special_template()
         # None: every text is tokenized whole
         self.cut_at = max(SHORT_TEXT, CUT_CHARS_PER_TOKEN * max_length) if _cuttable(self._tok) else None
 

@@ -33,6 +33,36 @@ def test_unknown_module_is_an_error(checkpoint, tmp_path) -> None:  # type: igno
     assert not (tmp_path / "out").exists()
 
 
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("case", ["max_seq_length", "prompt", "truncation_side", "foreign module"])
+def test_what_embedrt_would_compute_differently_is_refused_by_name(checkpoint, tmp_path, case) -> None:  # type: ignore[no-untyped-def]
+    """Each of these gave a bare torch traceback or an unexplained parity failure before."""
+    positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    if case == "max_seq_length":
+        _edit_json(checkpoint / "sentence_bert_config.json", max_seq_length=positions + 1)
+        why = f"max_seq_length {positions + 1} is more than the {positions} positions"
+    elif case == "prompt":
+        _edit_json(checkpoint / "config_sentence_transformers.json", prompts={"query": "query: "},
+                   default_prompt_name="query")
+        why = "default_prompt_name 'query' \\(prompt 'query: '\\) is not supported"
+    elif case == "truncation_side":
+        _edit_json(checkpoint / "tokenizer_config.json", truncation_side="left")
+        why = "truncation_side 'left' is not supported"
+    else:
+        modules = json.loads((checkpoint / "modules.json").read_text())
+        modules[-1]["type"] = "mypkg.modules.Normalize"
+        (checkpoint / "modules.json").write_text(json.dumps(modules))
+        why = "a module of another package"
+    with pytest.raises(SourceError, match=why):
+        export_model(str(checkpoint), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 _TRANSFORMER = {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
 
 

@@ -142,6 +142,32 @@ def test_bad_batch_options_are_named(tiny_bert, option: str, value: Any, error: 
     assert model.encode(["a", "b"], batch_size=np.int64(1), max_tokens=None).shape == (2, model.dim)
 
 
+@pytest.mark.parametrize(("options", "error", "match"), [
+    ({"threads": 1.5}, TypeError, "threads must be an int"), ({"threads": "2"}, TypeError, "threads must be an int"),
+    ({"threads": 2**31}, ValueError, "threads must be between 1 and 1024"),
+    ({"device": None}, TypeError, "device must be a string"),
+    ({"batch_cost": 3}, TypeError, "batch_cost must be a BatchCost"),
+])
+def test_bad_load_options_are_named(tiny_bert, options: dict[str, Any], error: type, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=match):
+        embedrt.load(tiny_bert[1], **options)
+
+
+def test_encode_padded_stays_within_the_positions(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1], device="cpu")
+    ids = model.tokenize(["hello world"])
+    with pytest.raises(ValueError, match="pad_to must be <= the model's max_seq_length"):
+        model.encode_padded(ids, model.manifest.max_seq_length + 1)
+    np.testing.assert_allclose(model.encode_padded(ids, model.manifest.max_seq_length), model.encode(["hello world"]),
+                               atol=2e-6)
+
+
+def test_search_with_no_query_is_empty(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(tiny_bert[1], device="cpu")
+    idx, scores = model.search([], model.encode(["x", "y", "z"]), k=1)
+    assert idx.shape == scores.shape == (0, 1)
+
+
 def test_generators_and_tuples_are_ordered_inputs(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     model = embedrt.load(tiny_bert[1])
     want = model.encode(["a", "b c"])
@@ -185,6 +211,26 @@ def test_a_shorter_max_seq_length_is_allowed(bert_copy: Path) -> None:
     _edit_manifest(bert_copy, max_seq_length=16)
     model = embedrt.load(bert_copy)
     assert len(model.tokenize(["word " * 100])[0]) == 16
+    _edit_manifest(bert_copy, max_seq_length=3)  # [CLS], one token, [SEP]
+    assert len(embedrt.load(bert_copy).tokenize(["word " * 100])[0]) == 3
+    for short in (1, 2):  # no room for a token: not "a probe came out as special tokens only"
+        _edit_manifest(bert_copy, max_seq_length=short)
+        with pytest.raises(ModelFolderError, match=f"max_seq_length {short} leaves no room for a token"):
+            embedrt.load(bert_copy)
+
+
+def test_extra_null_is_no_extra_and_files_stay_inside_the_folder(bert_copy: Path) -> None:
+    _edit_manifest(bert_copy, extra=None)
+    embedrt.load(bert_copy).encode(["a"])
+    _edit_manifest(bert_copy, extra=[1])
+    with pytest.raises(ModelFolderError, match="field 'extra' has the wrong type"):
+        embedrt.load(bert_copy)
+    data = json.loads((bert_copy / "embedrt.json").read_text())
+    for outside in ("../../../../etc/hostname", "/etc/hostname", "a/../../b"):
+        files = {**data["files"], outside: {"bytes": 1, "sha256": "0" * 64}}
+        _edit_manifest(bert_copy, extra={}, files=files)
+        with pytest.raises(ModelFolderError, match="is not a path inside the model folder"):
+            embedrt.load(bert_copy, verify=True)
 
 
 @pytest.mark.parametrize(("entry", "match"), [

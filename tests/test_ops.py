@@ -88,6 +88,20 @@ def test_bad_metric_and_shapes_are_named() -> None:
         similarity(np.ones((1, 2)), np.ones((1, 3)))
     with pytest.raises(ValueError, match="k and chunk_size"):
         top_k(np.ones((1, 2)), np.ones((1, 2)), k=0)
+    for bad in (None, 5, 2.5):  # not a silent euclidean
+        with pytest.raises(TypeError, match="metric must be"):
+            similarity(np.ones((1, 2)), np.ones((1, 2)), bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="metric must be"):
+            top_k(np.ones((1, 2)), np.ones((1, 2)), metric=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="k must be an int"):
+        top_k(np.ones((1, 2)), np.ones((3, 2)), k=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dimension mismatch"):
+        top_k(np.ones((1, 2)), np.ones((3, 3)))
+
+
+def test_top_k_of_no_query_is_empty() -> None:
+    idx, scores = top_k(np.empty((0, 3)), np.eye(3), k=2)
+    assert idx.shape == scores.shape == (0, 2) and idx.dtype == np.int64 and scores.dtype == np.float32
 
 
 def naive_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
