@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from embedrt.export.source import CheckpointSpec
+from embedrt.export.source import CheckpointSpec, usable_positions
 from embedrt.manifest import OUTPUT_NAME
 from embedrt.ops import Pooling
 
@@ -24,11 +24,9 @@ def graph_inputs(architecture: str) -> tuple[str, ...]:
 def graph_limits(config: Any, architecture: str, pad_token_id: int) -> dict[str, int]:
     """The longest input the position table serves and the embedding table's size, stamped into the graph.
 
-    RoBERTa, XLM-RoBERTa and MPNet number positions from ``pad_token_id + 1``, so 514 positions serve 512 tokens.
+    See :func:`embedrt.export.source.usable_positions`.
     """
-    positions = int(config.max_position_embeddings)
-    if architecture in ("roberta", "xlm-roberta", "mpnet"):
-        positions -= pad_token_id + 1
+    positions = usable_positions(int(config.max_position_embeddings), architecture, pad_token_id)
     return {"max_positions": positions, "vocab_size": int(config.vocab_size)}
 
 

@@ -250,12 +250,17 @@ def _similarity(folder: Path, entry: CatalogueEntry | None) -> tuple[Similarity,
     return Similarity.COSINE, "default"  # what sentence-transformers itself assumes
 
 
-def _usable_positions(config: dict[str, Any], architecture: str) -> int:
-    """Token positions the model can embed: RoBERTa-style models number them from ``pad_token_id + 1``."""
-    positions = int(config.get("max_position_embeddings", 512))
+def usable_positions(max_position_embeddings: int, architecture: str, pad_token_id: int) -> int:
+    """Token positions the model can embed: RoBERTa-style models number them from ``pad_token_id + 1``,
+    so 514 positions serve 512 tokens."""
     if architecture in _OFFSET_POSITIONS:
-        positions -= int(config.get("pad_token_id", 1)) + 1
-    return positions
+        return max_position_embeddings - (pad_token_id + 1)
+    return max_position_embeddings
+
+
+def _usable_positions(config: dict[str, Any], architecture: str) -> int:
+    return usable_positions(int(config.get("max_position_embeddings", 512)), architecture,
+                            int(config.get("pad_token_id", 1)))
 
 
 def _refuse_what_embedrt_does_not_do(folder: Path, base: Path) -> None:

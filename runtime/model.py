@@ -183,15 +183,17 @@ class EmbeddingModel:
 
         Raises:
             TypeError, ValueError: as ``encode_tokens``; or ``pad_to`` is shorter than the longest row, or
-                longer than ``max_seq_length`` (past it, the model has no positions).
+                longer than the graph's position table (its recorded ``limits.max_positions``, else
+                ``max_seq_length``): past it, the model has no positions.
         """
         rows = check_token_ids(ids, self._tokenizer.vocab_size, self.manifest.max_seq_length)
         longest = max((len(r) for r in rows), default=0)
         if check_count(pad_to, "pad_to") < longest:
             raise ValueError(f"pad_to must be >= the longest row ({longest} ids), got {pad_to}")
-        if pad_to > self.manifest.max_seq_length:
-            raise ValueError(f"pad_to must be <= the model's max_seq_length ({self.manifest.max_seq_length}), "
-                             f"got {pad_to}")
+        positions = (self.manifest.extra.get("limits") or {}).get("max_positions")
+        limit = positions if isinstance(positions, int) else self.manifest.max_seq_length
+        if pad_to > limit:
+            raise ValueError(f"pad_to must be <= the {limit} positions the model has, got {pad_to}")
         if not rows:
             return np.empty((0, self.dim), dtype=np.float32)
         return self._run(rows, pad_to)

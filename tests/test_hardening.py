@@ -156,10 +156,10 @@ def test_bad_load_options_are_named(tiny_bert, options: dict[str, Any], error: t
 def test_encode_padded_stays_within_the_positions(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     model = embedrt.load(tiny_bert[1], device="cpu")
     ids = model.tokenize(["hello world"])
-    with pytest.raises(ValueError, match="pad_to must be <= the model's max_seq_length"):
-        model.encode_padded(ids, model.manifest.max_seq_length + 1)
-    np.testing.assert_allclose(model.encode_padded(ids, model.manifest.max_seq_length), model.encode(["hello world"]),
-                               atol=2e-6)
+    positions = model.manifest.extra["limits"]["max_positions"]
+    with pytest.raises(ValueError, match=f"pad_to must be <= the {positions} positions the model has"):
+        model.encode_padded(ids, positions + 1)
+    np.testing.assert_allclose(model.encode_padded(ids, positions), model.encode(["hello world"]), atol=2e-6)
 
 
 def test_search_with_no_query_is_empty(tiny_bert) -> None:  # type: ignore[no-untyped-def]
