@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from embedrt.export.source import CheckpointSpec, usable_positions
+from embedrt.export.source import CheckpointSpec, position_pad_id, usable_positions
 from embedrt.manifest import OUTPUT_NAME
 from embedrt.ops import Pooling
 
@@ -26,7 +26,11 @@ def graph_limits(config: Any, architecture: str, pad_token_id: int) -> dict[str,
 
     See :func:`embedrt.export.source.usable_positions`.
     """
-    positions = usable_positions(int(config.max_position_embeddings), architecture, pad_token_id)
+    # the position ids count from the config's padding index (transformers' padding_idx), which is the
+    # tokenizer's pad id in every checkpoint seen; the config is what the model itself uses
+    pad = getattr(config, "pad_token_id", None)
+    positions = usable_positions(int(config.max_position_embeddings), architecture,
+                                 position_pad_id(pad) if pad is not None else pad_token_id)
     return {"max_positions": positions, "vocab_size": int(config.vocab_size)}
 
 

@@ -152,7 +152,7 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
             f"{base / 'config.json'}: model_type {architecture!r} is not supported; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    positions = _usable_positions(config, architecture)
+    positions = _usable_positions(config, architecture, base / "config.json")
     max_len = transformer.config.get("max_seq_length")
     if not isinstance(max_len, int) or max_len < 1:
         # sentence-transformers then uses the tokenizer's model_max_length capped by the positions
@@ -258,9 +258,16 @@ def usable_positions(max_position_embeddings: int, architecture: str, pad_token_
     return max_position_embeddings
 
 
-def _usable_positions(config: dict[str, Any], architecture: str) -> int:
-    return usable_positions(int(config.get("max_position_embeddings", 512)), architecture,
-                            int(config.get("pad_token_id", 1)))
+def _usable_positions(config: dict[str, Any], architecture: str, path: Path) -> int:
+    positions = config.get("max_position_embeddings", 512)
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise SourceError(f"{path}: max_position_embeddings must be a positive integer, got {positions!r}")
+    return usable_positions(positions, architecture, position_pad_id(config.get("pad_token_id")))
+
+
+def position_pad_id(value: Any) -> int:
+    """The padding index positions are counted from: ``pad_token_id`` of config.json (transformers' default 1)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
 def _refuse_what_embedrt_does_not_do(folder: Path, base: Path) -> None:
@@ -268,8 +275,8 @@ def _refuse_what_embedrt_does_not_do(folder: Path, base: Path) -> None:
     st_config = folder / "config_sentence_transformers.json"
     st = _read_json(st_config) if st_config.is_file() else {}
     default = st.get("default_prompt_name")
-    if default:
-        prompt = (st.get("prompts") or {}).get(default)
+    prompt = (st.get("prompts") or {}).get(default) if default else None
+    if prompt:  # an empty default prompt changes nothing
         raise SourceError(f"{st_config}: default_prompt_name {default!r} (prompt {prompt!r}) is not supported: "
                           "sentence-transformers puts it before every text, embedrt does not add prompts")
     tok_config = base / "tokenizer_config.json"

@@ -12,6 +12,7 @@ the duplicate-id check (:class:`IdSet`, 8 bytes per id).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import enum
@@ -31,7 +32,7 @@ from embedrt._optional import require
 from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, write_json_atomic
 from embedrt.providers import parse_device
-from embedrt.textio import InputFileError, join_title
+from embedrt.textio import BOM, InputFileError, join_title
 from embedrt.tokenize import check_count
 
 if TYPE_CHECKING:
@@ -213,9 +214,9 @@ def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterat
 def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
     # bytes, decoded a line at a time: a bad byte is that line's problem (named, skippable), not the file's
     with _open_bytes(file) as fh:
-        for number, raw in enumerate(fh, start=1):
-            if number == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+        for number, raw in enumerate(_byte_lines(fh), start=1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             if not raw.strip():  # a blank line is no row (a trailing newline, an editor's last line)
                 continue
             where = f"{file}:{number}"
@@ -273,7 +274,14 @@ def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
             yield RawRow(f"{file}: row {number}", rid, MISSING if text is None else text, title)
 
 
-_BOM = b"\xef\xbb\xbf"
+def _byte_lines(fh: Any) -> Iterator[bytes]:
+    """The lines of a binary file, ended by ``\n``, ``\r\n`` or ``\r`` as ``textio.read_lines`` ends them."""
+    for chunk in fh:
+        body = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1] if chunk.endswith(b"\n") else chunk
+        if b"\r" in body:
+            yield from body.split(b"\r")
+        else:
+            yield body
 
 
 def _open_text(file: Path, newline: str | None = None, encoding: str = "utf-8", errors: str = "strict") -> Any:
@@ -696,13 +704,41 @@ def embed_corpus(
     Raises:
         InputFileError: the input is missing, unreadable or lacks the id / text column.
         BadRowError: a bad row without ``skip_bad`` (the message names file:line or row number).
-        ResumeError: the folder holds another job (the message names what differs) or was tampered with.
+        ResumeError: the folder holds another job (the message names what differs), was tampered with, or
+            another run is writing to it.
     """
     opts = options or BulkOptions()
     file, fmt = resolve_input(input_path)
     item = 2 if opts.dtype is EmbedDtype.FLOAT16 else 4
     part_rows = opts.part_rows or max(1, PART_BYTES // (model.dim * item))
     out = Path(output_dir)
+    with _exclusive(out):
+        return _embed_corpus(model, file, fmt, out, opts, part_rows, on_part)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder: two runs writing one job would interleave its parts."""
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ResumeError(f"{out}: another run of embedrt embed is writing to this folder; wait for it "
+                              "to end (or stop it), then rerun to resume") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _embed_corpus(model: EmbeddingModel, file: Path, fmt: InputFormat, out: Path, opts: BulkOptions,
+                  part_rows: int, on_part: Callable[[BulkSummary], None] | None) -> BulkSummary:
     # before precision was recorded, an fp32 folder always ran fp32 (it may now run bf16 on AMX CPUs)
     legacy = "fp32" if model.precision == "bf16" and model.manifest.precision.value == "fp32" else model.precision
     state = _open_output(out, job_identity(model, file, fmt, opts, part_rows), legacy, opts.device)

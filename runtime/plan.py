@@ -15,6 +15,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
 from embedrt._optional import require
 from embedrt.batching import BatchCost
 from embedrt.cpu import NO_BF16_UNITS, OPENVINO_WITHOUT_BF16, bf16_pays, bf16_units, cpu_name, openvino_leads
@@ -69,8 +71,9 @@ class LoadSettings:
     inference_precision: str | None = None  # OpenVINO CPU: "f32" or "bf16"; None: the folder's own choice
 
     def __post_init__(self) -> None:
-        if isinstance(self.threads, bool) or not isinstance(self.threads, int):
+        if isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)):
             raise TypeError(f"threads must be an int, got {self.threads!r}")
+        object.__setattr__(self, "threads", int(self.threads))
         if not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
         if self.batch_cost is not None and not isinstance(self.batch_cost, BatchCost):

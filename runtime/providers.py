@@ -80,7 +80,7 @@ def default_thread_count() -> int:
     if quota is not None:
         # a quota of 1.5 CPUs gets 1 thread: spinning threads beyond the quota only get throttled
         count = min(count, max(1, math.floor(quota)))
-    return max(1, count)
+    return max(1, min(count, 1024))  # embedrt.plan.MAX_THREADS
 
 
 def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:

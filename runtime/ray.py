@@ -285,9 +285,12 @@ def embed_with_ray(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 # like the reads, writes take no CPU slot: the actor pool holds them all
                 dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
-            summary = _publish(staging, out, time.perf_counter() - start, model)
+            summary = _publish(staging, out, time.perf_counter() - start, model, opts.dtype)
         except Exception as exc:
-            shutil.rmtree(staging, ignore_errors=True)  # nothing was published: the folder stays usable
+            # the folder was empty before the job: whatever parts are in it now, this job moved there
+            shutil.rmtree(staging, ignore_errors=True)
+            for part in out.glob("part-*.parquet"):
+                part.unlink(missing_ok=True)
             cause = _embedrt_cause(exc)
             if cause is not None and cause is not exc:
                 raise cause from None  # the bad row, not Ray's wrapping of it
@@ -299,7 +302,7 @@ def embed_with_ray(
             ray.shutdown()
 
 
-def _publish(staging: Path, out: Path, seconds: float, model: Any) -> BulkSummary:
+def _publish(staging: Path, out: Path, seconds: float, model: Any, dtype: EmbedDtype) -> BulkSummary:
     """Check every id is there once, then rename Ray's files into ``out`` as numbered parts.
 
     An input without rows gives one empty part, as ``embed_corpus`` writes, so the dataset has its schema.
@@ -316,8 +319,8 @@ def _publish(staging: Path, out: Path, seconds: float, model: Any) -> BulkSummar
             texts += batch.num_rows
     out.mkdir(parents=True, exist_ok=True)
     if not files:
-        write_part(embedding_table([], np.empty((0, model.dim), np.float32),
-                                   embedding_schema(model, EmbedDtype.FLOAT32)), out / part_name(0))
+        write_part(embedding_table([], np.empty((0, model.dim), np.float32), embedding_schema(model, dtype)),
+                   out / part_name(0))
     for index, path in enumerate(files):
         os.replace(path, out / part_name(index))
     shutil.rmtree(staging, ignore_errors=True)

@@ -74,6 +74,8 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
+_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
+BOM = b"\xef\xbb\xbf"
 
 
 def read_lines(path: Path) -> list[str]:
@@ -82,11 +84,13 @@ def read_lines(path: Path) -> list[str]:
         raw = path.read_bytes()
     except OSError as exc:
         raise InputFileError(f"{path}: cannot read: {exc}") from exc
+    if raw.startswith(BOM):  # not part of the first line (columns are counted after it)
+        raw = raw[len(BOM):]
     try:
-        content = raw.decode("utf-8-sig")
+        content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        line = len(_LINE_END_BYTES.findall(raw, 0, exc.start)) + 1
+        column = exc.start - max(raw.rfind(b"\n", 0, exc.start), raw.rfind(b"\r", 0, exc.start))
         raise InputFileError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at column {column})") from None
     if not content:
         return []

@@ -26,9 +26,11 @@ _LOCAL_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFC", "NFD", "NF
                                 "Strip", "Prepend"})
 _SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Punctuation",
                                        "Digits", "ByteLevel", "Metaspace"})
-# a cut point: a plain space after a character that is not whitespace (every such pre-tokenizer splits there;
-# other whitespace, a tab or a newline, is not a split point of Metaspace)
-_CUT_POINT = re.compile(r"(?<=\S) ")
+# a cut point: a plain space (every such pre-tokenizer splits there; a tab or a newline is no split point of
+# Metaspace) after a letter or digit, which every such normalizer keeps: after a character it deletes (NUL,
+# a zero-width space, a combining mark under StripAccents) the cut text could end in spaces that byte-level
+# BPE merges otherwise than in the whole text
+_CUT_POINT = re.compile(r"(?<=[^\W_]) ")
 
 
 def check_texts(texts: Any) -> list[str]:

@@ -281,6 +281,24 @@ def test_undecodable_and_surrogate_rows_are_named_and_skippable(model, tmp_path,
     assert summary.texts == 1 and summary.bad == 1
 
 
+def test_lone_cr_ends_a_jsonl_line_and_two_runs_cannot_share_a_folder(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import fcntl
+
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b'{"_id": "a", "text": "one"}\r{"_id": "b", "text": "two"}\r\n{"_id": "c", "text": 3}\n')
+    with pytest.raises(bulk.BadRowError, match=r"c\.jsonl:3: text field"):
+        embed_corpus(model, src, tmp_path / "o")
+    out = tmp_path / "busy"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running job holds
+        with pytest.raises(ResumeError, match="another run of embedrt embed is writing to this folder"):
+            embed_corpus(model, src, out)
+    finally:
+        os.close(fd)
+
+
 def test_a_job_that_did_nothing_is_not_another_job(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "c.csv"
     src.write_text("id,text\n1,hello\n")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import embedrt
-from embedrt.bulk import BadRowError, BulkOptions, ResumeError, embed_corpus
+from embedrt.bulk import BadRowError, BulkOptions, EmbedDtype, ResumeError, embed_corpus
 from embedrt.cli import main
 
 ray = pytest.importorskip("ray")
@@ -118,6 +118,25 @@ def test_ray_on_an_empty_input_writes_the_schema(cluster, tiny_bert, model, tmp_
     table = pytest.importorskip("pyarrow.parquet").read_table(tmp_path / "o")
     assert table.num_rows == 0 and table.schema.field("embedding").type == pa.list_(pa.float32(), model.dim)
     assert b"embedrt" in table.schema.metadata
+    embed_with_ray(tiny_bert[1], src, tmp_path / "f16", BulkOptions(dtype=EmbedDtype.FLOAT16))
+    table = pytest.importorskip("pyarrow.parquet").read_table(tmp_path / "f16")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), model.dim)
+
+
+def test_ray_publish_that_fails_partway_leaves_the_folder_usable(cluster, tiny_bert, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import embedrt.ray
+
+    real = os.replace
+
+    def move_then_fail(src, dst):  # type: ignore[no-untyped-def]
+        real(src, dst)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(embedrt.ray.os, "replace", move_then_fail)
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(40))
+    with pytest.raises(OSError, match="No space left"):
+        embedrt.ray.embed_with_ray(tiny_bert[1], src, tmp_path / "o")
+    assert not list((tmp_path / "o").iterdir())  # neither the moved part nor the staging folder is left
 
 
 def _embed_workers() -> list[psutil.Process]:

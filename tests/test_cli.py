@@ -92,7 +92,7 @@ def test_text_files_split_at_line_ends_only(tiny_bert, tmp_path) -> None:  # typ
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(json.dumps({"_id": "a", "text": "p1\u2028p2"}, ensure_ascii=False) + "\n\n")
     assert read_records(jsonl) == (["a"], ["p1\u2028p2"])  # and the trailing blank line is no record
-    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "b\xe9d"}\n')
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n{"text": "b\xe9d"}\n')  # columns count after the BOM
     with pytest.raises(InputFileError, match=r"a.jsonl:2: not UTF-8 \(byte 0xe9 at column 12\)"):
         read_records(jsonl)
 

@@ -63,6 +63,13 @@ def test_what_embedrt_would_compute_differently_is_refused_by_name(checkpoint, t
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_default_prompt_is_no_prompt(checkpoint) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.export.source import read_checkpoint
+
+    _edit_json(checkpoint / "config_sentence_transformers.json", prompts={"query": ""}, default_prompt_name="query")
+    assert read_checkpoint(checkpoint).max_seq_length >= 1
+
+
 _TRANSFORMER = {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}
 
 

@@ -151,6 +151,7 @@ def test_bad_batch_options_are_named(tiny_bert, option: str, value: Any, error: 
 def test_bad_load_options_are_named(tiny_bert, options: dict[str, Any], error: type, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(error, match=match):
         embedrt.load(tiny_bert[1], **options)
+    assert embedrt.load(tiny_bert[1], device="cpu", threads=np.int64(1)).plan.threads == 1
 
 
 def test_encode_padded_stays_within_the_positions(tiny_bert) -> None:  # type: ignore[no-untyped-def]

@@ -146,3 +146,33 @@ def test_the_cut_never_splits_a_word(tmp_path: Any) -> None:
     for gap in ("\n", "\t", "\u00a0", " "):
         text = "ab x" + "x" * 40 + gap + "y" * 70 + " more" * 20  # "x...x\ny...y" is one word of 112 characters
         assert tok.encode_compact([text]).ids[0].tolist() == tok._tok.encode(text).ids, repr(gap)
+
+
+@pytest.mark.parametrize("deleted", ["\x00", "\u0301"])
+def test_no_cut_after_a_character_the_normalizer_deletes(tmp_path: Any, deleted: str) -> None:
+    """Byte-level BPE counts spaces as tokens: a cut after characters the normalizer deletes (NUL under
+    clean_text, a combining mark under StripAccents) would end the cut text in spaces merged otherwise."""
+    import tokenizers
+    from tokenizers import normalizers, pre_tokenizers, processors
+
+    from embedrt.tokenize import TextTokenizer
+
+    vocab = {"[CLS]": 0, "[SEP]": 1, "[PAD]": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    for t in ["ĠĠ", "ĠĠĠĠ", "Ġa", "Ġy"]:
+        vocab[t] = len(vocab)
+    merges = [("Ġ", "Ġ"), ("ĠĠ", "ĠĠ"), ("Ġ", "a"), ("Ġ", "y")]
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=merges))
+    bpe.normalizer = (normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
+                                                 lowercase=False) if deleted == "\x00"
+                      else normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents()]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                       special_tokens=[("[CLS]", 0), ("[SEP]", 1)])
+    bpe.add_special_tokens(["[CLS]", "[SEP]", "[PAD]"])
+    bpe.save(str(tmp_path / "t.json"))
+    tok = TextTokenizer(tmp_path / "t.json", 10, 2, ("input_ids", "attention_mask"))
+    assert tok.cut_at is not None
+    text = "a" + " a" * 6 + "   " + deleted * 2100 + "  y"
+    assert tok.encode([text]) == [tok._tok.encode(text).ids]

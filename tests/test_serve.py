@@ -389,6 +389,26 @@ def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
         assert server.metric("embedrt_dropped_inputs_total", reason="draining") == 2  # B's rows never ran
 
 
+def test_no_request_is_queued_after_the_drain_cut_off(tiny: Any) -> None:
+    """A request still uploading or tokenizing at the cut-off gets its 503 at submit, not silence later."""
+    import asyncio
+
+    from embedrt.serve import protocol
+    from embedrt.serve.scheduler import Lane, Scheduler
+
+    async def run() -> None:
+        scheduler = Scheduler(tiny, ServeConfig())
+        try:
+            assert scheduler.abandon(protocol.unavailable("gone", "draining")) == 0
+            with pytest.raises(protocol.ApiError) as info:
+                scheduler.submit(tiny.tokenize_batch(["late"]).ids, Lane.INTERACTIVE, time.monotonic() + 5)
+            assert info.value.status == 503 and info.value.code == "draining"
+        finally:
+            scheduler.close(1.0)
+
+    asyncio.run(run())
+
+
 def test_api_keys_and_open_probes(tiny: Any) -> None:
     with LiveServer(create_app([tiny], ServeConfig(api_keys=("key-one", "key-two")))) as server:
         name = next(iter(server.service.models))

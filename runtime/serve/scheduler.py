@@ -193,12 +193,13 @@ class Scheduler:
         return dropped
 
     def abandon(self, error: BaseException) -> int:
-        """Answer every request not yet answered with ``error`` (a drain that ran out of time).
+        """Answer every request not yet answered with ``error`` (a drain that ran out of time), and take no more.
 
         Their waiting rows are dropped (counted as ``draining``); rows already in a running call finish
         there, unread. Returns how many requests were answered so.
         """
         with self._work:
+            self._closed = True  # a request still on its way in (uploading, tokenizing) gets the 503 at submit
             jobs = [job for job in self._open if job.alive]
             dropped = 0
             for job in jobs:
