@@ -152,8 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, help="most padded tokens per inference call "
                    "(default: the device's budget, 4096 on CPU)")
     p.add_argument("--max-batch-inputs", type=int, default=256, help="most inputs per inference call (default: 256)")
-    p.add_argument("--max-queue-tokens", type=int, default=262_144,
-                   help="most tokens waiting per model; past it requests get 429 (default: 262144)")
+    p.add_argument("--max-queue-tokens", type=int, default=None,
+                   help="most tokens waiting per model; past it requests get 429 (default: --max-inputs texts "
+                        "of the model's max_seq_length, at least 262144)")
     p.add_argument("--max-inputs", type=int, default=2048, help="most inputs per request (default: 2048)")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="largest request body (default: 16 MiB)")
     p.add_argument("--request-timeout", type=float, default=60.0,

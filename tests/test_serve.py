@@ -389,6 +389,32 @@ def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
         assert server.metric("embedrt_dropped_inputs_total", reason="draining") == 2  # B's rows never ran
 
 
+def test_the_queue_holds_any_request_within_max_inputs(tiny: Any) -> None:
+    """A request of --max-inputs max-length texts (LangChain sends 1,000 a time) is queued, not refused with 413."""
+    import asyncio
+
+    from embedrt.serve.scheduler import Lane, Scheduler
+
+    length = tiny.manifest.max_seq_length
+    assert Scheduler(tiny, ServeConfig(max_inputs=8)).queue_limit == 262_144
+    assert Scheduler(tiny, ServeConfig(max_queue_tokens=64)).queue_limit == 64
+
+    async def run() -> None:
+        config = ServeConfig(max_inputs=2 * 262_144 // length)
+        scheduler = Scheduler(tiny, config)
+        try:
+            assert scheduler.queue_limit == config.max_inputs * length
+            ids = [np.full(length, 5, dtype=np.int32)] * config.max_inputs
+            job = scheduler.submit(ids, Lane.BULK, time.monotonic() + 60)
+            scheduler.cancel(job, DropReason.DEADLINE)
+        finally:
+            scheduler.close(1.0)
+
+    from embedrt.serve.scheduler import DropReason
+
+    asyncio.run(run())
+
+
 def test_no_request_is_queued_after_the_drain_cut_off(tiny: Any) -> None:
     """A request still uploading or tokenizing at the cut-off gets its 503 at submit, not silence later."""
     import asyncio
@@ -475,10 +501,14 @@ def test_sigterm_drain_answers_every_accepted_request(tiny_bert: tuple[Path, Pat
         err = proc.stderr.read().decode() if proc.stderr else ""
         assert "draining" in err and "Application shutdown complete" in err, err
         for out in results:
-            # every request the server accepted is answered in full; one that raced the closing socket
-            # never reached it (a connection error), never a 5xx or a lost answer
+            # every request the server accepted is answered in full; one that raced the signal was refused:
+            # never reached it (a connection error), or reached it draining (503 "shutting down", before it
+            # was queued); never another 5xx, a cut-off answer or a lost one
             if "result" in out:
                 assert len(out["result"].data) == len(texts)
+            elif isinstance(out["error"], openai.APIStatusError):
+                assert out["error"].status_code == 503, out
+                assert _error(out["error"])["message"] == "The server is shutting down.", out
             else:
                 assert isinstance(out["error"], openai.APIConnectionError), out
         assert queued, "the signal came before any work was queued: the drain was not exercised"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# the least a model's queue holds in tokens by default (ServeConfig.max_queue_tokens)
+DEFAULT_QUEUE_TOKENS = 262_144
+
 
 @dataclasses.dataclass(frozen=True)
 class ServeConfig:
@@ -14,7 +17,9 @@ class ServeConfig:
         api_keys: accepted Bearer keys; empty for an open server.
         max_batch_tokens: most padded tokens per inference call; None for the device's budget (4096 on CPU).
         max_batch_inputs: most inputs per inference call (the planner cuts below it by cost).
-        max_queue_tokens: most tokens waiting per model; a request that does not fit gets 429 at once.
+        max_queue_tokens: most tokens waiting per model; a request that does not fit gets 429 at once (413 if
+            it alone is larger). None: ``max_inputs`` texts of the model's ``max_seq_length``, at least
+            ``DEFAULT_QUEUE_TOKENS``, so that every request within ``max_inputs`` can be queued.
         max_inputs: most inputs in one request (413 past it); OpenAI's own limit is 2048.
         max_body_bytes: largest request body (413 past it).
         request_timeout: seconds from arrival to response; inputs still queued past it are dropped (504).
@@ -35,7 +40,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     max_batch_tokens: int | None = None
     max_batch_inputs: int = 256
-    max_queue_tokens: int = 262_144
+    max_queue_tokens: int | None = None
     max_inputs: int = 2048
     max_body_bytes: int = 16 * 2**20
     request_timeout: float = 60.0
@@ -50,6 +55,8 @@ class ServeConfig:
         for name in ("max_batch_inputs", "max_queue_tokens", "max_inputs", "max_body_bytes",
                      "interactive_max_inputs", "mixed_bulk_tokens", "bulk_yield_limit"):
             value = getattr(self, name)
+            if value is None and name == "max_queue_tokens":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.max_batch_tokens is not None and (not isinstance(self.max_batch_tokens, int)
@@ -63,3 +70,9 @@ class ServeConfig:
             raise ValueError(f"bulk_instance must be auto, separate or shared, got {self.bulk_instance!r}")
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ValueError("api_keys must be non-empty strings")
+
+    def queue_tokens(self, max_seq_length: int) -> int:
+        """The token bound of the queue of a model with this ``max_seq_length``."""
+        if self.max_queue_tokens is not None:
+            return self.max_queue_tokens
+        return max(DEFAULT_QUEUE_TOKENS, self.max_inputs * max_seq_length)

@@ -112,6 +112,7 @@ class Scheduler:
         # (OpenVINO's latency hint: one stream), an interactive call would otherwise wait for a bulk one
         self._models = {Lane.INTERACTIVE: model, Lane.BULK: bulk_model if bulk_model is not None else model}
         self.config = config
+        self.queue_limit = config.queue_tokens(int(model.manifest.max_seq_length))
         self._cost: BatchCost = model.batch_cost(config.max_batch_tokens)
         budget = self._cost.token_budget
         self._mixed_cost: BatchCost = model.batch_cost(min(config.mixed_bulk_tokens, budget or 2**62))
@@ -137,7 +138,7 @@ class Scheduler:
 
     def full(self) -> bool:
         """Whether the queue is already at its token bound (a cheap check before tokenizing)."""
-        return sum(self._tokens.values()) >= self.config.max_queue_tokens
+        return sum(self._tokens.values()) >= self.queue_limit
 
     def retry_after(self) -> int:
         """Seconds until the queue has likely drained enough to take a request."""
@@ -162,7 +163,7 @@ class Scheduler:
                   np.empty((len(ids), self.model.dim), dtype=np.float32), time.monotonic(),
                   self.config.request_timeout if timeout is None else timeout,
                   collections.deque(range(len(ids))), untaken=len(ids), unfinished=len(ids), queued_tokens=tokens)
-        limit = self.config.max_queue_tokens
+        limit = self.queue_limit
         if tokens > limit:
             raise protocol.too_large(f"The request holds {tokens} tokens; this server queues at most {limit} "
                                      "per model: split it.", "input")
