@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="built-in int8 gate (no --eval): least mean cosine to fp32 (default: 0.99)")
     p.add_argument("--min-cosine", type=float, default=None,
                    help="parity: least cosine to sentence-transformers on any probe text "
-                        "(default: 0.99999 fp32, 0.999 fp16)")
+                        "(default: 0.99999 fp32, 0.9999 bf16, 0.999 fp16)")
 
     p = sub.add_parser("encode", help="embed texts into a .npy file")
     p.add_argument("model", help="model folder")
