@@ -27,10 +27,17 @@ _LOCAL_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFC", "NFD", "NF
 _SPLITTING_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "Punctuation",
                                        "Digits", "ByteLevel", "Metaspace"})
 # a cut point: a plain space (every such pre-tokenizer splits there; a tab or a newline is no split point of
-# Metaspace) after a letter or digit, which every such normalizer keeps: after a character it deletes (NUL,
-# a zero-width space, a combining mark under StripAccents) the cut text could end in spaces that byte-level
-# BPE merges otherwise than in the whole text
-_CUT_POINT = re.compile(r"(?<=[^\W_]) ")
+# Metaspace) after a character that is not whitespace
+_AFTER_NON_SPACE = re.compile(r"(?<=\S) ")
+# where spaces are tokens (byte-level BPE, Metaspace) and the normalizer deletes characters (NUL under
+# clean_text, a combining mark under StripAccents), a space after a deleted character could leave the cut
+# text ending in spaces merged otherwise than in the whole text: there, only a space after a letter or
+# digit, which every such normalizer keeps
+_AFTER_WORD = re.compile(r"(?<=[^\W_]) ")
+_DELETING_NORMALIZERS = frozenset({"BertNormalizer", "StripAccents"})
+_SPACE_TOKEN_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace"})
+# a cut text that did not fill max_length is cut again this many times further on, before the whole text
+CUT_GROWTH = 16
 
 
 def check_texts(texts: Any) -> list[str]:
@@ -135,7 +142,8 @@ class TextTokenizer:
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.max_length = max_length
         # None: every text is tokenized whole
-        self.cut_at = max(SHORT_TEXT, CUT_CHARS_PER_TOKEN * max_length) if _cuttable(self._tok) else None
+        self._cut_point = _cut_point(self._tok)
+        self.cut_at = max(SHORT_TEXT, CUT_CHARS_PER_TOKEN * max_length) if self._cut_point else None
 
     def _special_template(self) -> tuple[list[int], list[int]]:
         """The special tokens the post-processor puts before and after a text's tokens ([CLS] / [SEP], <s> / </s>)."""
@@ -170,12 +178,23 @@ class TextTokenizer:
             # encode holds the GIL throughout (a 1 MB text: ~1.5 s in which no other Python thread runs, a
             # server's event loop included); encode_batch releases it
             encodings = list(self._tok.encode_batch(todo, add_special_tokens=True))
-        short = [i for i in cut if not encodings[i].overflowing]
-        if short:  # a cut text that did not fill max_length (spaces, dropped characters): the whole text
-            whole = self._tok.encode_batch([texts[i] for i in short], add_special_tokens=True)
-            for i, enc in zip(short, whole, strict=True):
-                encodings[i] = enc
+        for i in cut:  # a cut text that did not fill max_length (spaces, dropped characters): cut further on
+            if not encodings[i].overflowing:
+                encodings[i] = self._encode_further(texts[i], cut[i])
         return encodings
+
+    def _encode_further(self, text: str, end: int) -> Any:
+        """The tokens of ``text``, cut ``CUT_GROWTH`` times further on than ``end`` as long as that fills
+        max_length, else whole (``encode_batch``, which releases the GIL)."""
+        assert self._cut_point is not None
+        while True:
+            found = self._cut_point.search(text, end * CUT_GROWTH)
+            if found is None:
+                return self._tok.encode_batch([text], add_special_tokens=True)[0]
+            end = found.start()
+            encoding = self._tok.encode_batch([text[:end]], add_special_tokens=True)[0]
+            if encoding.overflowing:
+                return encoding
 
     def _cut(self, texts: list[str]) -> dict[int, int]:
         """Where to cut each text longer than ``cut_at`` characters: at the first space after it.
@@ -186,13 +205,13 @@ class TextTokenizer:
         truncated tokens are the whole text's. ``_encodings`` checks that it did, and tokenizes the whole
         text where it did not.
         """
-        limit = self.cut_at
-        if limit is None:
+        limit, point = self.cut_at, self._cut_point
+        if limit is None or point is None:
             return {}
         cut = {}
         for i, text in enumerate(texts):
             if len(text) > limit:
-                found = _CUT_POINT.search(text, limit)
+                found = point.search(text, limit)
                 if found is not None:
                     cut[i] = found.start()
         return cut
@@ -226,6 +245,17 @@ class TextTokenizer:
         if TYPE_IDS in self.input_names:
             feeds[TYPE_IDS] = np.zeros_like(batch)  # one segment: type 0 everywhere, as sentence-transformers
         return feeds
+
+
+def _cut_point(tok: Any) -> re.Pattern[str] | None:
+    """Where a long text may be cut for this tokenizer (see ``_cuttable``), or None: never."""
+    if not _cuttable(tok):
+        return None
+    spec = json.loads(tok.to_str())
+    names = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    deletes = any(f'"type": "{n}"' in names for n in _DELETING_NORMALIZERS)
+    spaces_are_tokens = any(f'"type": "{n}"' in names for n in _SPACE_TOKEN_PRE_TOKENIZERS)
+    return _AFTER_WORD if deletes and spaces_are_tokens else _AFTER_NON_SPACE
 
 
 def _cuttable(tok: Any) -> bool:

@@ -176,3 +176,17 @@ def test_no_cut_after_a_character_the_normalizer_deletes(tmp_path: Any, deleted:
     assert tok.cut_at is not None
     text = "a" + " a" * 6 + "   " + deleted * 2100 + "  y"
     assert tok.encode([text]) == [tok._tok.encode(text).ids]
+
+
+def test_texts_without_a_word_before_a_space_are_still_cut_where_spaces_are_no_tokens(
+    tokenizer_files: dict[str, Any]
+) -> None:
+    """WordPiece (the BERT family) drops spaces, so any space after a non-space is a cut point: a 16 MB
+    list of punctuation took ~25 s tokenized whole; a text whose cut did not fill max_length is cut further on."""
+    from embedrt.tokenize import TextTokenizer
+
+    tok = TextTokenizer(tokenizer_files["wordpiece"], 12, 0, ("input_ids", "attention_mask"))
+    assert tok.cut_at is not None
+    for text in ("_ " * 40_000, ", ".join(str(i) for i in range(20_000)), "\x00 " * 40_000 + "a b " * 10):
+        assert tok._cut([text]), text[:20]
+        assert tok.encode([text]) == [tok._tok.encode(text).ids]

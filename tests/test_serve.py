@@ -415,6 +415,30 @@ def test_the_queue_holds_any_request_within_max_inputs(tiny: Any) -> None:
     asyncio.run(run())
 
 
+def test_a_request_still_tokenizing_at_the_drain_cut_off_gets_503(tiny: Any) -> None:
+    class SlowTokenizer(Gated):
+        def tokenize_batch(self, texts: Any) -> Any:
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+            return self._model.tokenize_batch(texts)
+
+    slow = SlowTokenizer(tiny)
+    with LiveServer(create_app([slow], ServeConfig(drain_timeout=1.0))) as server:
+        try:
+            name = next(iter(server.service.models))
+            thread, out = _in_thread(server.client().embeddings.create, model=name, input=["two", "inputs"])
+            _wait(slow.entered.is_set, "tokenizing")
+            start = time.monotonic()
+            server.service.begin_drain()
+            thread.join(10)
+            assert time.monotonic() - start < 1.0
+            error = out["error"]
+            assert isinstance(error, openai.APIStatusError) and error.status_code == 503, out
+            assert _error(error)["code"] == "draining"
+        finally:
+            slow.gate.set()
+
+
 def test_no_request_is_queued_after_the_drain_cut_off(tiny: Any) -> None:
     """A request still uploading or tokenizing at the cut-off gets its 503 at submit, not silence later."""
     import asyncio

@@ -45,6 +45,8 @@ _IDS = itertools.count()
 # a request with one text of at most this many characters (or ids) is tokenized on the event loop: a
 # short text takes ~30 us, less than the two thread switches a hop to the edge threads costs under load
 INLINE_TOKENIZE = 2048
+# a request of more texts' characters than this is tokenized in its own edge thread (Service.edge_large)
+LARGE_TEXT = 1 << 20
 WARM_UP = ["warm up", "a somewhat longer warm-up text, so that a second shape is compiled and run once"]
 
 
@@ -76,6 +78,10 @@ class Service:
         # tokenizing and JSON happen here, never on the event loop; two threads keep one request's
         # tokenization from holding up a small one
         self.edge = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="embedrt-edge")
+        # requests of more than LARGE_TEXT characters are tokenized here, one at a time, so that a few of them
+        # (a 16 MB text without a cut point takes ~25 s) cannot take both edge threads from everyone else
+        self.edge_large = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedrt-edge-large")
+        self.cutoff: asyncio.Event | None = None  # set when a drain runs out of time (made on the loop)
 
     # ---- life cycle ----
 
@@ -148,14 +154,35 @@ class Service:
                                                self._cut_off)
 
     def _cut_off(self) -> None:
-        """The drain ran out of time: answer every request still waiting with a 503."""
-        error = protocol.unavailable("The server shut down before answering this request (its drain "
-                                     f"timeout of {self.config.drain_timeout:g} s ran out); retry it.", "draining")
+        """The drain ran out of time: answer every request still waiting with a 503 (from any thread)."""
+        error = self.cut_off_error()
+        if self.loop is not None and self.cutoff is not None:  # requests still tokenizing
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing waits on it
+                self.loop.call_soon_threadsafe(self.cutoff.set)
         for served in self.models.values():
             count = served.scheduler.abandon(error)
             if count:
                 log.warning("embedrt serve: %s: %d requests unanswered at the drain timeout got 503",
                             served.name, count)
+
+    def cut_off_error(self) -> ApiError:
+        return protocol.unavailable("The server shut down before answering this request (its drain timeout of "
+                                    f"{self.config.drain_timeout:g} s ran out); retry it.", "draining")
+
+    async def before_cut_off(self, work: Awaitable[Any]) -> Any:
+        """``await work``, or a 503 ``draining`` if the drain runs out of time first."""
+        task = asyncio.ensure_future(work)
+        if self.cutoff is None:
+            return await task
+        cut = asyncio.ensure_future(self.cutoff.wait())
+        try:
+            done, _ = await asyncio.wait({task, cut}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut.cancel()
+        if task not in done:
+            task.cancel()
+            raise self.cut_off_error()
+        return task.result()
 
     def stop(self) -> None:
         """Drain (finish queued work, within ``drain_timeout`` of the drain's start) and stop the workers."""
@@ -166,6 +193,7 @@ class Service:
                 log.warning("embedrt serve: %s did not drain within %g s", served.name, self.config.drain_timeout)
         self._cut_off()  # a host server that did not wait for its requests: answer what is left
         self.edge.shutdown(wait=False, cancel_futures=True)
+        self.edge_large.shutdown(wait=False, cancel_futures=True)
         # the access log may be buffered (embedrt.serve.accesslog); uvicorn ends the process by re-raising
         # the signal, which skips logging's exit hooks, so its last lines are written here
         for handler in access_log.handlers:
@@ -352,7 +380,9 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     if _small(parsed):
         tokenized = _tokenize(model, parsed)
     else:
-        tokenized = await loop.run_in_executor(service.edge, _tokenize, model, parsed)
+        characters = sum(map(len, parsed.texts)) if parsed.texts is not None else 0
+        pool = service.edge_large if characters > LARGE_TEXT else service.edge
+        tokenized = await service.before_cut_off(loop.run_in_executor(pool, _tokenize, model, parsed))
     service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
     truncated = np.flatnonzero(tokenized.truncated)
     if not parsed.truncate and len(truncated):
@@ -433,6 +463,7 @@ def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, A
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         service.loop = asyncio.get_running_loop()
+        service.cutoff = asyncio.Event()
         await asyncio.get_running_loop().run_in_executor(None, service.start)
         try:
             yield
