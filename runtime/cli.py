@@ -180,10 +180,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (2 for bad input or a failed check)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    # a text or id that is not valid Unicode (a lone surrogate from a JSON escape) is printed escaped, not fatal
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    # a text or id that is not valid Unicode (a lone surrogate from a JSON escape) is printed escaped, not
+    # fatal; the streams are put back as they were for a caller of main() in its own process
+    streams = [(stream, stream.errors) for stream in (sys.stdout, sys.stderr) if hasattr(stream, "reconfigure")]
+    for stream, _ in streams:
+        stream.reconfigure(errors="backslashreplace")
+    try:
+        return _run(args)
+    finally:
+        for stream, errors in streams:
+            with contextlib.suppress(ValueError, OSError):  # a stream closed meanwhile
+                stream.reconfigure(errors=errors)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code = int(_COMMANDS[args.command](args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
