@@ -32,8 +32,8 @@ from embedrt._optional import require
 from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, write_json_atomic
 from embedrt.providers import parse_device
-from embedrt.textio import BOM, InputFileError, join_title
-from embedrt.tokenize import check_count
+from embedrt.textio import InputFileError, byte_lines, join_title, not_utf8
+from embedrt.tokenize import check_count, has_surrogates
 
 if TYPE_CHECKING:
     from embedrt.model import EmbeddingModel
@@ -214,17 +214,14 @@ def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterat
 def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
     # bytes, decoded a line at a time: a bad byte is that line's problem (named, skippable), not the file's
     with _open_bytes(file) as fh:
-        for number, raw in enumerate(_byte_lines(fh), start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
+        for number, raw in enumerate(byte_lines(fh), start=1):
             if not raw.strip():  # a blank line is no row (a trailing newline, an editor's last line)
                 continue
             where = f"{file}:{number}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(where, MISSING, MISSING, problem=f"not UTF-8 (byte {raw[exc.start]:#04x} at column "
-                                                              f"{exc.start + 1})")
+                yield RawRow(where, MISSING, MISSING, problem=not_utf8(raw, exc))
                 continue
             try:
                 record = json.loads(line)
@@ -250,7 +247,7 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
             raise InputFileError(f"{file}:1: header {reader.fieldnames} lacks {id_field!r} or {field!r}")
         for record in reader:
             where = f"{file}:{reader.line_num}"
-            if any(isinstance(v, str) and _has_surrogates(v) for v in record.values()):
+            if any(isinstance(v, str) and has_surrogates(v) for v in record.values()):
                 yield RawRow(where, MISSING, MISSING, problem="not UTF-8")
                 continue
             title = record.get("title") or None
@@ -260,11 +257,7 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
 
 def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
     source = parquet_file(file)
-    names = source.schema_arrow.names
-    for name in (id_field, field):
-        if name not in names:
-            raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
-    columns = [id_field, field] + (["title"] if field == "text" and "title" in names else [])
+    columns = parquet_columns(source, file, id_field, field)
     number = 0
     for batch in source.iter_batches(batch_size=CHUNK, columns=columns):
         data = batch.to_pydict()
@@ -272,16 +265,6 @@ def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
         for rid, text, title in zip(data[id_field], data[field], titles):
             number += 1
             yield RawRow(f"{file}: row {number}", rid, MISSING if text is None else text, title)
-
-
-def _byte_lines(fh: Any) -> Iterator[bytes]:
-    """The lines of a binary file, ended by ``\n``, ``\r\n`` or ``\r`` as ``textio.read_lines`` ends them."""
-    for chunk in fh:
-        body = chunk[:-2] if chunk.endswith(b"\r\n") else chunk[:-1] if chunk.endswith(b"\n") else chunk
-        if b"\r" in body:
-            yield from body.split(b"\r")
-        else:
-            yield body
 
 
 def _open_text(file: Path, newline: str | None = None, encoding: str = "utf-8", errors: str = "strict") -> Any:
@@ -298,6 +281,16 @@ def _open_bytes(file: Path) -> Any:
         raise InputFileError(f"{file}: cannot read: {exc.strerror or exc}") from exc
 
 
+def parquet_columns(source: Any, file: Path, id_field: str, field: str) -> list[str]:
+    """The columns to read of a Parquet file: id, text, and ``title`` where it is joined; InputFileError
+    naming a missing one."""
+    names = source.schema_arrow.names
+    for name in (id_field, field):
+        if name not in names:
+            raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
+    return [id_field, field] + (["title"] if field == "text" and "title" in names else [])
+
+
 def parquet_file(file: Path) -> Any:
     """``pyarrow.parquet.ParquetFile`` of ``file``, or InputFileError naming it."""
     pq = require("pyarrow.parquet", "bulk")
@@ -305,14 +298,6 @@ def parquet_file(file: Path) -> Any:
         return pq.ParquetFile(file)
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise InputFileError(f"{file}: not a readable Parquet file: {exc}") from exc
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
@@ -327,7 +312,7 @@ def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
     rid = str(rid)
     if not rid.strip():
         return "empty id"
-    if _has_surrogates(rid):  # a JSON escape of half a UTF-16 pair: Parquet cannot store it
+    if has_surrogates(rid):  # a JSON escape of half a UTF-16 pair: Parquet cannot store it
         return "id is not valid Unicode (it holds a lone surrogate)"
     if text is MISSING:
         return f"missing text field {field!r}"
@@ -644,7 +629,7 @@ class _Job:
         rid = raw.id if isinstance(raw.id, (str, int)) and not isinstance(raw.id, bool) else None
         record = {"row": raw.where, "id": rid, "problem": problem}
         line = json.dumps(record, ensure_ascii=False)
-        if _has_surrogates(line):  # an id holding a lone surrogate: kept as its JSON escape
+        if has_surrogates(line):  # an id holding a lone surrogate: kept as its JSON escape
             line = json.dumps(record)
         self.bad_file.write(line + "\n")
         self.summary.bad += 1

@@ -38,6 +38,7 @@ from embedrt.bulk import (
     embedding_schema,
     embedding_table,
     job_identity,
+    parquet_columns,
     parquet_file,
     part_name,
     resolve_input,
@@ -171,11 +172,7 @@ def _read_parquet(file: Path, id_field: str, field: str) -> Any:
     ray = require("ray", "ray")
     pa = require("pyarrow", "bulk")
     source = parquet_file(file)
-    names = source.schema_arrow.names
-    for name in (id_field, field):
-        if name not in names:
-            raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
-    columns = [id_field, field] + (["title"] if field == "text" and "title" in names else [])
+    columns = parquet_columns(source, file, id_field, field)
     path = str(file.resolve())
 
     def read(groups: Any) -> Any:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from embedrt.errors import EmbedrtError
 
@@ -73,28 +74,42 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
     return ids, texts
 
 
-_LINE_END = re.compile(r"\r\n|\r|\n")
-_LINE_END_BYTES = re.compile(rb"\r\n|\r|\n")
 BOM = b"\xef\xbb\xbf"
+
+
+def byte_lines(fh: Any) -> Iterator[bytes]:
+    """The lines of a binary file without their ends (``\n``, ``\r\n`` or a lone ``\r``), the first one
+    without a UTF-8 byte order mark."""
+    first = True
+    for chunk in fh:
+        if first:
+            chunk = chunk.removeprefix(BOM)
+            first = False
+        for end in (b"\r\n", b"\n", b"\r"):
+            if chunk.endswith(end):
+                chunk = chunk[: -len(end)]
+                break
+        if b"\r" in chunk:
+            yield from chunk.split(b"\r")
+        else:
+            yield chunk
+
+
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """The problem of a line that is not UTF-8: the byte and its column."""
+    return f"not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
 
 
 def read_lines(path: Path) -> list[str]:
     """The file's lines (see ``read_records``), decoded as UTF-8; a bad byte is named by line and column."""
+    lines = []
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as fh:
+            for number, raw in enumerate(byte_lines(fh), start=1):
+                try:
+                    lines.append(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise InputFileError(f"{path}:{number}: {not_utf8(raw, exc)}") from None
     except OSError as exc:
         raise InputFileError(f"{path}: cannot read: {exc}") from exc
-    if raw.startswith(BOM):  # not part of the first line (columns are counted after it)
-        raw = raw[len(BOM):]
-    try:
-        content = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = len(_LINE_END_BYTES.findall(raw, 0, exc.start)) + 1
-        column = exc.start - max(raw.rfind(b"\n", 0, exc.start), raw.rfind(b"\r", 0, exc.start))
-        raise InputFileError(f"{path}:{line}: not UTF-8 (byte {raw[exc.start]:#04x} at column {column})") from None
-    if not content:
-        return []
-    lines = _LINE_END.split(content)
-    if lines[-1] == "":  # the last line's end is not another line
-        lines.pop()
     return lines

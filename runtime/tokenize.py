@@ -55,12 +55,13 @@ def check_texts(texts: Any) -> list[str]:
     for i, text in enumerate(items):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
-        if not text.isascii() and _has_surrogates(text):
+        if not text.isascii() and has_surrogates(text):
             items[i] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return items
 
 
-def _has_surrogates(text: str) -> bool:
+def has_surrogates(text: str) -> bool:
+    """Whether ``text`` holds a lone surrogate (it cannot be encoded as UTF-8)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -200,7 +201,7 @@ class TextTokenizer:
         """Where to cut each text longer than ``cut_at`` characters: at the first space after it.
 
         Tokenizing 16 MB for 256 tokens takes ~25 s; the cut keeps the tokens exact. The tokenizer
-        normalizes per character and splits at spaces (``_cuttable``), so the tokens of the text before a
+        normalizes per character and splits at spaces (``_cut_point``), so the tokens of the text before a
         space are those of the whole text up to there; if the cut text still fills ``max_length``, its
         truncated tokens are the whole text's. ``_encodings`` checks that it did, and tokenizes the whole
         text where it did not.
@@ -248,46 +249,42 @@ class TextTokenizer:
 
 
 def _cut_point(tok: Any) -> re.Pattern[str] | None:
-    """Where a long text may be cut for this tokenizer (see ``_cuttable``), or None: never."""
-    if not _cuttable(tok):
-        return None
+    """Where a long text may be cut for this tokenizer, or None: never.
+
+    Only where the normalizer works per character and the pre-tokenizer splits at spaces: then the tokens
+    of the text before a space are those of the whole text up to there.
+    """
     spec = json.loads(tok.to_str())
-    names = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
-    deletes = any(f'"type": "{n}"' in names for n in _DELETING_NORMALIZERS)
-    spaces_are_tokens = any(f'"type": "{n}"' in names for n in _SPACE_TOKEN_PRE_TOKENIZERS)
-    return _AFTER_WORD if deletes and spaces_are_tokens else _AFTER_NON_SPACE
-
-
-def _cuttable(tok: Any) -> bool:
-    """Whether the tokenizer's normalizer is per character and its pre-tokenizer splits at spaces."""
-    spec = json.loads(tok.to_str())
-
-    def kinds(node: Any, key: str) -> list[str]:
-        if node is None:
-            return []
-        if node.get("type") == "Sequence":
-            return [k for child in node.get(key, []) for k in kinds(child, key)]
-        return [node.get("type", "")]
-
-    normalizers = kinds(spec.get("normalizer"), "normalizers")
+    normalizers = set(_kinds(spec.get("normalizer"), "normalizers"))
     pre = spec.get("pre_tokenizer")
-    pre_tokenizers = kinds(pre, "pretokenizers")
-    if not pre_tokenizers or not set(normalizers) <= _LOCAL_NORMALIZERS:
-        return False
-    if not set(pre_tokenizers) <= _SPLITTING_PRE_TOKENIZERS:
-        return False
-
-    def splits(node: Any) -> bool:  # a ByteLevel without its regex, or a Metaspace that does not split, does not
-        if node.get("type") == "Sequence":
-            return all(splits(child) for child in node.get("pretokenizers", []))
-        if node.get("type") == "ByteLevel":
-            return bool(node.get("use_regex", True))
-        if node.get("type") == "Metaspace":
-            return bool(node.get("split", True))
-        return True
-
+    pre_tokenizers = set(_kinds(pre, "pretokenizers"))
+    if not pre_tokenizers or not normalizers <= _LOCAL_NORMALIZERS or not pre_tokenizers <= _SPLITTING_PRE_TOKENIZERS:
+        return None
     # a pre-tokenizer sequence must split at spaces in one of its steps: Punctuation or Digits alone do not
     whitespace = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
     # an added token with a space in it could straddle the cut
     spaced = any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens") or [])
-    return splits(pre) and bool(whitespace & set(pre_tokenizers)) and not spaced
+    if not _splits(pre) or not whitespace & pre_tokenizers or spaced:
+        return None
+    deletes = bool(normalizers & _DELETING_NORMALIZERS)
+    return _AFTER_WORD if deletes and pre_tokenizers & _SPACE_TOKEN_PRE_TOKENIZERS else _AFTER_NON_SPACE
+
+
+def _kinds(node: Any, key: str) -> list[str]:
+    """The types of a normalizer or pre-tokenizer, its ``Sequence`` steps flattened."""
+    if node is None:
+        return []
+    if node.get("type") == "Sequence":
+        return [k for child in node.get(key, []) for k in _kinds(child, key)]
+    return [node.get("type", "")]
+
+
+def _splits(node: Any) -> bool:
+    """False for a ByteLevel without its regex or a Metaspace that does not split: they split nowhere."""
+    if node.get("type") == "Sequence":
+        return all(_splits(child) for child in node.get("pretokenizers", []))
+    if node.get("type") == "ByteLevel":
+        return bool(node.get("use_regex", True))
+    if node.get("type") == "Metaspace":
+        return bool(node.get("split", True))
+    return True
