@@ -367,6 +367,51 @@ def test_a_client_gone_while_sending_its_body_is_499_not_a_server_error(live: Li
     assert live.metric("embedrt_requests_total", status="500") == before
 
 
+def test_a_handler_cancelled_by_its_host_server_drops_its_rows_as_cancelled(tiny: Any) -> None:
+    """Hosts such as hypercorn cancel a handler on a disconnect or at shutdown: its rows are dropped and
+    counted as ``cancelled``, not as a drain (which this server alone starts)."""
+    import asyncio
+
+    with _gated_server(tiny) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+        a_thread, a = _in_thread(client.embeddings.create, model=name, input="stuck in inference")
+        _wait(gated.entered.is_set, "the first call")
+        body = json.dumps({"model": name, "input": ["queued", "then cancelled"]}).encode()
+        sent: list[dict[str, Any]] = []
+
+        async def call_app() -> None:  # the ASGI call a host server makes, on the server's own loop
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+            async def receive() -> dict[str, Any]:
+                if messages:
+                    return messages.pop()
+                await asyncio.Event().wait()  # no disconnect: the host cancels instead
+                raise AssertionError("unreachable")
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/embeddings", "root_path": "",
+                     "headers": [(b"content-type", b"application/json")], "query_string": b"",
+                     "server": ("127.0.0.1", server.port), "client": ("127.0.0.1", 1), "scheme": "http",
+                     "http_version": "1.1", "asgi": {"version": "3.0"}}
+            await server.app(scope, receive, send)
+
+        assert server.service.loop is not None
+        future = asyncio.run_coroutine_threadsafe(call_app(), server.service.loop)
+        _wait(lambda: sum(n for n, _ in scheduler.depth().values()) == 1, "B queued")
+        future.cancel()
+        _wait(lambda: server.metric("embedrt_dropped_inputs_total", reason="cancelled") == 2, "B's rows dropped")
+        gated.gate.set()
+        a_thread.join(30)
+        assert "result" in a, a
+        assert gated.rows == 1 and not sent  # B never reached inference, nor was answered
+        assert server.metric("embedrt_dropped_inputs_total", reason="draining") == 0
+        assert scheduler.depth() == {lane: (0, 0) for lane in scheduler.depth()}
+
+
 def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
     """Requests still waiting at the drain timeout get OpenAI's shape, not a bare 500 from the host server."""
     with _gated_server(tiny, drain_timeout=1.0) as (server, gated):

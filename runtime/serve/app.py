@@ -398,7 +398,9 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         done, _ = await asyncio.wait(waiting, timeout=max(0.0, arrival + timeout - time.monotonic()),
                                      return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:  # the host server gave up on the request: its rows need not run
-        scheduler.cancel(job, DropReason.DRAINING)
+        # uvicorn never cancels a handler; hypercorn and others do on a disconnect or at shutdown, which
+        # this side cannot tell apart, so it is counted as neither
+        scheduler.cancel(job, DropReason.CANCELLED)
         raise
     finally:
         watcher.cancel()

@@ -55,6 +55,7 @@ class DropReason(enum.Enum):
     DEADLINE = "deadline"
     DISCONNECTED = "disconnected"
     DRAINING = "draining"
+    CANCELLED = "cancelled"  # the host server cancelled the handler (a disconnect or shutdown there)
 
 
 @dataclasses.dataclass(eq=False)
