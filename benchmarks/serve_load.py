@@ -31,7 +31,6 @@ import asyncio
 import dataclasses
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.run import _machine, _versions
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -555,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     server = _server(args, folder, checkpoint)
     record: dict[str, Any] = {"server": server.label, "model": args.model if not args.folder else str(folder),
                               "precision": args.precision, "threads": args.threads, "in_process": reference,
-                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()},
+                              "date": time.strftime("%Y-%m-%d"), "machine": _machine(args.threads),
+                              "versions": _versions(),
                               "load_generator": ("openai.AsyncOpenAI" if args.client == "openai" else
                                                  "raw HTTP/1.1 keep-alive client (RawClient)")
                               + " in this process (same machine)", "modes": {}}
