@@ -14,6 +14,10 @@ loop bounded in requests and seconds:
     sigterm   queries + passages at concurrency 32, SIGTERM after --sigterm-after s: every request the
               server accepted must be answered (refused connections are counted apart)
 
+With --versus "ARGS", two embedrt servers run side by side instead, the second with ARGS added to its
+command line, and take turns in --rounds rotated rounds of idle and single-query load at each --concurrency
+(one server at a time under load): per-round figures, medians, and the second's ratio to the first.
+
 Server RSS is sampled every 0.5 s throughout (psutil). The server is started here (``embedrt serve`` on a
 model folder, or infinity from its own environment with --peer infinity), or an already running one is
 driven with --url. Example (the lead's figures):
@@ -22,6 +26,7 @@ driven with --url. Example (the lead's figures):
     python -m benchmarks.serve_load --model distilbert-base --precision int8 --modes idle,queries
     python -m benchmarks.serve_load --model all-MiniLM-L6-v2 --peer infinity --modes queries,passages
     python -m benchmarks.serve_load --folder models/all-MiniLM-L6-v2 --modes soak --duration 600
+    python -m benchmarks.serve_load --folder models/all-MiniLM-L6-v2 --device cpu --client raw --versus=--no-spin
 """
 
 from __future__ import annotations
@@ -535,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", default="openai", choices=["openai", "raw"],
                    help="load generator: the openai client (what apps send), or a lean HTTP/1.1 client that leaves "
                         "the shared CPU to the server (the server's own cost)")
+    p.add_argument("--versus", help="compare with a second embedrt server given these extra arguments "
+                   "(e.g. --versus=--no-spin), in rotated rounds")
+    p.add_argument("--rounds", type=int, default=6, help="--versus: rounds per server")
     args = p.parse_args(argv)
     global CLIENT
     CLIENT = args.client
@@ -549,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = Path(args.peer_folder) if args.peer_folder else _checkpoint(args.model, args.precision)
     else:
         folder, checkpoint = _prepare(args.model, args.precision)
+    if args.versus:
+        if folder is None:
+            raise SystemExit("--versus compares two embedrt servers: give --folder or --model, not --peer/--url")
+        return versus(args, folder, queries, levels)
     reference = None
     if args.url is None and folder is not None and args.peer is None:
         reference = in_process(folder, args.threads, queries, passages[:64], args.reps, _device(args))
@@ -573,6 +585,44 @@ def main(argv: list[str] | None = None) -> int:
             record["exit_code"] = server.stop()
     label = (args.server_model or "url") if args.url else args.model
     out = Path(args.json) if args.json else RESULTS / f"serve-{time.strftime('%Y-%m-%d')}-{label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def versus(args: argparse.Namespace, folder: Path, queries: list[str], levels: list[int]) -> int:
+    """Two embedrt servers, the second with ``--versus`` added, in rotated rounds of idle and query load."""
+    base = [*(args.serve_arg or []), f"--device={_device(args)}"]
+    labels = ("baseline", args.versus)
+    servers = {labels[0]: start_embedrt(folder, args.threads, base),
+               labels[1]: start_embedrt(folder, args.threads, [*base, *args.versus.split()])}
+    single = [[q] for q in queries]
+    rounds: dict[str, dict[str, list[float]]] = {
+        label: {"idle_p50_ms": [], **{f"c{c}_texts_per_s": [] for c in levels}} for label in labels}
+    try:
+        for server in servers.values():
+            run_load(server, single[:16], 4, 64, 10)  # warm-up
+        for r in range(args.rounds):
+            for label in (labels if r % 2 == 0 else labels[::-1]):
+                server, row = servers[label], rounds[label]
+                row["idle_p50_ms"].append(run_load(server, single, 1, 150, args.seconds).summary()["p50_ms"])
+                for c in levels:
+                    row[f"c{c}_texts_per_s"].append(
+                        run_load(server, single, c, args.requests, args.seconds).summary()["texts_per_s"])
+    finally:
+        for server in servers.values():
+            server.stop()
+    medians = {label: {k: round(statistics.median(v), 2) for k, v in row.items()} for label, row in rounds.items()}
+    b, a = medians[labels[1]], medians[labels[0]]
+    record = {"date": time.strftime("%Y-%m-%d"), "machine": _machine(args.threads), "versions": _versions(),
+              "model": str(folder), "device": _device(args), "serve_args": base, "versus": args.versus,
+              "load_generator": "openai.AsyncOpenAI" if args.client == "openai" else "RawClient",
+              "rounds": rounds, "medians": medians, "ratio_versus_to_baseline": {k: round(b[k] / a[k], 3) for k in a},
+              "versus_wins": {k: sum((x < y) == k.startswith("idle") for x, y in
+                                     zip(rounds[labels[1]][k], rounds[labels[0]][k], strict=True)) for k in a}}
+    print(json.dumps({k: record[k] for k in ("medians", "ratio_versus_to_baseline", "versus_wins")}), flush=True)
+    out = Path(args.json) if args.json else RESULTS / f"serve-versus-{time.strftime('%Y-%m-%d')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

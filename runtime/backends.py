@@ -58,9 +58,11 @@ def _ort_graph_info(session: Any, path: Path) -> GraphInfo:
                      output_dim=dims.get(OUTPUT_NAME), stamp=stamp)
 
 
-def _session_options(ort: Any, threads: int) -> Any:
+def _session_options(ort: Any, plan: DevicePlan) -> Any:
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = plan.threads
+    if not plan.spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -81,7 +83,7 @@ class OrtBackend:
         cuda = plan.request.kind == "cuda"
         try:
             self._session = ort.InferenceSession(
-                str(model_path), sess_options=_session_options(ort, plan.threads), providers=list(plan.providers),
+                str(model_path), sess_options=_session_options(ort, plan), providers=list(plan.providers),
                 disabled_optimizers=list(plan.disabled_fusions),
             )
         except Exception as exc:  # ORT raises its own exception types for a bad graph or a provider failure

@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_inference_precision(p)
     p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="keep 4 KB pages")
+    p.add_argument("--no-spin", dest="spin", action="store_false", help="ONNX Runtime's idle threads sleep instead "
+                   "of busy-waiting for work: for a host whose other processes need the cores (slower here)")
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", action="append", help="accepted Bearer key (repeatable; default: no key)")
     keys.add_argument("--api-key-file", help="file of accepted keys, one a line (# comments)")
@@ -471,7 +473,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # loaded here, before the server starts, so a bad folder is exit status 2 with its path
     models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
                    openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
-                   huge_pages=args.huge_pages, inference_precision=args.inference_precision) for f in folders]
+                   huge_pages=args.huge_pages, inference_precision=args.inference_precision, spinning=args.spin)
+              for f in folders]
     _access_log(args.access_log)
     app = create_app(models, config)
     for model in models:

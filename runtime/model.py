@@ -265,6 +265,7 @@ def load(
     huge_pages: bool = True,
     batch_cost: BatchCost | None = None,
     inference_precision: str | None = None,
+    spinning: bool = True,
 ) -> EmbeddingModel:
     """Load a model folder written by ``embedrt export``.
 
@@ -293,6 +294,9 @@ def load(
         inference_precision: on OpenVINO CPU, ``"f32"`` or ``"bf16"`` instead of the folder's own choice
             (see :func:`embedrt.plan.openvino_cpu_precision`: an fp32 folder runs bf16 on AMX CPUs when its
             export checked it in bf16). ``model.precision`` says what runs.
+        spinning: ONNX Runtime's idle intra-op threads busy-wait for the next piece of work (its default,
+            the fastest here, served or not). False lets them sleep, for hosts whose other processes need the
+            cores between calls (``embedrt serve --no-spin``). No effect on OpenVINO.
 
     Returns:
         The loaded model; ``model.device``, ``model.providers`` and ``model.plan`` say what it runs on and how.
@@ -306,7 +310,8 @@ def load(
     manifest = read_manifest(root)
     request = parse_device(device)
     settings = LoadSettings(threads if threads is not None else default_thread_count(), verify,
-                            openvino_cache_dir, performance_hint, batch_cost, allow_fallback, inference_precision)
+                            openvino_cache_dir, performance_hint, batch_cost, allow_fallback, inference_precision,
+                            spinning)
     # verify: every file the manifest lists, also the graphs this device will not read (a folder copied to
     # many hosts is checked whole wherever it is verified); else the sizes of the files this load reads
     check_files(root, manifest, list(manifest.files) if verify else [TOKENIZER_NAME], full_hash=verify)

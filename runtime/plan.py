@@ -69,6 +69,7 @@ class LoadSettings:
     batch_cost: BatchCost | None = None  # None: the device's own cost model
     allow_fallback: bool = False  # a bf16 folder on a CPU without bf16 units runs in f32 instead of failing
     inference_precision: str | None = None  # OpenVINO CPU: "f32" or "bf16"; None: the folder's own choice
+    spinning: bool = True  # ONNX Runtime: idle intra-op threads busy-wait for work (see DevicePlan.spinning)
 
     def __post_init__(self) -> None:
         if isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)):
@@ -76,6 +77,8 @@ class LoadSettings:
         object.__setattr__(self, "threads", int(self.threads))
         if not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
+        if not isinstance(self.spinning, bool):
+            raise TypeError(f"spinning must be True or False, got {self.spinning!r}")
         if self.batch_cost is not None and not isinstance(self.batch_cost, BatchCost):
             raise TypeError(f"batch_cost must be a BatchCost or None, got {type(self.batch_cost).__name__}")
         if self.inference_precision not in (None, "f32", "bf16"):
@@ -99,9 +102,12 @@ class DevicePlan:
         openvino_cache_dir: OpenVINO's compiled-model cache, if any.
         inference_precision: what OpenVINO computes non-int8 ops in on the CPU (``f32``); None elsewhere.
         shape_buckets: how lengths are padded (see :func:`embedrt.batching.padded_lengths`).
-        row_sizes: the row counts a call may have (see :func:`embedrt.batching.plan_batches`); empty for any.
         batch_cost: the cost model that groups texts into calls.
         on_host: whether the weights live in this process's memory (huge pages apply).
+        row_sizes: the row counts a call may have (see :func:`embedrt.batching.plan_batches`); empty for any.
+        spinning: ONNX Runtime's intra-op threads busy-wait between pieces of work (its default, and the
+            fastest measured here, in-process and served); False lets them sleep, for hosts whose other
+            processes need the cores between calls. OpenVINO has no such switch.
     """
 
     request: DeviceRequest
@@ -116,6 +122,7 @@ class DevicePlan:
     batch_cost: BatchCost
     on_host: bool
     row_sizes: tuple[int, ...] = ()
+    spinning: bool = True
 
     @property
     def device(self) -> str:
@@ -153,6 +160,7 @@ def plan_device(root: Path, manifest: Manifest, request: DeviceRequest, settings
         disabled_fusions=() if cuda else CPU_DISABLED_FUSIONS, openvino_config=MappingProxyType({}),
         openvino_cache_dir=None, inference_precision=None, shape_buckets=SHAPE_BUCKETS if cuda else EXACT,
         batch_cost=settings.batch_cost or _cost(ACCELERATOR_CALLS if cuda else CPU_CALLS, manifest), on_host=not cuda,
+        spinning=settings.spinning,
     )
 
 
@@ -177,6 +185,7 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
         disabled_fusions=(), openvino_config=MappingProxyType(config), openvino_cache_dir=settings.openvino_cache_dir,
         inference_precision=precision, shape_buckets=SHAPE_BUCKETS, row_sizes=ROW_SIZES,
         batch_cost=settings.batch_cost or _cost(CPU_CALLS if on_cpu else ACCELERATOR_CALLS, manifest), on_host=on_cpu,
+        spinning=settings.spinning,
     )
 
 

@@ -136,3 +136,28 @@ def test_auto_cpu_never_takes_a_gpu(tiny_bert, monkeypatch) -> None:  # type: ig
     assert auto_requests(manifest)[0].kind == "cuda"
     assert "cuda" not in [r.kind for r in auto_requests(manifest, cpu_only=True)]
     assert embedrt.load(tiny_bert[1], device="auto:cpu").device in ("cpu", "openvino:CPU")
+
+
+def test_spinning_is_the_plans_and_reaches_the_session_without_changing_a_vector(tiny_bert, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+    import onnxruntime
+
+    real = onnxruntime.InferenceSession
+    seen: list[str] = []
+
+    def recording_session(path, sess_options=None, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            seen.append(sess_options.get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: ONNX Runtime's own default
+            seen.append("default")
+        return real(path, sess_options=sess_options, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    texts = ["a query", "a longer passage about the same thing, with more words in it", "x"]
+    spinning = embedrt.load(tiny_bert[1], device="cpu", threads=2)
+    sleeping = embedrt.load(tiny_bert[1], device="cpu", threads=2, spinning=False)
+    assert (spinning.plan.spinning, sleeping.plan.spinning) == (True, False)
+    assert seen == ["default", "0"]  # ONNX Runtime's own default (spin) unless told otherwise
+    assert np.array_equal(spinning.encode(texts), sleeping.encode(texts))
+    with pytest.raises(TypeError, match="spinning must be True or False, got 'no'"):
+        embedrt.load(tiny_bert[1], device="cpu", spinning="no")  # type: ignore[arg-type]

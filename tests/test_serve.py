@@ -712,3 +712,17 @@ def test_bulk_lane_on_a_second_instance(tiny_bert: tuple[Path, Path]) -> None:
     # auto: a second instance on OpenVINO only
     cpu = create_app([folder], ServeConfig(), device="cpu", threads=1).state.service
     assert cpu._bulk_instance(embedrt.load(folder, device="cpu", threads=1)) is None
+
+
+def test_the_bulk_instance_is_loaded_as_the_model_was(tiny_bert: tuple[Path, Path]) -> None:
+    """``--no-spin`` (``spinning=False``) reaches both lanes' sessions; ONNX Runtime's default spins. The CLI
+    loads the models itself and hands them over, as here."""
+    from embedrt.serve.scheduler import Lane
+
+    config = ServeConfig(bulk_instance="separate")
+    for options, expected in (({}, True), ({"spinning": False}, False)):
+        model = embedrt.load(tiny_bert[1], device="cpu", threads=1, **options)
+        with LiveServer(create_app([model], config)) as server:
+            models = next(iter(server.service.models.values())).scheduler._models
+            assert models[Lane.BULK] is not models[Lane.INTERACTIVE]
+            assert models[Lane.INTERACTIVE].plan.spinning is expected and models[Lane.BULK].plan.spinning is expected

@@ -35,7 +35,8 @@ def create_app(
     Args:
         models: loaded models, or model folders to load at start-up (with ``load_options``).
         config: limits, keys and scheduling options; defaults as ``embedrt serve``.
-        load_options: passed to :func:`embedrt.load` for folders (``device``, ``threads``, ...).
+        load_options: passed to :func:`embedrt.load` for folders (``device``, ``threads``, ``spinning``, ...);
+            a model's bulk-lane instance (``ServeConfig.bulk_instance``) is loaded as the model was.
 
     Returns:
         A Starlette app; ``app.state.service`` is the :class:`~embedrt.serve.app.Service`

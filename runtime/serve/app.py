@@ -128,7 +128,8 @@ class Service:
             return None
         from embedrt.model import load
 
-        options = {**self._load_options, "device": model.device, "threads": model.plan.threads}
+        options = {**self._load_options, "device": model.device, "threads": model.plan.threads,
+                   "spinning": model.plan.spinning}
         if model.plan.inference_precision:  # both lanes compute alike, whatever the first load was asked
             options["inference_precision"] = model.plan.inference_precision
         bulk = load(model.path, **options)
