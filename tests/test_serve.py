@@ -412,6 +412,36 @@ def test_a_handler_cancelled_by_its_host_server_drops_its_rows_as_cancelled(tiny
         assert scheduler.depth() == {lane: (0, 0) for lane in scheduler.depth()}
 
 
+class SlowTokenizer(Gated):
+    """A model whose tokenizing waits for ``gate`` (a 16 MB word without a cut point takes ~20 s)."""
+
+    def tokenize_batch(self, texts: Any) -> Any:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return self._model.tokenize_batch(texts)
+
+
+def test_the_deadline_holds_while_a_request_is_tokenizing(tiny: Any) -> None:
+    slow = SlowTokenizer(tiny)
+    with LiveServer(create_app([slow], ServeConfig())) as server:
+        name = next(iter(server.service.models))
+        start = time.monotonic()
+        try:
+            with pytest.raises(openai.APIStatusError) as info:
+                server.client(timeout=5).embeddings.create(model=name, input=["still", "tokenizing"],
+                                                  extra_headers={"X-Request-Timeout": "0.5"})
+            waited = time.monotonic() - start
+        finally:
+            slow.gate.set()
+        assert info.value.status_code == 504 and _error(info.value)["code"] == "deadline_exceeded"
+        assert "(0.5 s)" in _error(info.value)["message"]
+        assert slow.entered.is_set() and waited < 5, waited  # answered at its deadline, not after tokenizing
+        assert server.metric("embedrt_dropped_inputs_total", reason="deadline") == 2
+        # the server goes on: the next request is tokenized and answered
+        result = server.client().embeddings.create(model=name, input=["after", "it"])
+        assert np.abs(_vectors(result) - tiny.encode(["after", "it"])).max() <= 1e-6
+
+
 def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
     """Requests still waiting at the drain timeout get OpenAI's shape, not a bare 500 from the host server."""
     with _gated_server(tiny, drain_timeout=1.0) as (server, gated):

@@ -383,7 +383,13 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     else:
         characters = sum(map(len, parsed.texts)) if parsed.texts is not None else 0
         pool = service.edge_large if characters > LARGE_TEXT else service.edge
-        tokenized = await service.before_cut_off(loop.run_in_executor(pool, _tokenize, model, parsed))
+        work = loop.run_in_executor(pool, _tokenize, model, parsed)
+        try:  # the deadline holds while tokenizing too (a 16 MB word takes ~20 s, or waits behind one)
+            tokenized = await service.before_cut_off(
+                asyncio.wait_for(work, max(0.0, arrival + timeout - time.monotonic())))
+        except asyncio.TimeoutError:  # (TimeoutError from 3.11) not yet started: never runs; else finishes unread
+            service.metrics.dropped.labels(served.name, DropReason.DEADLINE.value).inc(parsed.count)
+            raise protocol.deadline_passed(timeout) from None
     service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
     truncated = np.flatnonzero(tokenized.truncated)
     if not parsed.truncate and len(truncated):
