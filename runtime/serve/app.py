@@ -388,7 +388,7 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
             tokenized = await service.before_cut_off(
                 asyncio.wait_for(work, max(0.0, arrival + timeout - time.monotonic())))
         except asyncio.TimeoutError:  # (TimeoutError from 3.11) not yet started: never runs; else finishes unread
-            service.metrics.dropped.labels(served.name, DropReason.DEADLINE.value).inc(parsed.count)
+            service.metrics.on_drop(served.name)(DropReason.DEADLINE, parsed.count)
             raise protocol.deadline_passed(timeout) from None
     service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
     truncated = np.flatnonzero(tokenized.truncated)
