@@ -17,6 +17,7 @@ import csv
 import dataclasses
 import enum
 import hashlib
+import io
 import json
 import os
 import sys
@@ -212,9 +213,21 @@ def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterat
 
 
 def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
+    return iter_jsonl_range(file, id_field, field)
+
+
+def iter_jsonl_range(file: Path, id_field: str, field: str, start: int = 0, end: int | None = None,
+                     first_line: int = 1) -> Iterator[RawRow]:
+    """The rows of a JSONL file's bytes ``[start, end)``, whose first line is line ``first_line``.
+
+    ``start`` is 0 or just after a ``\n`` (see ``jsonl_ranges``); only the file's start loses a byte order mark.
+    """
     # bytes, decoded a line at a time: a bad byte is that line's problem (named, skippable), not the file's
     with _open_bytes(file) as fh:
-        for number, raw in enumerate(byte_lines(fh), start=1):
+        if start or end is not None:
+            fh.seek(start)
+            fh = io.BytesIO(fh.read(-1 if end is None else end - start))
+        for number, raw in enumerate(byte_lines(fh, bom=start == 0), start=first_line):
             if not raw.strip():  # a blank line is no row (a trailing newline, an editor's last line)
                 continue
             where = f"{file}:{number}"
@@ -237,22 +250,73 @@ def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
             yield RawRow(where, record.get(id_field, MISSING), record.get(field, MISSING), record.get("title"))
 
 
+def jsonl_ranges(file: Path, size: int = 32 << 20, block_size: int = 1 << 20) -> list[tuple[int, int, int]]:
+    """``(start, end, first_line)`` of about ``size`` bytes each, cut just after a ``\n``, covering the file.
+
+    Lines are counted as ``byte_lines`` yields them (``\n``, ``\r\n`` or a lone ``\r`` ends one), so each
+    range's rows are named by their line in the whole file.
+    """
+    ranges: list[tuple[int, int, int]] = []
+    start, line, position, lines, last = 0, 1, 0, 0, b""
+    with _open_bytes(file) as fh:
+        while block := fh.read(block_size):
+            # a cut falls after a \n: never inside a \r\n; a \r\n across two blocks is counted once
+            lines += block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+            lines -= last == b"\r" and block[:1] == b"\n"
+            position += len(block)
+            last = block[-1:]
+            if position - start >= size:
+                cut = block.rfind(b"\n")
+                if cut >= 0:
+                    end = position - len(block) + cut + 1
+                    tail = block[cut + 1:]
+                    inside = lines - (tail.count(b"\n") + tail.count(b"\r") - tail.count(b"\r\n"))
+                    ranges.append((start, end, line))
+                    start, line, lines = end, line + inside, lines - inside
+    if position > start or not ranges:
+        ranges.append((start, position, line))
+    return ranges
+
+
 def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator[RawRow]:
+    """CSV rows as RFC 4180 reads them (a quote opens a field that may hold commas and newlines, and must
+    close: an unclosed one stops the read, named by its line); TSV rows a line each, quotes as they are (the
+    BEIR / MS MARCO convention: ``"Hello" he said`` is text). A row with more fields than the header is bad."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than the 128 KiB default
+    tsv = delimiter == "\t"
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark; a bad byte becomes a lone surrogate
     # (surrogateescape), which a CSV cannot otherwise hold, and makes its row bad
     with _open_text(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-        reader = csv.DictReader(fh, delimiter=delimiter)
-        if reader.fieldnames is None or id_field not in reader.fieldnames or field not in reader.fieldnames:
-            raise InputFileError(f"{file}:1: header {reader.fieldnames} lacks {id_field!r} or {field!r}")
-        for record in reader:
-            where = f"{file}:{reader.line_num}"
-            if any(isinstance(v, str) and has_surrogates(v) for v in record.values()):
-                yield RawRow(where, MISSING, MISSING, problem="not UTF-8")
-                continue
-            title = record.get("title") or None
-            text = record.get(field)
-            yield RawRow(where, record.get(id_field), MISSING if text is None else text, title)
+        reader = csv.reader(fh, delimiter=delimiter, strict=not tsv,
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        line = 1
+        try:
+            header = next(reader, None)
+            if header is None or id_field not in header or field not in header:
+                raise InputFileError(f"{file}:1: header {header} lacks {id_field!r} or {field!r}")
+            while True:
+                line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
+                values = next(reader, None)
+                if values is None:
+                    return
+                where = f"{file}:{line}"
+                if not values:  # a blank line is no row
+                    continue
+                if len(values) > len(header):
+                    yield RawRow(where, MISSING, MISSING, problem=f"{len(values)} fields, the header has "
+                                 f"{len(header)} (a {'tab' if tsv else 'comma'} in a text"
+                                 f"{'' if tsv else ' must be inside quotes'})")
+                    continue
+                if any(has_surrogates(v) for v in values):
+                    yield RawRow(where, MISSING, MISSING, problem="not UTF-8")
+                    continue
+                record = dict(zip(header, values))
+                text = record.get(field)
+                yield RawRow(where, record.get(id_field), MISSING if text is None else text,
+                             record.get("title") or None)
+        except csv.Error as exc:
+            raise InputFileError(f"{file}:{line}: not a valid CSV row: {exc} (a field that opens a quote must "
+                                 'close it, and a quote inside one is written "")') from None
 
 
 def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:

@@ -37,7 +37,10 @@ from embedrt.bulk import (
     check_row,
     embedding_schema,
     embedding_table,
+    iter_jsonl_range,
+    iter_rows,
     job_identity,
+    jsonl_ranges,
     parquet_columns,
     parquet_file,
     part_name,
@@ -148,19 +151,64 @@ def embed_dataset(
 
 def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
     """A Ray Dataset of the input file's rows; read tasks take no CPU slot, so a full actor pool cannot starve them."""
-    ray = require("ray", "ray")
     if fmt is InputFormat.PARQUET:
         return _read_parquet(file, id_field, field)
-    if fmt is InputFormat.JSONL:
-        return ray.data.read_json(str(file), lines=True, num_cpus=0, file_extensions=None)
-    pa_csv = require("pyarrow.csv", "bulk")
+    return _read_text_rows(file, fmt, id_field, field)
+
+
+def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
+    """A JSONL, CSV or TSV file's rows, parsed and checked as ``embedrt embed`` does, in tasks with no CPU slot.
+
+    Not ``ray.data.read_json`` / ``read_csv``: with ``lines=True`` the first reads through pandas, which turns
+    ids like ``"007"`` into 7, drops titles like ``"2020"`` and fails on a byte order mark; pyarrow's CSV
+    reader takes an unclosed quote to the end of the file as one text. A JSONL file is read in ranges of
+    whole lines, one per task; a CSV or TSV file in one task, as a stream (a quoted CSV field may span
+    lines, so a CSV cannot be cut by lines; reading is far faster than embedding). A ``Datasource``, so Ray
+    splits a task's output into blocks for every actor. A bad row stops the job, named by file and line. The
+    tables hold the id and the text to embed (a title already joined) as strings.
+    """
+    ray = require("ray", "ray")
     pa = require("pyarrow", "bulk")
-    # ids stay strings ("007" is not 7) and texts are never parsed as numbers or nulls
-    convert = pa_csv.ConvertOptions(column_types={id_field: pa.string(), field: pa.string(), "title": pa.string()},
-                                    strings_can_be_null=False)
-    parse = pa_csv.ParseOptions(delimiter="\t" if fmt is InputFormat.TSV else ",", newlines_in_values=True)
-    return ray.data.read_csv(str(file), num_cpus=0, convert_options=convert, parse_options=parse,
-                             file_extensions=None)
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    path = file.resolve()
+    schema = pa.schema([(id_field, pa.string()), (field, pa.string())])
+    size = path.stat().st_size
+
+    def read(start: int, end: int | None, first: int) -> Any:
+        rows = (iter_jsonl_range(path, id_field, field, start, end, first) if fmt is InputFormat.JSONL
+                else iter_rows(path, fmt, id_field, field))
+        ids, texts = [], []
+        for row in rows:
+            checked = check_row(row, field, id_field)
+            if isinstance(checked, str):
+                raise BadRowError(f"{row.where}: {checked} (Ray mode has no --skip-bad)")
+            ids.append(checked[0])
+            texts.append(checked[1])
+            if len(ids) >= BATCH_ROWS * 4:
+                yield pa.table([ids, texts], schema=schema)
+                ids, texts = [], []
+        yield pa.table([ids, texts], schema=schema)
+
+    class TextRows(Datasource):  # type: ignore[misc]
+        def estimate_inmemory_data_size(self) -> int:
+            return size
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:
+            if fmt is InputFormat.JSONL:  # about 4 tasks per requested one, ranges of 64 KiB to 32 MiB
+                step = min(32 << 20, max(64 << 10, size // max(1, 4 * parallelism)))
+                ranges = jsonl_ranges(path, step, min(step, 1 << 20))
+            else:
+                ranges = [(0, None, 1)]
+            return [ReadTask(functools.partial(read, start, end, first),
+                             BlockMetadata(num_rows=None, size_bytes=(end or size) - start, exec_stats=None,
+                                           input_files=(str(path),)),
+                             schema=schema)
+                    for start, end, first in ranges]
+
+    return ray.data.read_datasource(TextRows(), num_cpus=0)
 
 
 def _read_parquet(file: Path, id_field: str, field: str) -> Any:
@@ -192,13 +240,12 @@ def _embedrt_cause(exc: BaseException) -> BaseException | None:
     """The embedrt error (a bad row, a missing column) an actor raised, which Ray hands back only as text.
 
     A task's exception reaches the driver as a ``RayTaskError`` whose chain ends at Ray's
-    ``UserCodeException``; the actor's own exception survives in the traceback text only.
+    ``UserCodeException``; the actor's own exception survives in the traceback text only. A read task's
+    comes back as a ``RayTaskError`` that is also a ``BadRowError``, whose text is still Ray's traceback.
     """
-    if isinstance(exc, (BadRowError, InputFileError)):
-        return exc
     found = _ACTOR_ERROR.findall(str(exc))
     if not found:
-        return None
+        return exc if isinstance(exc, (BadRowError, InputFileError)) else None
     kind, message = found[-1]
     return (BadRowError if kind == "BadRowError" else InputFileError)(message.strip())
 

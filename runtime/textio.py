@@ -77,14 +77,16 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
 BOM = b"\xef\xbb\xbf"
 
 
-def byte_lines(fh: Any) -> Iterator[bytes]:
+def byte_lines(fh: Any, bom: bool = True) -> Iterator[bytes]:
     """The lines of a binary file without their ends (``\n``, ``\r\n`` or a lone ``\r``), the first one
-    without a UTF-8 byte order mark."""
-    first = True
+    without a UTF-8 byte order mark (``bom``: the file's start; a file of just a mark has no line)."""
+    first = bom
     for chunk in fh:
         if first:
-            chunk = chunk.removeprefix(BOM)
             first = False
+            if chunk == BOM:
+                continue
+            chunk = chunk.removeprefix(BOM)
         for end in (b"\r\n", b"\n", b"\r"):
             if chunk.endswith(end):
                 chunk = chunk[: -len(end)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import random
@@ -17,9 +18,9 @@ import pytest
 
 import embedrt
 from embedrt import bulk
-from embedrt.bulk import BulkOptions, EmbedDtype, IdSet, ResumeError, embed_corpus
+from embedrt.bulk import BadRowError, BulkOptions, EmbedDtype, IdSet, InputFormat, ResumeError, embed_corpus
 from embedrt.cli import main
-from embedrt.textio import join_title
+from embedrt.textio import InputFileError, join_title, read_records
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -84,17 +85,68 @@ def test_parquet_csv_tsv_and_beir_inputs(model, tmp_path) -> None:  # type: igno
     rows = make_rows(300, seed=1)
     rows[5]["text"] = 'a "quoted", comma\nand a newline'
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=64)
-    for name, delimiter in (("c.csv", ","), ("c.tsv", "\t")):
-        with (tmp_path / name).open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, ["_id", "title", "text"], delimiter=delimiter)
-            writer.writeheader()
-            writer.writerows(rows)
+    with (tmp_path / "c.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["_id", "title", "text"])
+        writer.writeheader()
+        writer.writerows(rows)
+    # a TSV row is a line, its quotes are text (as BEIR and MS MARCO write them): no newline in a TSV text
+    tsv_rows = [dict(r) for r in rows]
+    tsv_rows[5]["text"] = '"Hello," he said'
+    tsv_rows[6]["text"] = '"an unclosed quote'
+    (tmp_path / "c.tsv").write_text("_id\ttitle\ttext\n" + "".join(
+        f"{r['_id']}\t{r['title']}\t{r['text']}\n" for r in tsv_rows))
     (tmp_path / "beir").mkdir()
     write_jsonl(tmp_path / "beir" / "corpus.jsonl", rows)
-    for source in ("c.parquet", "c.csv", "c.tsv", "beir"):
+    for source, want in (("c.parquet", rows), ("c.csv", rows), ("c.tsv", tsv_rows), ("beir", rows)):
         out = tmp_path / f"out-{source}"
         assert embed_corpus(model, tmp_path / source, out, BulkOptions(part_rows=128)).texts == 300
-        assert_equals_encode(out, model, rows)
+        assert_equals_encode(out, model, want)
+
+
+def test_a_csv_quote_that_never_closes_stops_the_job_and_extra_fields_are_bad_rows(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Python's csv (and pyarrow's) read an unclosed quote to the end of the file: every later row in one text."""
+    src = tmp_path / "q.csv"
+    src.write_text('_id,text\n1,fine\n2,"unclosed\n3,c\n4,d\n')
+    with pytest.raises(InputFileError, match=r"q\.csv:3: not a valid CSV row: unexpected end of data"):
+        embed_corpus(model, src, tmp_path / "o1")
+    src.write_text('_id,text\n1,"Hello" he said\n2,x\n')  # RFC 4180: a quoted field ends at its quote
+    with pytest.raises(InputFileError, match=r"q\.csv:2: not a valid CSV row"):
+        embed_corpus(model, src, tmp_path / "o2")
+    for name, text in (("x.csv", "_id,text\n1,a,b\n2,ok\n"), ("x.tsv", "_id\ttext\n1\ta\tb\n2\tok\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(BadRowError, match=rf"{name}:2: 3 fields, the header has 2"):
+            embed_corpus(model, tmp_path / name, tmp_path / f"o-{name}")
+        out = tmp_path / f"skip-{name}"
+        assert embed_corpus(model, tmp_path / name, out, BulkOptions(skip_bad=True)).texts == 1
+        assert read_output(out)[0] == ["2"]  # the row's text is not cut at the extra field and embedded
+
+
+def test_jsonl_ranges_cut_whole_lines_and_count_them_as_local_mode_does(tmp_path) -> None:
+    """Ray's JSONL read tasks each take a range: the rows and their line numbers must be the whole file's."""
+    rng = np.random.default_rng(4)
+    ends = ["\n", "\r\n", "\r", "\n\n", "\r\r\n", "\n\r"]
+    for trial in range(4):
+        body = "".join(json.dumps({"_id": str(i), "text": "x" * int(rng.integers(0, 40))}) + ends[rng.integers(6)]
+                       for i in range(300))
+        src = tmp_path / f"r{trial}.jsonl"
+        src.write_bytes(("\ufeff" if trial % 2 else "").encode() + body.encode() + b'{"_id": "last"}')
+        whole = [(r.where, r.id, r.text) for r in bulk.iter_rows(src, InputFormat.JSONL, "_id", "text")]
+        assert len(whole) == 301
+        for size, block in ((1, 7), (50, 64), (1000, 333), (1 << 20, 1 << 20)):
+            ranges = bulk.jsonl_ranges(src, size, block)
+            assert ranges[0][0] == 0 and ranges[-1][1] == src.stat().st_size
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+            assert len(ranges) > 1 or size == 1 << 20
+            got = [(r.where, r.id, r.text) for start, end, first in ranges
+                   for r in bulk.iter_jsonl_range(src, "_id", "text", start, end, first)]
+            assert got == whole
+
+
+def test_a_file_of_just_a_byte_order_mark_has_no_text(tmp_path) -> None:
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf")
+    assert read_records(tmp_path / "bom.txt") == ([], [])
+    (tmp_path / "bomline.txt").write_bytes(b"\xef\xbb\xbf\n")
+    assert read_records(tmp_path / "bomline.txt") == (["0"], [""])  # one blank line: a text, as without the mark
 
 
 def test_float16_output(model, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -14,6 +14,7 @@ import pytest
 import embedrt
 from embedrt.bulk import BadRowError, BulkOptions, EmbedDtype, ResumeError, embed_corpus
 from embedrt.cli import main
+from embedrt.textio import InputFileError
 
 ray = pytest.importorskip("ray")
 pa = pytest.importorskip("pyarrow")
@@ -77,7 +78,7 @@ def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -
     rows[4]["_id"] = ""
     src = write_jsonl(tmp_path / "empty.jsonl", rows)
     # the actor's BadRowError, not Ray's wrapping of it, so the CLI says which row and exits 2
-    with pytest.raises(BadRowError, match="row with id '': empty id"):
+    with pytest.raises(BadRowError, match=r"empty\.jsonl:5: empty id"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
     assert not list((tmp_path / "out").iterdir())
     assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out"), "--ray"]) == 2
@@ -89,6 +90,35 @@ def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
     with pytest.raises(ValueError, match="--skip-bad is not supported with --ray"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out3", BulkOptions(skip_bad=True))
+
+
+def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ray's read_json (pandas) made the id "007" 7 and dropped the title "2020"; a BOM failed the job."""
+    from embedrt.ray import embed_with_ray
+
+    rows = make_rows(40, seed=9)
+    rows[0].update(_id="007", title="2020")
+    rows[1].update(_id="7", text="0123")
+    rows[2].update(_id="1e3", title="1999", text="42")
+    rows[3]["text"] = '"Hello," he said'
+    src = tmp_path / "c.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    (tmp_path / "c.tsv").write_text("_id\ttitle\ttext\n" + "".join(
+        f"{r['_id']}\t{r['title']}\t{r['text']}\n" for r in rows))
+    for name in ("c.jsonl", "c.tsv"):
+        embed_with_ray(tiny_bert[1], tmp_path / name, tmp_path / f"ray-{name}")
+        embed_corpus(model, tmp_path / name, tmp_path / f"local-{name}")
+        ray_ids, ray_emb, _ = read_output(tmp_path / f"ray-{name}")
+        local_ids, local_emb, _ = read_output(tmp_path / f"local-{name}")
+        assert sorted(ray_ids) == sorted(local_ids) == sorted(r["_id"] for r in rows)
+        by_id = dict(zip(local_ids, local_emb))
+        assert float(max(np.abs(e - by_id[i]).max() for i, e in zip(ray_ids, ray_emb))) <= 1e-6
+    src.write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y\xff"}\n')
+    with pytest.raises(BadRowError, match=r"c\.jsonl:2: not UTF-8 \(byte 0xff at column 24\)"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "bad")
+    (tmp_path / "q.csv").write_text('_id,text\n1,fine\n2,"unclosed\n3,c\n')
+    with pytest.raises(InputFileError, match=r"q\.csv:3: not a valid CSV row"):
+        embed_with_ray(tiny_bert[1], tmp_path / "q.csv", tmp_path / "bad2")
 
 
 def test_ray_reads_parquet_with_every_cpu_in_the_pool(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
