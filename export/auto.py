@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from embedrt.outputs import check_not_input
+
 log = logging.getLogger("embedrt.export")
 
 
@@ -161,6 +163,7 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
     from embedrt.manifest import read_manifest
 
     output = Path(output)
+    check_not_input(output, [source])  # a local checkpoint folder that --overwrite would delete
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if gate.get("smooth_quant"):  # NNCF's SmoothQuant graphs are not batch-invariant (see QuantConfig.describe)

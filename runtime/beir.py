@@ -29,8 +29,8 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     """Read ``corpus.jsonl``, ``queries.jsonl`` and ``qrels/<split>.tsv``; keep only judged queries.
 
     Raises:
-        InputFileError: a file is missing or malformed (names it), an id is there twice, or a judged query
-            has no text.
+        InputFileError: a file is missing or malformed (names it), an id is there twice, a judged query
+            has no text, the qrels hold no judgement, or judge one pair twice with different scores.
     """
     root = Path(folder)
     # a document twice would count its relevance twice (NDCG@10 above 100)
@@ -47,6 +47,7 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
+    where: dict[tuple[str, str], int] = {}
     rows = list(csv.reader(read_lines(path), delimiter="\t"))
     for number, row in enumerate(rows[1:], start=2):  # the first row is the header
         if not any(cell.strip() for cell in row):  # a blank line (a trailing one, say) holds no judgement
@@ -54,9 +55,17 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
         if len(row) < 3:
             raise InputFileError(f"{path}:{number}: expected query-id, corpus-id, score")
         try:
-            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+            score = int(row[2])
         except ValueError as exc:
             raise InputFileError(f"{path}:{number}: score {row[2]!r} is not an integer") from exc
+        judged = qrels.setdefault(row[0], {})
+        if row[1] in judged and judged[row[1]] != score:  # which one counts would be a guess
+            raise InputFileError(f"{path}:{number}: query {row[0]!r}, document {row[1]!r} judged {score} here and "
+                                 f"{judged[row[1]]} on line {where[row[0], row[1]]}")
+        judged[row[1]] = score
+        where.setdefault((row[0], row[1]), number)
+    if not qrels:  # nothing to score: NDCG@10 would be the mean of nothing (NaN)
+        raise InputFileError(f"{path}: no judgements (only a header, or empty)")
     return qrels
 
 

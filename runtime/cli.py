@@ -8,8 +8,8 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.errors import EmbedrtError
-from embedrt.outputs import check_output_path, naming_write_errors
+from embedrt.outputs import atomic_file, check_output_path, naming_write_errors
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEVICE_HELP = ("auto, auto:cpu, cpu, cuda[:N], openvino[:DEVICE] (default: auto: CUDA if usable, else the faster "
@@ -233,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedrt._optional import require
 
     if args.output:  # the default, models/<name>, is only known once the source is resolved
-        check_output_path(args.output, folder=True)
+        check_output_path(args.output, folder=True, inputs=[args.source])
     require("torch", "export")
     from embedrt.export import ExportOptions, export_model
     from embedrt.textio import read_records
@@ -282,7 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
-    out = check_output_path(args.output)
+    out = check_output_path(args.output, inputs=[args.input])
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)
     start = time.perf_counter()
@@ -296,14 +296,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def _save_npy_atomic(out: Path, array: np.ndarray) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npy", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as fh:
+        # through its write method only: np.save asks a real file for its position, which a FIFO has not
+        np.save(types.SimpleNamespace(write=fh.write), array)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -384,7 +379,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from embedrt.beir import evaluate, load_beir
 
-    json_out = check_output_path(args.json) if args.json else None
+    beir = Path(args.beir_dir)
+    inputs = [beir / "corpus.jsonl", beir / "queries.jsonl", beir / "qrels" / f"{args.split}.tsv"]
+    json_out = check_output_path(args.json, inputs=inputs) if args.json else None
     data = load_beir(args.beir_dir, args.split)
     model = _load(args)
     start = time.perf_counter()

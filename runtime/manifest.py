@@ -7,7 +7,6 @@ import enum
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -252,14 +251,9 @@ def check_files(folder: Path, manifest: Manifest, names: list[str], full_hash: b
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes files private; a model folder is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to ``path`` through a temporary file in the same folder and a rename (``atomic_file``)."""
+    from embedrt.outputs import atomic_file
+
+    with atomic_file(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from embedrt.errors import OutputPathError
 
 
-def check_output_path(path: str | os.PathLike[str], *, folder: bool = False) -> Path:
+def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
+                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
     """Refuse an output that cannot be written, before any model is loaded or exported.
 
     Missing parent folders are fine (writers create them), so the nearest existing ancestor is what must
@@ -20,15 +23,17 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False) -> 
     Args:
         path: the file (or, with ``folder``, the folder) that will be written.
         folder: the output is a folder; an existing folder is then accepted (overwriting is the caller's call).
+        inputs: files or folders the command reads; the output may not be one of them, nor a folder holding one.
 
     Returns:
         ``path`` as a ``Path``.
 
     Raises:
-        OutputPathError: an ancestor is a file, the output exists as the wrong kind, or nothing can be
-            created where it would go; the message starts with the path.
+        OutputPathError: an ancestor is a file, the output exists as the wrong kind, it would replace an
+            input, or nothing can be created where it would go; the message starts with the path.
     """
     out = Path(path)
+    check_not_input(out, inputs)
     if out.is_dir() and not folder:
         raise OutputPathError(f"{out}: is a folder, not a file")
     if folder and out.exists() and not out.is_dir():
@@ -40,6 +45,64 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False) -> 
         raise OutputPathError(f"{out}: {ancestor} is a file, not a folder")
     _probe_writable(out, ancestor)
     return out
+
+
+def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse an output that is one of the inputs (by path, link or hard link) or a folder holding one:
+    writing it would replace what the command reads (``encode -i a.jsonl -o a.jsonl``, ``export SRC -o SRC
+    --overwrite``)."""
+    real = Path(os.path.realpath(out))
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(os.path.realpath(given))
+        if not source.exists():
+            continue
+        same = source == real or (real.exists() and os.path.samefile(real, source))
+        if same or real in source.parents:
+            what = "is the input" if same else "is a folder holding the input"
+            raise OutputPathError(f"{out}: {what} {given}; writing it would replace the input, choose another "
+                                  "output")
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask can only be read by setting it, racing other threads)
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb", encoding: str | None = None) -> Iterator[IO[Any]]:
+    """Write ``path`` through a temporary file in its folder, fsynced and renamed over it: a reader sees the
+    old file or the new one, never half of one, and an error or a kill leaves the old file as it was.
+
+    The new file gets an existing file's permissions, else the umask's (as ``open`` would give it; a
+    temporary file is private). A symbolic link is followed: its target is replaced and the link kept. A
+    path that exists and is not a regular file (a FIFO, ``/dev/stdout``) is written in place.
+    """
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with open(target, mode, encoding=encoding) as fh:
+            yield fh
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _probe_writable(out: Path, folder: Path) -> None:

@@ -191,15 +191,19 @@ def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> 
                 ids, texts = [], []
         yield pa.table([ids, texts], schema=schema)
 
-    class TextRows(Datasource):  # type: ignore[misc]
+    class TextRows(Datasource):
+        def __init__(self) -> None:
+            super().__init__()  # type: ignore[no-untyped-call]
+
         def estimate_inmemory_data_size(self) -> int:
             return size
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
+            ranges: list[tuple[int, int | None, int]]
             if fmt is InputFormat.JSONL:  # about 4 tasks per requested one, ranges of 64 KiB to 32 MiB
                 step = min(32 << 20, max(64 << 10, size // max(1, 4 * parallelism)))
-                ranges = jsonl_ranges(path, step, min(step, 1 << 20))
+                ranges = list(jsonl_ranges(path, step, min(step, 1 << 20)))
             else:
                 ranges = [(0, None, 1)]
             return [ReadTask(functools.partial(read, start, end, first),

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +238,68 @@ def test_int8_export_gate_on_several_sets_is_recorded(tiny_bert, tmp_path, capsy
     # the same export with a floor no int8 model meets: refused, naming the floor, nothing written
     assert main([*args[:3], str(tmp_path / "strict"), *args[4:], "--min-p1-cosine", "1.0"]) == 2
     assert "1st-percentile cosine" in capsys.readouterr().err and not (tmp_path / "strict").exists()
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys, refuse_long_work) -> None:  # type: ignore[no-untyped-def]
+    """encode -o over its input replaced the JSONL with .npy bytes; export SRC -o SRC --overwrite deleted SRC."""
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"_id": "a", "text": "x"}\n')
+    (tmp_path / "link.jsonl").symlink_to(src)
+    for out in (src, tmp_path / "link.jsonl"):
+        assert main(["encode", str(tmp_path / "model"), "--input", str(src), "-o", str(out)]) == 2
+        assert f"{out}: is the input {src}" in capsys.readouterr().err
+    assert src.read_text() == '{"_id": "a", "text": "x"}\n'
+    beir = small_beir(tmp_path)
+    assert main(["eval", str(tmp_path / "model"), str(beir), "--json", str(beir / "corpus.jsonl")]) == 2
+    assert "is the input" in capsys.readouterr().err
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "model.safetensors").write_text("weights")
+    for out in (ckpt, tmp_path):
+        assert main(["export", str(ckpt), "-o", str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert f"embedrt export: error: {out}: is " in err and f"the input {ckpt}" in err
+    assert (ckpt / "model.safetensors").read_text() == "weights"
+    from embedrt.errors import OutputPathError
+    from embedrt.export.auto import export_auto
+
+    with pytest.raises(OutputPathError, match="is the input"):  # the library too, not only the CLI
+        export_auto(str(ckpt), ckpt, overwrite=True)
+
+
+def test_outputs_are_written_with_the_umask_and_keep_links_and_modes(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """mkstemp's private 0600 reached the .npy; a symlink given as -o was replaced by a file."""
+    old = os.umask(0o022)
+    try:
+        args = ["encode", str(tiny_bert[1]), "--text", "x", "-o"]
+        assert main([*args, str(tmp_path / "a.npy")]) == 0
+        assert stat.S_IMODE((tmp_path / "a.npy").stat().st_mode) == 0o644
+        (tmp_path / "b.npy").write_text("old")
+        (tmp_path / "b.npy").chmod(0o640)
+        (tmp_path / "link.npy").symlink_to(tmp_path / "b.npy")
+        assert main([*args, str(tmp_path / "link.npy")]) == 0
+        assert (tmp_path / "link.npy").is_symlink() and np.load(tmp_path / "b.npy").shape == (1, 32)
+        assert stat.S_IMODE((tmp_path / "b.npy").stat().st_mode) == 0o640
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+        reader.start()
+        assert main([*args, str(fifo)]) == 0  # a FIFO is written in place, not replaced by a file
+        reader.join(30)
+        assert fifo.is_fifo() and got and got[0].startswith(b"\x93NUMPY")
+    finally:
+        os.umask(old)
+
+
+def test_eval_refuses_qrels_with_no_judgement_or_one_pair_judged_twice(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    beir = small_beir(tmp_path)
+    qrels = beir / "qrels" / "test.tsv"
+    qrels.write_text("query-id\tcorpus-id\tscore\n")
+    assert main(["eval", str(tiny_bert[1]), str(beir)]) == 2  # was "NDCG@10 nan", exit 0
+    assert f"{qrels}: no judgements" in capsys.readouterr().err
+    qrels.write_text("query-id\tcorpus-id\tscore\nqd1\td1\t1\nqd1\td2\t0\nqd1\td1\t0\n")
+    assert main(["eval", str(tiny_bert[1]), str(beir)]) == 2
+    assert f"{qrels}:4: query 'qd1', document 'd1' judged 0 here and 1 on line 2" in capsys.readouterr().err
+    qrels.write_text("query-id\tcorpus-id\tscore\nqd1\td1\t1\nqd1\td1\t1\n")  # the same judgement twice is fine
+    assert main(["eval", str(tiny_bert[1]), str(beir)]) == 0
