@@ -26,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import embedrt  # noqa: E402
 from embedrt.serve import ServeConfig, create_app  # noqa: E402
+from embedrt.serve.run import MAX_HEAD_BYTES, http_protocol  # noqa: E402
 
 TEXTS = [
     "How do vaccines train the immune system?",
@@ -46,7 +47,8 @@ class LiveServer:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        # the HTTP protocol embedrt serve runs (httptools with the request head bounded)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=http_protocol())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -365,6 +367,41 @@ def test_a_client_gone_while_sending_its_body_is_499_not_a_server_error(live: Li
                      b'Content-Length: 1000\r\n\r\n{"model": ')
     _wait(lambda: live.metric("embedrt_requests_total", status="499") == gone + 1, "the 499")
     assert live.metric("embedrt_requests_total", status="500") == before
+
+
+def test_a_request_head_over_the_limit_is_431_and_closed(live: LiveServer) -> None:
+    """Without a bound, a 200 MiB header took 98 s of the event loop's time and 230 MB, stalling every client."""
+    for size, want in ((32 * 1024, b"HTTP/1.1 200 "), (MAX_HEAD_BYTES + 300 * 1024, b"HTTP/1.1 431 ")):
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+            try:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: ")
+                for _ in range(size // 4096):
+                    sock.sendall(b"A" * 4096)
+                sock.sendall(b"\r\n\r\n")
+            except OSError:  # the server closed the connection while the rest was on its way
+                pass
+            answer = sock.recv(200)
+            assert answer.startswith(want), (size, answer)
+            if want.endswith(b"431 "):
+                sock.settimeout(5)
+                while sock.recv(65536):  # the rest, if any, then the close
+                    pass
+    assert live.request("GET", "/health")[0] == 200
+
+
+def test_a_body_that_does_not_arrive_by_the_deadline_is_408_and_closed(tiny: Any) -> None:
+    """The deadline did not cover the upload: a stalled body held its connection forever (slowloris)."""
+    with LiveServer(create_app([tiny], ServeConfig(request_timeout=1.0))) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 1000\r\n\r\n{"model": ')
+            start = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert time.monotonic() - start < 10
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower(), answer[:300]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
 
 
 def test_a_handler_cancelled_by_its_host_server_drops_its_rows_as_cancelled(tiny: Any) -> None:

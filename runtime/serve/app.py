@@ -360,7 +360,10 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     service.check_open()
     config = service.config
     timeout = _deadline_seconds(request, config.request_timeout)
-    body = await _read_body(request, config.max_body_bytes)
+    try:  # the deadline covers the upload too: a body sent a byte a second must not hold a connection forever
+        body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), timeout)
+    except asyncio.TimeoutError:
+        raise protocol.body_too_slow(timeout) from None
     loop = asyncio.get_running_loop()
     if len(body) > 65536:
         parsed = await loop.run_in_executor(service.edge, protocol.parse_embedding_request, body, config.max_inputs)

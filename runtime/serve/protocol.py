@@ -62,6 +62,11 @@ def unavailable(message: str, code: str) -> ApiError:
     return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": "1"})
 
 
+def body_too_slow(timeout: float) -> ApiError:
+    return ApiError(408, f"The request body did not arrive within the request's deadline ({timeout:g} s).",
+                    code="request_timeout", headers={"Connection": "close"})
+
+
 def deadline_passed(timeout: float) -> ApiError:
     return ApiError(504, f"The request was not answered within its deadline ({timeout:g} s).",
                     type="server_error", code="deadline_exceeded")
