@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -179,14 +180,19 @@ def _check_id_row(row: list[Any], where: str) -> None:
 
 
 def embeddings_body(embeddings: np.ndarray, model: str, encoding: str, prompt_tokens: int) -> bytes:
-    """The response body: ``data`` in input order, float lists or base64 of little-endian float32."""
+    """The response body: ``data`` in input order, float lists or base64 of little-endian float32.
+
+    Written a row at a time: one ``json.dumps`` of 2,048 x 384 floats holds the GIL for ~1 s in one C call,
+    so even from an edge thread it stalled the event loop (every other client) that long; between rows the
+    loop gets the GIL back within the interpreter's switch interval. The bytes are the same as one call's.
+    """
     if encoding == "base64":
         rows = np.ascontiguousarray(embeddings, dtype="<f4")
         items: list[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
     else:
         # float32 -> Python float is exact, and json writes the shortest repr that reads back to it
         items = embeddings.tolist()
-    data = [{"object": "embedding", "embedding": item, "index": i} for i, item in enumerate(items)]
-    return json.dumps({"object": "list", "data": data, "model": model,
-                       "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
-                      separators=(",", ":")).encode()
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    data = ",".join(f'{{"object":"embedding","embedding":{dumps(item)},"index":{i}}}' for i, item in enumerate(items))
+    usage = dumps({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens})
+    return f'{{"object":"list","data":[{data}],"model":{dumps(model)},"usage":{usage}}}'.encode()
