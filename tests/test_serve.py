@@ -811,3 +811,12 @@ def test_a_large_float_response_does_not_hold_the_gil_for_long() -> None:
         worst, last = max(worst, now - last), now
     worker.join()
     assert worst < 0.4, f"the serializing thread held the GIL for {worst:.2f} s at once"  # old: 0.85-1.2 s
+
+
+def test_a_wrong_method_is_405_with_allow(live: LiveServer) -> None:
+    status, headers, body = live.request("GET", "/v1/embeddings")
+    assert status == 405 and headers.get("allow") == "POST", headers  # RFC 9110: a 405 names what is allowed
+    error = json.loads(body)["error"]
+    assert error["code"] == "method_not_allowed" and "/v1/embeddings does not take GET" in error["message"]
+    status, headers, body = live.request("GET", "/v1/no-such-route")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"

@@ -495,8 +495,14 @@ def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, A
     ]
     async def not_found(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 404)
-        error = ApiError(status, f"No route {request.method} {request.url.path}.", code="not_found")
-        return Response(error.body(), status, media_type=JSON)
+        headers = dict(getattr(exc, "headers", None) or {})  # a 405's Allow (RFC 9110 requires it)
+        if status == 405:
+            allowed = headers.get("Allow", "")
+            error = ApiError(405, f"{request.url.path} does not take {request.method}; it takes {allowed}.",
+                             code="method_not_allowed")
+        else:
+            error = ApiError(status, f"No route {request.method} {request.url.path}.", code="not_found")
+        return Response(error.body(), status, headers=headers, media_type=JSON)
 
     app = _App(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
     app.state.service = service
