@@ -164,19 +164,33 @@ def _default_name(resolved: ResolvedSource, quant: QuantConfig | None) -> str:
 def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions, work: Path) -> Build:
     """Load the checkpoint twice (as shipped, and traceable) and embed the probe texts with it."""
     st = require("sentence_transformers", "export")
-    reference = st.SentenceTransformer(str(resolved.path), device="cpu")
+    reference = _load_st(st, resolved.path)
     if reference.max_seq_length != spec.max_seq_length:  # the files' contract must be what ST itself runs
         raise SourceError(
             f"{resolved.path}: sentence-transformers runs max_seq_length {reference.max_seq_length}, the files "
             f"say {spec.max_seq_length}; refusing to guess"
         )
-    eager = st.SentenceTransformer(str(resolved.path), device="cpu", model_kwargs={"attn_implementation": "eager"})
+    eager = _load_st(st, resolved.path, model_kwargs={"attn_implementation": "eager"})
     texts = [*PROBE_TEXTS, *options.parity_texts]
     pad_id = reference.tokenizer.pad_token_id
     build = Build(resolved, spec, options, work, reference, eager, int(pad_id if pad_id is not None else 0),
                   texts, reference_embeddings(reference, texts))
     build.scratch.mkdir()
     return build
+
+
+def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
+    """``SentenceTransformer(path)``, or SourceError naming the folder and what failed (a truncated
+    ``model.safetensors`` raised safetensors' own error, a traceback at the CLI)."""
+    try:
+        return st.SentenceTransformer(str(path), device="cpu", **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:  # safetensors' error is an Exception
+        raise SourceError(f"{path}: sentence-transformers cannot load this checkpoint: {type(exc).__name__}: "
+                          f"{exc}") from exc
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise SourceError(f"{path}: a weights file is damaged: {exc}") from exc
 
 
 def export(build: Build) -> None:

@@ -637,7 +637,8 @@ class _Job:
         self.part_rows, self.state, self.on_part = part_rows, state, on_part
         self.summary = state.summary
         self.schema = embedding_schema(model, options.dtype)
-        self.buffer = np.empty((part_rows, model.dim), dtype=np.float32)
+        # grown as rows come, up to part_rows: sized up front, --part-rows 20000000 asked for 29 GiB at once
+        self.buffer = np.empty((min(part_rows, CHUNK), model.dim), dtype=np.float32)
         self.ids: list[str] = []
         self.bad_file: Any = None
         self.started = time.perf_counter()
@@ -671,6 +672,11 @@ class _Job:
         if texts:
             tokens = self.model.tokenize_batch(texts)
             filled = len(self.ids)
+            if filled + len(texts) > len(self.buffer):
+                grown = np.empty((min(self.part_rows, max(filled + len(texts), 2 * len(self.buffer))),
+                                  self.buffer.shape[1]), dtype=np.float32)
+                grown[:filled] = self.buffer[:filled]
+                self.buffer = grown
             self.buffer[filled : filled + len(texts)] = self.model.encode_tokens(
                 tokens.ids, batch_size=self.options.batch_size, max_tokens=self.options.max_tokens)
             self.ids += ids

@@ -24,6 +24,25 @@ DEVICE_HELP = ("auto, auto:cpu, cpu, cuda[:N], openvino[:DEVICE] (default: auto:
                "CPU backend for this CPU; auto:cpu never a GPU; see embedrt.plan.auto_requests)")
 
 
+def _at_least_one(value: str) -> int:
+    """An argparse type: an integer >= 1, refused at parse time, before a corpus is embedded."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (ESC, newlines, ...) shown as escapes: a corpus id or text printed to a
+    terminal must not move the cursor, clear the screen or forge an output line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] if c.isascii() else f"\\u{ord(c):04x}" for c in text)
+
+
 def _add_inference_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inference-precision", choices=["f32", "bf16"], default=None,
                    help="OpenVINO CPU: compute in f32 or bf16 instead of the folder's own choice (bf16 for fp32 "
@@ -119,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder")
     p.add_argument("--corpus", required=True, help=".txt or .jsonl corpus")
     p.add_argument("--query", action="append", required=True, help="a query (repeatable)")
-    p.add_argument("-k", type=int, default=5, help="hits per query (default: 5)")
+    p.add_argument("-k", type=_at_least_one, default=5, help="hits per query (default: 5)")
     p.add_argument("--field", default="text")
     _add_runtime_args(p)
 
@@ -355,10 +374,10 @@ def _search_and_print(model: Any, ids: list[str], texts: list[str], queries: lis
     indices, scores = model.search(queries, corpus, k=k, **options)
     t_query = time.perf_counter() - start
     for query, row, row_scores in zip(queries, indices, scores, strict=False):
-        print(f"\nquery: {query}")
+        print(f"\nquery: {_printable(query)}")
         for rank, (i, s) in enumerate(zip(row, row_scores, strict=False), start=1):
             snippet = texts[i] if len(texts[i]) <= 100 else texts[i][:97] + "..."
-            print(f"  {rank}. [{s:.4f}] {ids[i]}: {snippet}")
+            print(f"  {rank}. [{s:.4f}] {_printable(ids[i])}: {_printable(snippet)}")
     print(f"\nembedded {len(texts)} documents in {t_corpus:.3f}s ({len(texts) / t_corpus:.1f}/s); "
           f"{len(queries)} queries searched in {1000 * t_query:.1f} ms; device {model.device}, "
           f"similarity {model.similarity_metric.value}")

@@ -414,3 +414,12 @@ def test_bulk_modules_import_no_heavy_packages() -> None:
     code = "import sys, embedrt.bulk, embedrt.ray; print([m for m in ('pyarrow', 'ray', 'torch') if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_huge_part_rows_takes_memory_for_the_rows_only(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The part buffer was sized from --part-rows up front: 20,000,000 rows asked numpy for 29 GiB for 3 texts."""
+    rows = make_rows(2500, seed=11)
+    out = tmp_path / "out"
+    summary = embed_corpus(model, write_jsonl(tmp_path / "c.jsonl", rows), out, BulkOptions(part_rows=2**40))
+    assert summary.texts == 2500 and summary.parts == 1
+    assert_equals_encode(out, model, rows)

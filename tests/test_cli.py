@@ -303,3 +303,28 @@ def test_eval_refuses_qrels_with_no_judgement_or_one_pair_judged_twice(tiny_bert
     assert f"{qrels}:4: query 'qd1', document 'd1' judged 0 here and 1 on line 2" in capsys.readouterr().err
     qrels.write_text("query-id\tcorpus-id\tscore\nqd1\td1\t1\nqd1\td1\t1\n")  # the same judgement twice is fine
     assert main(["eval", str(tiny_bert[1]), str(beir)]) == 0
+
+
+def test_search_checks_k_before_embedding_and_prints_control_characters_escaped(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"_id": "x\u001b[2Jy\nfake: line", "text": "alpha\rbeta"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:  # argparse: before the corpus is embedded
+        main(["search", str(tiny_bert[1]), "--corpus", str(corpus), "--query", "q", "-k", "0"])
+    assert exit_info.value.code == 2 and "argument -k: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["search", str(tiny_bert[1]), "--corpus", str(corpus), "--query", "q\u001b]0;t\u0007", "-k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "\u001b" not in out and "\r" not in out and "\nfake: line" not in out  # no escape reaches the terminal
+    assert "query: q\\x1b]0;t\\x07" in out and "1. [" in out and "x\\x1b[2Jy\\nfake: line: alpha\\rbeta" in out
+
+
+def test_export_of_a_damaged_weights_file_names_it(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_bert[0], ckpt)
+    weights = next(ckpt.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:7])
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "out")]) == 2  # was a SafetensorError traceback, exit 1
+    err = capsys.readouterr().err
+    assert f"embedrt export: error: {ckpt}: " in err and "damaged" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
