@@ -187,6 +187,15 @@ def _extra(path: Path, extra: Any) -> dict[str, Any]:
         return {}
     if not isinstance(extra, dict):
         raise ModelFolderError(f"{path}: field 'extra' has the wrong type ({type(extra).__name__}); an object")
+    limits = extra.get("limits")
+    if limits is not None:  # read at load (the graph's contract) and per call (encode_padded)
+        if not isinstance(limits, dict):
+            raise ModelFolderError(f"{path}: field 'extra.limits' has the wrong type ({type(limits).__name__}); "
+                                   "an object")
+        for key in ("max_positions", "vocab_size"):
+            value = limits.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ModelFolderError(f"{path}: field 'extra.limits.{key}' must be an integer >= 1, got {value!r}")
     return extra
 
 

@@ -7,6 +7,7 @@ The exporter's in-graph pooling is tested against these same functions.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -78,7 +79,11 @@ def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], 
 def l2_normalize(x: FloatArray) -> FloatArray:
     """Scale each row to unit L2 norm (rows of zeros stay zero)."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflow is handled below
+        norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    over = np.isinf(norms) & np.isfinite(x).all(axis=-1, keepdims=True)
+    if over.any():  # |x|^2 overflows float32 (components above ~1e19): the norm in float64, which holds it
+        norms = np.where(over, np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True), norms)
     return np.asarray(x / np.maximum(norms, np.float32(_NORM_EPS)), dtype=np.float32)
 
 
@@ -127,8 +132,19 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
         raise ValueError(f"dimension mismatch: a has {qa.shape[1]} columns, b has {qb.shape[1]}")
     if metric is Similarity.COSINE:
         return (l2_normalize(qa) @ l2_normalize(qb).T).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
+        scores = _scores(qa, qb, metric)
+    if not np.isfinite(scores).all() and np.isfinite(qa).all() and np.isfinite(qb).all():
+        # finite vectors whose products overflow float32 (inf - inf gave NaN): computed again in float64; a
+        # dot product beyond float32's range is then +-inf, not NaN, and a distance is exact
+        with np.errstate(over="ignore"):
+            scores = _scores(qa.astype(np.float64), qb.astype(np.float64), metric).astype(np.float32)
+    return scores
+
+
+def _scores(qa: npt.NDArray[Any], qb: npt.NDArray[Any], metric: Similarity) -> FloatArray:
     if metric is Similarity.DOT:
-        return (qa @ qb.T).astype(np.float32)
+        return np.asarray(qa @ qb.T, dtype=np.float32)
     # |a-b|^2 = |a|^2 + |b|^2 - 2ab, clipped at 0 against rounding
     sq = (qa * qa).sum(1)[:, None] + (qb * qb).sum(1)[None, :] - 2.0 * (qa @ qb.T)
     return np.asarray(-np.sqrt(np.maximum(sq, 0.0)), dtype=np.float32)
@@ -183,6 +199,10 @@ def top_k(
         chunk = c[start : start + chunk_size]
         _check_finite(chunk, "corpus", start)  # chunk by chunk, so the check's memory stays bounded too
         scores = similarity(q, l2_normalize(chunk) if cosine else chunk, metric)
+        if not np.isfinite(scores).all():  # finite rows whose dot product is beyond float32: no order to give
+            i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(scores)))
+            raise ValueError(f"the {metric.value} score of query row {i} and corpus row {start + j} is beyond "
+                             "float32's range (vectors with components above ~1e19)")
         idx = np.broadcast_to(np.arange(start, start + scores.shape[1], dtype=np.int64), scores.shape)
         best_idx, best_score = _merge_top_k(
             np.concatenate([best_idx, idx], axis=1), np.concatenate([best_score, scores], axis=1), k

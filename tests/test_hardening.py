@@ -245,3 +245,15 @@ def test_bad_file_entries_are_named(bert_copy: Path, entry: dict[str, Any], matc
     (bert_copy / "embedrt.json").write_text(json.dumps(data))
     with pytest.raises(ModelFolderError, match=match):
         embedrt.load(bert_copy)
+
+
+def test_extra_limits_of_the_wrong_type_are_refused_at_load(bert_copy: Path) -> None:
+    """A string 'extra.limits' loaded, then encode_padded raised AttributeError on every call."""
+    data = json.loads((bert_copy / "embedrt.json").read_text())
+    extra = data.get("extra") or {}
+    for limits, where in (("big", "extra.limits' has the wrong type"), ({"max_positions": "512"},
+                          "extra.limits.max_positions' must be an integer >= 1"), ({"vocab_size": 0},
+                          "extra.limits.vocab_size' must be an integer >= 1")):
+        _edit_manifest(bert_copy, extra={**extra, "limits": limits})
+        with pytest.raises(ModelFolderError, match=where):
+            embedrt.load(bert_copy)

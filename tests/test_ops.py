@@ -147,3 +147,19 @@ def test_top_k_names_the_non_finite_row(bad: float, metric: str) -> None:
     c[23, 0] = bad  # in the fourth chunk of 7
     with pytest.raises(ValueError, match=r"corpus row 23 has NaN/inf values"):
         top_k(q, c, k=2, metric=metric, chunk_size=7)
+
+
+def test_finite_vectors_beyond_float32_squares_score_correctly_or_raise() -> None:
+    """|x|^2 overflowed float32: cosine of a vector with itself was 0, euclidean NaN, and top_k silently left
+    out a corpus row whose dot score came out NaN."""
+    a = np.array([[1e20, 1e20]], dtype=np.float32)
+    assert similarity(a, a, "cosine")[0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert similarity(a, a, "euclidean")[0, 0] == 0.0
+    np.testing.assert_allclose(l2_normalize(a), [[2**-0.5, 2**-0.5]], rtol=1e-6)
+    q = np.array([[1e30, -1e30]], dtype=np.float32)
+    corpus = np.array([[1e30, 1e30], [1, 0], [0, 1]], dtype=np.float32)
+    idx, scores = top_k(q, corpus, k=3, metric="dot")  # 1e60 - 1e60 is 0, not NaN
+    assert idx.tolist() == [[1, 0, 2]]
+    np.testing.assert_array_equal(scores, np.array([[1e30, 0.0, -1e30]], dtype=np.float32))
+    with pytest.raises(ValueError, match="score of query row 0 and corpus row 0 is beyond float32's range"):
+        top_k(np.array([[1e30, 1e30]], dtype=np.float32), corpus, k=2, metric="dot")
