@@ -35,6 +35,8 @@ def read_package_records(package: str, name: str, field: str = "text") -> tuple[
 def read_records(path: str | Path, field: str = "text", unique: bool = False) -> tuple[list[str], list[str]]:
     """Read ``(ids, texts)`` from a text file.
 
+    ``.csv``, ``.tsv``, ``.parquet``: rows as ``embedrt embed`` reads them (an ``_id`` column and ``field``).
+    ``.json``: refused (one document, not texts).
     ``.jsonl``: one JSON object per line; the text is ``field``, and BEIR-style records with a ``title``
     get ``title + " " + text`` (as BEIR and MTEB embed them); the id is ``_id`` or ``id`` or the line
     number; blank lines are not records. Any other suffix: one text per line (blank lines are texts too:
@@ -47,8 +49,14 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
             (names file:line), or (``unique``) two records have the same id.
     """
     file = Path(path)
+    suffix = file.suffix.lower()
+    if suffix in (".csv", ".tsv", ".parquet"):
+        return _read_table_records(file, field, unique)
+    if suffix == ".json":  # one JSON document, not a text per line: read as lines, it embedded its brackets
+        raise InputFileError(f"{file}: a .json file is not read as texts; give one JSON object per line "
+                             "(.jsonl), one text per line (.txt), or a .csv, .tsv or .parquet file")
     lines = read_lines(file)
-    if file.suffix.lower() != ".jsonl":
+    if suffix != ".jsonl":
         return [str(i) for i in range(len(lines))], lines
     ids, texts = [], []
     where: dict[str, int] = {}
@@ -71,6 +79,29 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
         where[key] = number
         ids.append(key)
         texts.append(text)
+    return ids, texts
+
+
+def _read_table_records(file: Path, field: str, unique: bool) -> tuple[list[str], list[str]]:
+    """A CSV, TSV or Parquet file's ``(ids, texts)``, parsed as ``embedrt embed`` parses it (an ``_id`` column and
+    ``field``; a title joined in front); a bad row is an error naming it."""
+    from embedrt.bulk import check_row, iter_rows, resolve_input
+
+    if not file.is_file():
+        raise InputFileError(f"{file}: input not found")
+    _, fmt = resolve_input(file)
+    ids, texts = [], []
+    where: dict[str, str] = {}
+    for row in iter_rows(file, fmt, "_id", field):
+        checked = check_row(row, field, "_id")
+        if isinstance(checked, str):
+            raise InputFileError(f"{row.where}: {checked}")
+        if unique and checked[0] in where:
+            raise InputFileError(f"{row.where}: id {checked[0]!r} again (first at {where[checked[0]]}); ids must be "
+                                 "unique")
+        where[checked[0]] = row.where
+        ids.append(checked[0])
+        texts.append(checked[1])
     return ids, texts
 
 

@@ -328,3 +328,22 @@ def test_export_of_a_damaged_weights_file_names_it(tiny_bert, tmp_path, capsys) 
     err = capsys.readouterr().err
     assert f"embedrt export: error: {ckpt}: " in err and "damaged" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_encode_and_search_read_csv_tsv_as_embed_does_and_refuse_json(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A .csv was read as text lines: its header was ranked as a document and "1,hello" embedded whole."""
+    from embedrt.textio import InputFileError, read_records
+
+    (tmp_path / "c.csv").write_text('_id,text\n1,hello\n2,"a, b"\n')
+    (tmp_path / "c.tsv").write_text('_id\ttitle\ttext\n1\tT\t"quoted" text\n')
+    assert read_records(tmp_path / "c.csv") == (["1", "2"], ["hello", "a, b"])
+    assert read_records(tmp_path / "c.tsv") == (["1"], ['T "quoted" text'])
+    assert main(["search", str(tiny_bert[1]), "--corpus", str(tmp_path / "c.csv"), "--query", "hello", "-k", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "] 1: hello" in out and "_id" not in out
+    (tmp_path / "c.json").write_text('["a", "b"]')
+    assert main(["encode", str(tiny_bert[1]), "--input", str(tmp_path / "c.json"), "-o", str(tmp_path / "x.npy")]) == 2
+    assert "a .json file is not read as texts" in capsys.readouterr().err
+    (tmp_path / "bad.csv").write_text("_id,text\n1,\n,x\n")
+    with pytest.raises(InputFileError, match=r"bad\.csv:3: empty id"):
+        read_records(tmp_path / "bad.csv")
