@@ -32,6 +32,7 @@ from embedrt._enums import parse_enum
 from embedrt._optional import require
 from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, write_json_atomic
+from embedrt.outputs import naming_write_errors
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError, byte_lines, join_title, not_utf8
 from embedrt.tokenize import check_count, has_surrogates
@@ -557,7 +558,8 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
             raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         state = JobState(identity, BulkSummary())
-        write_json_atomic(state_path, state.to_json())
+        with naming_write_errors(state_path):
+            write_json_atomic(state_path, state.to_json())
         return state
     try:
         data = json.loads(state_path.read_text(encoding="utf-8"))
@@ -567,7 +569,8 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     if _did_nothing(state):  # it stopped before its first part (a bad option, a bad first row): start over
         _clean_output(out, state)
         state = JobState(identity, BulkSummary())
-        write_json_atomic(state_path, state.to_json())
+        with naming_write_errors(state_path):
+            write_json_atomic(state_path, state.to_json())
         return state
     recorded = state.identity.get("model")
     if isinstance(recorded, dict) and "manifest_sha256" not in recorded:  # states before 2026-12-02
@@ -619,9 +622,18 @@ def _known_ids(out: Path, parts: int) -> IdSet:
     pq = require("pyarrow.parquet", "bulk")
     seen = IdSet()
     for index in range(parts):
-        for batch in pq.ParquetFile(out / part_name(index)).iter_batches(columns=["id"], batch_size=65536):
-            for rid in batch.column(0).to_pylist():
-                seen.add(rid)
+        path = out / part_name(index)
+        try:
+            source = pq.ParquetFile(path)
+            if "id" not in source.schema_arrow.names:
+                raise ValueError(f"no 'id' column (columns: {', '.join(source.schema_arrow.names)})")
+            for batch in source.iter_batches(columns=["id"], batch_size=65536):
+                for rid in batch.column(0).to_pylist():
+                    seen.add(rid)
+        except (OSError, ValueError, IndexError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+            raise ResumeError(f"{path}: a part this job recorded cannot be read back ({exc}); it was changed or "
+                              "damaged since it was written: restore it, or start the job again in a new "
+                              "folder") from exc
     return seen
 
 
@@ -721,7 +733,8 @@ class _Job:
         self.summary.input_rows = position
         self.summary.seconds = self.seconds_before + time.perf_counter() - self.started
         self.summary.complete = last
-        write_json_atomic(self.out / STATE_NAME, self.state.to_json())
+        with naming_write_errors(self.out / STATE_NAME):  # a full disk here named no file
+            write_json_atomic(self.out / STATE_NAME, self.state.to_json())
         if self.on_part is not None and written:
             self.on_part(self.summary)
 

@@ -20,6 +20,7 @@ import embedrt
 from embedrt import bulk
 from embedrt.bulk import BadRowError, BulkOptions, EmbedDtype, IdSet, InputFormat, ResumeError, embed_corpus
 from embedrt.cli import main
+from embedrt.errors import OutputPathError
 from embedrt.textio import InputFileError, join_title, read_records
 
 pa = pytest.importorskip("pyarrow")
@@ -423,3 +424,39 @@ def test_a_huge_part_rows_takes_memory_for_the_rows_only(model, tmp_path) -> Non
     summary = embed_corpus(model, write_jsonl(tmp_path / "c.jsonl", rows), out, BulkOptions(part_rows=2**40))
     assert summary.texts == 2500 and summary.parts == 1
     assert_equals_encode(out, model, rows)
+
+
+def test_resume_over_a_damaged_part_or_a_full_disk_names_the_file(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A truncated part gave "Parquet magic bytes not found" naming no file; another schema an IndexError."""
+    rows = make_rows(1000, seed=12)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    real, calls = bulk.write_json_atomic, []
+
+    def dying(path: Path, data: dict) -> None:  # type: ignore[type-arg]
+        calls.append(path)
+        if len(calls) == 3:  # the fresh-job record and part 0 recorded, then killed
+            raise KeyboardInterrupt("simulated kill")
+        real(path, data)
+
+    monkeypatch.setattr(bulk, "write_json_atomic", dying)
+    with pytest.raises(KeyboardInterrupt):
+        embed_corpus(model, src, out, BulkOptions(part_rows=300))
+    monkeypatch.setattr(bulk, "write_json_atomic", real)
+    part = out / "part-000000.parquet"
+    good = part.read_bytes()
+    for damage in (good[: len(good) // 2], None):
+        if damage is None:
+            pq.write_table(pa.table({"other": [1, 2]}), part)
+        else:
+            part.write_bytes(damage)
+        with pytest.raises(ResumeError, match=r"part-000000\.parquet: a part this job recorded cannot be read back"):
+            embed_corpus(model, src, out, BulkOptions(part_rows=300))
+    part.write_bytes(good)
+
+    def disk_full(path: Path, data: dict) -> None:  # type: ignore[type-arg]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bulk, "write_json_atomic", disk_full)
+    with pytest.raises(OutputPathError, match=r"_embedrt_bulk\.json: cannot write: No space left on device"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=300))
