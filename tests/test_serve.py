@@ -207,6 +207,9 @@ def test_bad_requests_are_400_naming_the_field(live: LiveServer) -> None:
     for raw in (b"{not json", deep, b'{"model": "x", "input": ' + deep + b"}"):
         status, _, body = live.request("POST", "/v1/embeddings", raw)  # nested too deeply: 400, not 500
         assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json", (raw[:20], body)
+    status, _, body = live.request("POST", "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": [1.5]})
+    message = json.loads(body)["error"]["message"]  # was "input[0] must be a list of token ids like input[0]"
+    assert status == 400 and message == "input[0] must be a string, a token id or a list of token ids, got float."
     # dimensions equal to the model's own is no cut: accepted; 'user' is accepted
     ok = client.embeddings.create(model="all-MiniLM-L6-v2", input="a", dimensions=384, user="u-1")
     assert len(ok.data[0].embedding) == 384

@@ -164,8 +164,8 @@ def _parse_input(value: Any, present: bool, max_inputs: int) -> tuple[list[str] 
         return value, None
     for i, row in enumerate(value):
         if not isinstance(row, list):
-            raise bad_request(f"input[{i}] must be a list of token ids like input[0], got {type(row).__name__}.",
-                              f"input[{i}]", "invalid_type")
+            want = "a list of token ids like input[0]" if i else "a string, a token id or a list of token ids"
+            raise bad_request(f"input[{i}] must be {want}, got {type(row).__name__}.", f"input[{i}]", "invalid_type")
         _check_id_row(row, f"input[{i}]")
     return None, value
 
