@@ -482,6 +482,26 @@ def test_the_deadline_holds_while_a_request_is_tokenizing(tiny: Any) -> None:
         assert np.abs(_vectors(result) - tiny.encode(["after", "it"])).max() <= 1e-6
 
 
+def test_a_client_that_hangs_up_while_its_request_is_tokenizing_is_dropped_at_once(tiny: Any) -> None:
+    """A disconnect was noticed only after tokenizing ended: the server went on tokenizing for nobody."""
+    slow = SlowTokenizer(tiny)
+    with LiveServer(create_app([slow], ServeConfig())) as server:
+        name = next(iter(server.service.models))
+        try:
+            body = json.dumps({"model": name, "input": ["still", "tokenizing"]}).encode()
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                assert slow.entered.wait(10)
+            # dropped while the tokenizer is still held: not after it returns
+            _wait(lambda: server.metric("embedrt_dropped_inputs_total", reason="disconnected") == 2, "the drop")
+            assert server.metric("embedrt_requests_total", status="499") == 1
+        finally:
+            slow.gate.set()
+        result = server.client().embeddings.create(model=name, input=["after", "it"])
+        assert np.abs(_vectors(result) - tiny.encode(["after", "it"])).max() <= 1e-6
+
+
 def test_a_drain_that_runs_out_of_time_answers_503(tiny: Any) -> None:
     """Requests still waiting at the drain timeout get OpenAI's shape, not a bare 500 from the host server."""
     with _gated_server(tiny, drain_timeout=1.0) as (server, gated):

@@ -300,6 +300,29 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _ClientGone(Exception):
+    """The client hung up while its request was being prepared."""
+
+
+async def _unless_gone(work: asyncio.Future[Any], request: Request, timeout: float) -> Any:
+    """``work``'s result; ``_ClientGone`` if the client disconnects first, ``asyncio.TimeoutError`` past
+    ``timeout``. Either way, or if this is cancelled (a drain's cut-off), a ``work`` not yet started never runs."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({work, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if work in done:
+        return work.result()
+    work.cancel()
+    if watcher in done:
+        raise _ClientGone
+    raise asyncio.TimeoutError
+
+
 async def _disconnected(request: Request) -> None:
     """Return once the client has gone away (the body has been read, so the next message is a disconnect)."""
     while True:
@@ -387,12 +410,17 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         characters = sum(map(len, parsed.texts)) if parsed.texts is not None else 0
         pool = service.edge_large if characters > LARGE_TEXT else service.edge
         work = loop.run_in_executor(pool, _tokenize, model, parsed)
-        try:  # the deadline holds while tokenizing too (a 16 MB word takes ~20 s, or waits behind one)
+        try:  # the deadline holds while tokenizing too (a 16 MB word takes ~20 s, or waits behind one), and a
+            # client that hangs up stops it as well (a tokenization not yet started never runs)
             tokenized = await service.before_cut_off(
-                asyncio.wait_for(work, max(0.0, arrival + timeout - time.monotonic())))
+                _unless_gone(work, request, max(0.0, arrival + timeout - time.monotonic())))
         except asyncio.TimeoutError:  # (TimeoutError from 3.11) not yet started: never runs; else finishes unread
             service.metrics.on_drop(served.name)(DropReason.DEADLINE, parsed.count)
             raise protocol.deadline_passed(timeout) from None
+        except _ClientGone:
+            service.metrics.on_drop(served.name)(DropReason.DISCONNECTED, parsed.count)
+            info["status"] = 499
+            return Response(status_code=499)
     service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
     truncated = np.flatnonzero(tokenized.truncated)
     if not parsed.truncate and len(truncated):
