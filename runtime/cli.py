@@ -309,7 +309,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     with naming_write_errors(out):
         _save_npy_atomic(out, emb)
-    print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}")
+    # -o /dev/stdout (or a pipe): the array is on stdout, so the summary goes to stderr
+    summary = sys.stdout if out.is_file() else sys.stderr
+    print(f"{len(texts)} texts -> {out} {emb.shape} in {elapsed:.2f}s on {model.device}", file=summary)
     return 0
 
 

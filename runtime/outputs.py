@@ -87,11 +87,17 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb", encoding: str | 
     temporary file is private). A symbolic link is followed: its target is replaced and the link kept. A
     path that exists and is not a regular file (a FIFO, ``/dev/stdout``) is written in place.
     """
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file():
-        with open(target, mode, encoding=encoding) as fh:
+    given = Path(path)
+    try:
+        kind = os.stat(given).st_mode  # follows links; works on /dev/stdout bound to a pipe
+    except FileNotFoundError:
+        kind = None
+    if kind is not None and not stat.S_ISREG(kind):  # a FIFO, a terminal, /dev/stdout: written in place
+        with open(given, mode, encoding=encoding) as fh:
             yield fh
         return
+    # a regular file through a link: its target is replaced; a dangling link is replaced itself
+    target = Path(os.path.realpath(given)) if kind is not None else given
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, mode, encoding=encoding) as fh:

@@ -347,3 +347,19 @@ def test_encode_and_search_read_csv_tsv_as_embed_does_and_refuse_json(tiny_bert,
     (tmp_path / "bad.csv").write_text("_id,text\n1,\n,x\n")
     with pytest.raises(InputFileError, match=r"bad\.csv:3: empty id"):
         read_records(tmp_path / "bad.csv")
+
+
+def test_encode_to_dev_stdout_in_a_pipe_and_through_a_dangling_link(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """realpath('/dev/stdout') in a pipe is /proc/PID/fd/pipe:[N]: the write failed after all the work."""
+    import io
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "embedrt.cli", "encode", str(tiny_bert[1]), "--text", "a", "--text",
+                           "b", "-o", "/dev/stdout"], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert np.load(io.BytesIO(done.stdout)).shape == (2, 32)  # the array alone: the summary went to stderr
+    assert b"2 texts -> /dev/stdout" in done.stderr
+    (tmp_path / "dangling.npy").symlink_to(tmp_path / "missing" / "x.npy")
+    assert main(["encode", str(tiny_bert[1]), "--text", "a", "-o", str(tmp_path / "dangling.npy")]) == 0
+    assert np.load(tmp_path / "dangling.npy").shape == (1, 32)
