@@ -297,7 +297,15 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
                 raise InputFileError(f"{file}:1: header {header} lacks {id_field!r} or {field!r}")
             while True:
                 line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
-                values = next(reader, None)
+                try:
+                    values = next(reader, None)
+                except csv.Error as exc:
+                    if "unexpected end of data" in str(exc):  # a quote that never closes: the rest is one field
+                        raise
+                    # a text after a closing quote ('"Hello" he said'): this row is bad, the reader goes on
+                    yield RawRow(f"{file}:{line}", MISSING, MISSING, problem=f"not a valid CSV row: {exc} (a "
+                                 'field that opens a quote must end at its closing quote; a quote inside is "")')
+                    continue
                 if values is None:
                     return
                 where = f"{file}:{line}"
@@ -316,8 +324,8 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
                 yield RawRow(where, record.get(id_field), MISSING if text is None else text,
                              record.get("title") or None)
         except csv.Error as exc:
-            raise InputFileError(f"{file}:{line}: not a valid CSV row: {exc} (a field that opens a quote must "
-                                 'close it, and a quote inside one is written "")') from None
+            raise InputFileError(f"{file}:{line}: not a valid CSV row: {exc} (a quote that opens a field must "
+                                 "close it; every row after it was read as part of that field)") from None
 
 
 def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
@@ -625,12 +633,15 @@ def _known_ids(out: Path, parts: int) -> IdSet:
         path = out / part_name(index)
         try:
             source = pq.ParquetFile(path)
-            if "id" not in source.schema_arrow.names:
-                raise ValueError(f"no 'id' column (columns: {', '.join(source.schema_arrow.names)})")
+            schema = source.schema_arrow
+            if "id" not in schema.names:
+                raise ValueError(f"no 'id' column (columns: {', '.join(schema.names)})")
+            if str(schema.field("id").type) not in ("string", "large_string"):
+                raise ValueError(f"its 'id' column holds {schema.field('id').type}, not strings")
             for batch in source.iter_batches(columns=["id"], batch_size=65536):
                 for rid in batch.column(0).to_pylist():
                     seen.add(rid)
-        except (OSError, ValueError, IndexError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        except (OSError, ValueError, IndexError, TypeError) as exc:  # pyarrow's ArrowInvalid is a ValueError
             raise ResumeError(f"{path}: a part this job recorded cannot be read back ({exc}); it was changed or "
                               "damaged since it was written: restore it, or start the job again in a new "
                               "folder") from exc

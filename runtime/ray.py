@@ -55,6 +55,8 @@ from embedrt.textio import InputFileError
 # padding savings, while batches of a few seconds spread evenly over the actors (SciFact-length passages take
 # ~30 ms each on one core: 1,024 rows would be half a minute, and the job's tail one actor working alone)
 BATCH_ROWS = 256
+# bytes of whole JSONL lines per Ray read task
+JSONL_RANGE_BYTES = 32 << 20
 
 
 class EmbedBatch:
@@ -175,6 +177,11 @@ def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> 
     path = file.resolve()
     schema = pa.schema([(id_field, pa.string()), (field, pa.string())])
     size = path.stat().st_size
+    # one scan of the file, on the driver, here: Ray asks for the read tasks several times per job. Ranges of
+    # 32 MiB: each read task may start a worker process (~1 s), so small ranges made the read 10-20x slower
+    # than parsing; Ray splits each task's output into blocks for the actors
+    ranges: list[tuple[int, int | None, int]] = (
+        list(jsonl_ranges(path, JSONL_RANGE_BYTES)) if fmt is InputFormat.JSONL else [(0, None, 1)])
 
     def read(start: int, end: int | None, first: int) -> Any:
         rows = (iter_jsonl_range(path, id_field, field, start, end, first) if fmt is InputFormat.JSONL
@@ -200,12 +207,6 @@ def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> 
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                            data_context: Any = None) -> list[Any]:
-            ranges: list[tuple[int, int | None, int]]
-            if fmt is InputFormat.JSONL:  # about 4 tasks per requested one, ranges of 64 KiB to 32 MiB
-                step = min(32 << 20, max(64 << 10, size // max(1, 4 * parallelism)))
-                ranges = list(jsonl_ranges(path, step, min(step, 1 << 20)))
-            else:
-                ranges = [(0, None, 1)]
             return [ReadTask(functools.partial(read, start, end, first),
                              BlockMetadata(num_rows=None, size_bytes=(end or size) - start, exec_stats=None,
                                            input_files=(str(path),)),

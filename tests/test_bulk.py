@@ -111,8 +111,11 @@ def test_a_csv_quote_that_never_closes_stops_the_job_and_extra_fields_are_bad_ro
     with pytest.raises(InputFileError, match=r"q\.csv:3: not a valid CSV row: unexpected end of data"):
         embed_corpus(model, src, tmp_path / "o1")
     src.write_text('_id,text\n1,"Hello" he said\n2,x\n')  # RFC 4180: a quoted field ends at its quote
-    with pytest.raises(InputFileError, match=r"q\.csv:2: not a valid CSV row"):
+    with pytest.raises(BadRowError, match=r"q\.csv:2: not a valid CSV row"):
         embed_corpus(model, src, tmp_path / "o2")
+    out = tmp_path / "o3"  # that row alone is bad: with --skip-bad the job goes on after it
+    assert embed_corpus(model, src, out, BulkOptions(skip_bad=True)).texts == 1
+    assert read_output(out)[0] == ["2"]
     for name, text in (("x.csv", "_id,text\n1,a,b\n2,ok\n"), ("x.tsv", "_id\ttext\n1\ta\tb\n2\tok\n")):
         (tmp_path / name).write_text(text)
         with pytest.raises(BadRowError, match=rf"{name}:2: 3 fields, the header has 2"):
@@ -445,9 +448,9 @@ def test_resume_over_a_damaged_part_or_a_full_disk_names_the_file(model, tmp_pat
     monkeypatch.setattr(bulk, "write_json_atomic", real)
     part = out / "part-000000.parquet"
     good = part.read_bytes()
-    for damage in (good[: len(good) // 2], None):
-        if damage is None:
-            pq.write_table(pa.table({"other": [1, 2]}), part)
+    for damage in (good[: len(good) // 2], {"other": [1, 2]}, {"id": [1, 2]}):
+        if isinstance(damage, dict):
+            pq.write_table(pa.table(damage), part)
         else:
             part.write_bytes(damage)
         with pytest.raises(ResumeError, match=r"part-000000\.parquet: a part this job recorded cannot be read back"):

@@ -389,7 +389,36 @@ def test_a_request_head_over_the_limit_is_431_and_closed(live: LiveServer) -> No
                 sock.settimeout(5)
                 while sock.recv(65536):  # the rest, if any, then the close
                     pass
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"A" * (MAX_HEAD_BYTES + 1000) + b"\r\n\r\n"
+    assert _exchange(live.port, head).startswith(b"HTTP/1.1 431 ")  # the whole head in one write
+    # a request answered first keeps its answer: the oversized one after it is not answered, then the close
+    first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = _exchange(live.port, first + head)
+    assert answer.startswith(b"HTTP/1.1 200 ") and b"431" not in answer, answer[:200]
+    # a chunked body's trailer is not a way around the bound
+    body = json.dumps({"model": _tiny_name(live), "input": "a"}).encode()
+    chunked = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(body) + body + b"\r\n0\r\nX-Trailer: ")
+    start = time.monotonic()
+    assert _exchange(live.port, chunked, b"A" * (16 * MAX_HEAD_BYTES)) == b""  # closed: its body cannot complete
+    assert time.monotonic() - start < 15
     assert live.request("GET", "/health")[0] == 200
+
+
+def _exchange(port: int, data: bytes, more: bytes = b"") -> bytes:
+    """Send ``data`` (then ``more`` in 4 KiB writes, stopping if the server closes) and read until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        try:
+            sock.sendall(data)
+            for i in range(0, len(more), 4096):
+                sock.sendall(more[i : i + 4096])
+        except OSError:
+            pass
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
 
 
 def test_a_body_that_does_not_arrive_by_the_deadline_is_408_and_closed(tiny: Any) -> None:

@@ -13,44 +13,88 @@ from embedrt.errors import EmbedrtError
 # long bearer tokens and tracing headers; without a bound, one connection sending a 100 MiB header held the
 # event loop for seconds (httptools joins a header's pieces as they arrive)
 MAX_HEAD_BYTES = 64 * 1024
+# past the head, the bytes of a message that are not its body (chunk framing, trailers) may be at most
+# MAX_HEAD_BYTES plus this share of its body: chunks of 32 bytes and more pass, a 96 MiB trailer does not
+FRAMING_SHARE = 4
 
 
 def http_protocol() -> Any:
-    """uvicorn's httptools protocol with the request head bounded by ``MAX_HEAD_BYTES`` (431 and close beyond);
-    without httptools, uvicorn's h11, which bounds it itself (``h11_max_incomplete_event_size``)."""
+    """uvicorn's httptools protocol with each request's non-body bytes bounded: a head (request line and
+    headers, counted exactly) over ``MAX_HEAD_BYTES`` gets a 431 and the connection is closed, as does a
+    message whose chunk framing and trailers exceed ``MAX_HEAD_BYTES`` plus a quarter of its body. Without
+    httptools, uvicorn's h11, which bounds a head itself (``h11_max_incomplete_event_size``)."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
         return "h11"
 
     class BoundedHead(HttpToolsProtocol):
-        # bytes fed while a head is incomplete; a head that starts inside a chunk after another request
-        # ended is counted from the next chunk: the bound is MAX_HEAD_BYTES plus at most two reads (256 KiB)
-        _head_bytes = 0
-        _in_head = True
-        _completed = False
+        _head = 0  # bytes of the current head's URL, names and values, as httptools hands them over
+        _other = 0  # bytes of the current message that are not body, fed in chunks it did not complete in
+        _body = 0  # body bytes of the current message
+        _chunk_body = 0
+        _completed = False  # a message completed in the chunk being fed
+        _refused = False
+        _started = False  # the current message's request has started (its head was accepted)
 
         def data_received(self, data: bytes) -> None:
-            counting, self._completed = self._in_head, False
-            super().data_received(data)
-            if not (self._in_head and counting and not self._completed):
+            if self._refused:
                 return
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
-                self.logger.warning("Request head over %d bytes: 431, connection closed.", MAX_HEAD_BYTES)
-                body = f"Request head over {MAX_HEAD_BYTES} bytes.".encode()
-                self.transport.write(STATUS_LINE[431] + b"content-type: text/plain; charset=utf-8\r\n"
-                                     + b"content-length: " + str(len(body)).encode() + b"\r\n"
-                                     + b"connection: close\r\n\r\n" + body)
-                self.transport.close()
+            self._chunk_body, self._completed = 0, False
+            super().data_received(data)
+            if not self._completed:  # a chunk in which a message ended is not counted (the split is unknown)
+                self._other += len(data) - self._chunk_body
+            if self._refused or self._other > MAX_HEAD_BYTES + self._body // FRAMING_SHARE:
+                self._refuse()
+
+        def on_url(self, url: bytes) -> None:
+            self._head += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head += len(name) + len(value) + 4
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self._in_head = False
+            if self._head > MAX_HEAD_BYTES:  # a head that arrived within one read: no request is started
+                self._refused = True
+                return
+            self._started = True
             super().on_headers_complete()
 
+        def on_body(self, body: bytes) -> None:
+            self._chunk_body += len(body)
+            self._body += len(body)
+            if not self._refused:
+                super().on_body(body)
+
         def on_message_complete(self) -> None:
-            self._in_head, self._head_bytes, self._completed = True, 0, True
-            super().on_message_complete()
+            self._head = self._other = self._body = 0
+            self._completed, self._started = True, False
+            if not self._refused:
+                super().on_message_complete()
+
+        def _refuse(self) -> None:
+            self._refused = True
+            if self.transport.is_closing():
+                return
+            self.logger.warning("Request head or framing over %d bytes: connection closed.", MAX_HEAD_BYTES)
+            if self._started:  # framing or trailers of a request under way: its body cannot complete
+                self.transport.close()
+                return
+            self.transport.pause_reading()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # a response is on its way (this request's, or a pipelined one's before it): it is sent, and
+                # then the connection closes, answering nothing else; a 431 now would take its place
+                cycle.keep_alive = False
+                self.pipeline.clear()
+                return
+            body = f"Request head over {MAX_HEAD_BYTES} bytes.".encode()
+            self.transport.write(STATUS_LINE[431] + b"content-type: text/plain; charset=utf-8\r\n"
+                                 + b"content-length: " + str(len(body)).encode() + b"\r\n"
+                                 + b"connection: close\r\n\r\n" + body)
+            self.transport.close()
 
     return BoundedHead
 
