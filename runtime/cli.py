@@ -35,6 +35,17 @@ def _at_least_one(value: str) -> int:
     return number
 
 
+def _port(value: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535 (70000 listened on 70000 mod 65536 while saying 70000)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {number}")
+    return number
+
+
 def _printable(text: str) -> str:
     """``text`` with control characters (ESC, newlines, ...) shown as escapes: a corpus id or text printed to a
     terminal must not move the cursor, clear the screen or forge an output line."""
@@ -157,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL_DIR",
                    help=f"model folders (default: models/{DEFAULT_MODEL}, exported first if needed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0: any free one)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
@@ -459,9 +470,12 @@ def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
     if args.api_key_file:
         path = Path(args.api_key_file)
         try:
-            lines = path.read_text().splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise ValueError(f"{path}: cannot read the key file: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: the key file is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset "
+                             f"{exc.start})") from None
         keys = tuple(k.strip() for k in lines if k.strip() and not k.strip().startswith("#"))
         if not keys:
             raise ValueError(f"{path}: no keys in the key file")
@@ -488,6 +502,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not folders:
         _export_default(Path(f"models/{DEFAULT_MODEL}"))
         folders = [f"models/{DEFAULT_MODEL}"]
+    seen: dict[str, str] = {}
+    for folder in folders:  # before any load: the same model twice would clash only once both are loaded
+        real = os.path.realpath(folder)
+        if real in seen:
+            raise ValueError(f"{folder}: the same model folder as {seen[real]}; serve each model once")
+        seen[real] = folder
     # loaded here, before the server starts, so a bad folder is exit status 2 with its path
     models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
                    openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,

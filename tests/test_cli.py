@@ -363,3 +363,16 @@ def test_encode_to_dev_stdout_in_a_pipe_and_through_a_dangling_link(tiny_bert, t
     (tmp_path / "dangling.npy").symlink_to(tmp_path / "missing" / "x.npy")
     assert main(["encode", str(tiny_bert[1]), "--text", "a", "-o", str(tmp_path / "dangling.npy")]) == 0
     assert np.load(tmp_path / "dangling.npy").shape == (1, 32)
+
+
+def test_serve_refuses_a_bad_port_a_model_twice_and_a_key_file_not_utf8(tmp_path, capsys, refuse_long_work) -> None:  # type: ignore[no-untyped-def]
+    pytest.importorskip("uvicorn")
+    with pytest.raises(SystemExit) as exit_info:  # was: listened on 70000 mod 65536, saying 70000
+        main(["serve", str(tmp_path / "m"), "--port", "70000"])
+    assert exit_info.value.code == 2 and "argument --port: must be 0 to 65535, got 70000" in capsys.readouterr().err
+    (tmp_path / "m").mkdir()
+    assert main(["serve", str(tmp_path / "m"), str(tmp_path / "m") + "/"]) == 2  # before loading either
+    assert "the same model folder as" in capsys.readouterr().err
+    (tmp_path / "keys").write_bytes(b"\xff\xfe\n")
+    assert main(["serve", str(tmp_path / "m"), "--api-key-file", str(tmp_path / "keys")]) == 2
+    assert f"{tmp_path / 'keys'}: the key file is not UTF-8 (byte 0xff at offset 0)" in capsys.readouterr().err
