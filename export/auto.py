@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from embedrt.outputs import check_not_input
+from embedrt.outputs import check_not_input, check_replaceable
 
 log = logging.getLogger("embedrt.export")
 
@@ -164,6 +164,8 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
 
     output = Path(output)
     check_not_input(output, [source])  # a local checkpoint folder that --overwrite would delete
+    if overwrite:
+        check_replaceable(output, source if Path(source).is_dir() else None)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
     if gate.get("smooth_quant"):  # NNCF's SmoothQuant graphs are not batch-invariant (see QuantConfig.describe)

@@ -33,7 +33,7 @@ from embedrt.export.validate import BF16_MIN_COSINE, PROBE_TEXTS, check_parity, 
 from embedrt.export.workdir import claim_work_dir
 from embedrt.manifest import OPENVINO_XML, TOKENIZER_NAME, Manifest, Precision, describe_files
 from embedrt.ops import FloatArray
-from embedrt.outputs import check_not_input
+from embedrt.outputs import check_not_input, check_replaceable
 from embedrt.plan import parity_device
 from embedrt.tokenize import TextTokenizer
 
@@ -124,6 +124,8 @@ def export_model(
     resolved = resolve_source(source, options.revision)
     target_dir = Path(output) if output else Path("models") / _default_name(resolved, options.quantize)
     check_not_input(target_dir, [resolved.path])  # --overwrite would delete the checkpoint it reads
+    if options.overwrite:
+        check_replaceable(target_dir, resolved.path)
     if target_dir.exists() and not options.overwrite:
         raise FileExistsError(f"{target_dir} exists; pass overwrite=True (--overwrite) to replace it")
     spec = read_checkpoint(resolved.path, resolved.catalogue)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from embedrt.errors import EmbedrtError
-from embedrt.outputs import atomic_file, check_output_path, naming_write_errors
+from embedrt.outputs import atomic_file, check_output_path, check_replaceable, naming_write_errors
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEVICE_HELP = ("auto, auto:cpu, cpu, cuda[:N], openvino[:DEVICE] (default: auto: CUDA if usable, else the faster "
@@ -263,7 +263,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedrt._optional import require
 
     if args.output:  # the default, models/<name>, is only known once the source is resolved
-        check_output_path(args.output, folder=True, inputs=[args.source])
+        out = check_output_path(args.output, folder=True, inputs=[args.source])
+        if args.overwrite:
+            check_replaceable(out, args.source)
     require("torch", "export")
     from embedrt.export import ExportOptions, export_model
     from embedrt.textio import read_records

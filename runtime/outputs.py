@@ -65,6 +65,21 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) 
                                   "output")
 
 
+def check_replaceable(out: Path, source: str | os.PathLike[str] | None) -> None:
+    """Refuse to replace an existing output folder that lies inside the ``source`` folder (``--overwrite``
+    would delete part of it) or that holds the current directory (it cannot be renamed away)."""
+    if not out.exists():
+        return
+    real = Path(os.path.realpath(out))
+    if source is not None and Path(source).is_dir() and Path(os.path.realpath(source)) in real.parents:
+        raise OutputPathError(f"{out}: is inside the input {source}; replacing it would delete part of the "
+                              "input, choose another output")
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputPathError(f"{out}: is the current folder or holds it, which cannot be replaced; choose "
+                              "another output")
+
+
 def _umask() -> int:
     try:  # Linux says it without changing it (os.umask can only be read by setting it, racing other threads)
         with open("/proc/self/status", encoding="ascii") as fh:

@@ -260,6 +260,18 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys,
         err = capsys.readouterr().err
         assert f"embedrt export: error: {out}: is " in err and f"the input {ckpt}" in err
     assert (ckpt / "model.safetensors").read_text() == "weights"
+    # a module folder inside the checkpoint was replaced by the export; the current folder could not be
+    assert main(["export", str(ckpt), "-o", str(ckpt / "sub"), "--overwrite"]) == 2
+    assert f"{ckpt / 'sub'}: is inside the input {ckpt}" in capsys.readouterr().err
+    assert (ckpt / "sub").is_dir()
+    here = os.getcwd()
+    try:
+        (tmp_path / "elsewhere").mkdir()
+        os.chdir(tmp_path / "elsewhere")
+        assert main(["export", str(ckpt), "-o", ".", "--overwrite"]) == 2
+        assert ".: is the current folder or holds it" in capsys.readouterr().err
+    finally:
+        os.chdir(here)
     from embedrt.errors import OutputPathError
     from embedrt.export.auto import export_auto
 
