@@ -44,7 +44,8 @@ class Candidate:
     devices: tuple[str, ...]
 
 
-_INT8_ONLY = ("target", "calibration_texts", "calibration_method", "keep_ffn_output_fp32", "smooth_quant")
+_INT8_ONLY = ("target", "calibration_texts", "calibration_method", "keep_ffn_output_fp32", "smooth_quant",
+              "eval_dir", "min_retained", "min_agreement", "min_mean_cosine", "min_p1_cosine")
 
 
 def candidates(bf16: bool) -> list[Candidate]:

@@ -123,10 +123,12 @@ class ExportOptions:
                 raise ValueError(f"{name} must be between -1 and 1, got {value}")
         if not 0.0 <= self.min_retained <= 1000.0:
             raise ValueError(f"min_retained is a percentage >= 0, got {self.min_retained}")
+        from embedrt.beir import load_beir
         from embedrt.export.gate import dataset_kind
+        from embedrt.sts import load_sts
 
-        for path in self.eval_dirs:  # a typo fails now, not after the export and quantisation
-            dataset_kind(path)
+        for path in self.eval_dirs:  # a typo or a bad file fails now, not after the export and quantisation
+            (load_beir if dataset_kind(path) == "beir" else load_sts)(path)
         resolved = [path.resolve() for path in self.eval_dirs]
         twice = sorted({str(path) for path in self.eval_dirs if resolved.count(path.resolve()) > 1})
         if twice:
@@ -188,6 +190,16 @@ class ExportOptions:
         if not quantize and (smooth_quant or calibration_texts or keep_ffn_output_fp32 is not None):
             raise ValueError("--smooth-quant, --calibration-texts and --keep-ffn-fp32/--no-keep-ffn-fp32 set up int8: "
                              "they need --quantize dynamic|static")
+        parse_target(target)  # an unknown target is an error with or without --quantize
+        if not quantize:  # int8 settings that an export without int8 would silently ignore
+            given = [flag for flag, value, default in (
+                ("--target", target, "auto"), ("--calibration-method", calibration_method, "minmax"),
+                ("--eval", eval_dir or None, None), ("--min-retained", min_retained, 99.0),
+                ("--min-agreement", min_agreement, 0.85), ("--min-mean-cosine", min_mean_cosine, 0.99),
+                ("--min-p1-cosine", min_p1_cosine, 0.95)) if value != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} set up or judge int8: they need --quantize dynamic|static "
+                                 "(or --precision auto)")
         if quantize == "dynamic" and calibration_texts:
             raise ValueError("--calibration-texts calibrate static int8; --quantize dynamic computes its scales per "
                              "call and would ignore them")

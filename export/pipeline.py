@@ -172,6 +172,7 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
             f"{resolved.path}: sentence-transformers runs max_seq_length {reference.max_seq_length}, the files "
             f"say {spec.max_seq_length}; refusing to guess"
         )
+    _check_tokenizer_fits(resolved.path, reference)
     eager = _load_st(st, resolved.path, model_kwargs={"attn_implementation": "eager"})
     texts = [*PROBE_TEXTS, *options.parity_texts]
     pad_id = reference.tokenizer.pad_token_id
@@ -179,6 +180,18 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
                   texts, reference_embeddings(reference, texts))
     build.scratch.mkdir()
     return build
+
+
+def _check_tokenizer_fits(path: Path, reference: Any) -> None:
+    """Refuse a tokenizer far smaller than the model's embedding table: without its tokenizer.json or vocab
+    file, a checkpoint's tokenizer can come out with a handful of special tokens, every word [UNK], and
+    parity with sentence-transformers (which loads the same tokenizer) still perfect."""
+    words = len(reference.tokenizer)
+    config = getattr(getattr(reference[0], "auto_model", None), "config", None)
+    table = getattr(config, "vocab_size", None)
+    if isinstance(table, int) and words < table // 2:
+        raise SourceError(f"{path}: the tokenizer has {words} tokens but the model's embedding table has {table}; "
+                          "its vocabulary is missing (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
 
 
 def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:

@@ -219,3 +219,37 @@ def test_export_after_a_kill_9_completes_and_cleans_up(tiny_bert, tmp_path) -> N
     export_model(str(tiny_bert[0]), out, formats="onnx")
     assert _temp_folders(tmp_path, "model") == []
     assert embedrt.load(out).encode(["after the crash"]).shape == (1, 32)
+
+
+def test_int8_settings_without_quantize_and_bad_eval_sets_are_refused_before_export(tmp_path) -> None:
+    """--target sparc, --min-retained 50 or --eval without --quantize were silently ignored; a bad --eval file
+    was found only after the export and quantisation (and --precision auto exited 0 over it)."""
+    from embedrt.export import ExportOptions
+
+    for settings, flag in (({"target": "sparc"}, "unknown"), ({"target": "avx2"}, "--target"),
+                           ({"min_retained": 50.0}, "--min-retained"), ({"calibration_method": "entropy"},
+                                                                           "--calibration-method")):
+        with pytest.raises(ValueError, match=flag):
+            ExportOptions.parse(**settings)
+    sts = tmp_path / "notsts.txt"
+    sts.write_text("just\ntext\n")
+    with pytest.raises(ValueError, match="--eval"):
+        ExportOptions.parse(eval_dir=sts)
+    with pytest.raises(Exception, match=r"notsts\.txt:1: expected 7 tab-separated fields"):
+        ExportOptions.parse(quantize="dynamic", eval_dir=sts)
+    beir = tmp_path / "beir"
+    beir.mkdir()
+    (beir / "corpus.jsonl").write_text('{"_id": "d", "text": "x"}\n')
+    with pytest.raises(Exception, match=r"queries\.jsonl"):
+        ExportOptions.parse(quantize="static", eval_dir=beir)
+
+
+def test_a_checkpoint_without_its_vocabulary_is_refused(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without tokenizer.json the tokenizer had 5 tokens, every word [UNK], and parity was still 1.0."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_bert[0], ckpt)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (ckpt / name).unlink(missing_ok=True)
+    with pytest.raises(SourceError, match="its vocabulary is missing"):
+        export_model(ckpt, tmp_path / "out", formats="onnx")
+    assert not (tmp_path / "out").exists()
