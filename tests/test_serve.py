@@ -376,25 +376,31 @@ def test_a_request_head_over_the_limit_is_431_and_closed(live: LiveServer) -> No
     """Without a bound, a 200 MiB header took 98 s of the event loop's time and 230 MB, stalling every client."""
     for size, want in ((32 * 1024, b"HTTP/1.1 200 "), (MAX_HEAD_BYTES + 300 * 1024, b"HTTP/1.1 431 ")):
         with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+            sent = 0
             try:
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: ")
                 for _ in range(size // 4096):
                     sock.sendall(b"A" * 4096)
+                    sent += 4096
                 sock.sendall(b"\r\n\r\n")
             except OSError:  # the server closed the connection while the rest was on its way
                 pass
-            answer = sock.recv(200)
-            assert answer.startswith(want), (size, answer)
-            if want.endswith(b"431 "):
-                sock.settimeout(5)
-                while sock.recv(65536):  # the rest, if any, then the close
-                    pass
+            try:
+                answer = sock.recv(200)
+            except ConnectionResetError:  # closed with our unread bytes in its buffer: the 431 may be lost
+                answer = b"reset"
+            if want.endswith(b"200 "):
+                assert answer.startswith(want), (size, answer)
+            else:  # refused: the 431, or a reset (a server that took the head would answer 200, not reset)
+                assert answer.startswith(want) or answer == b"reset", (size, sent, answer)
     head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"A" * (MAX_HEAD_BYTES + 1000) + b"\r\n\r\n"
     assert _exchange(live.port, head).startswith(b"HTTP/1.1 431 ")  # the whole head in one write
     # a request answered first keeps its answer: the oversized one after it is not answered, then the close
     first = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     answer = _exchange(live.port, first + head)
-    assert answer.startswith(b"HTTP/1.1 200 ") and b"431" not in answer, answer[:200]
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    if b"HTTP/1.1 431 " in answer:  # the first answer finished before the second head was read: then its 431
+        assert answer.index(b"HTTP/1.1 431 ") > answer.index(b'{"status":'), answer[:400]
     # a chunked body's trailer is not a way around the bound
     body = json.dumps({"model": _tiny_name(live), "input": "a"}).encode()
     chunked = (b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
