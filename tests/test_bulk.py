@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -164,23 +165,29 @@ def test_float16_output(model, tmp_path) -> None:  # type: ignore[no-untyped-def
     np.testing.assert_allclose(emb.astype(np.float32), want[order].astype(np.float32), atol=1e-3)
 
 
-def test_resume_after_failure_between_part_and_progress(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Killed after a part's rename but before the progress file said so: that part is redone, not doubled."""
-    rows = make_rows(2000, seed=3)
-    src = write_jsonl(tmp_path / "c.jsonl", rows)
-    out = tmp_path / "out"
+def killed_at_progress_write(n: int, monkeypatch: Any, job: Any) -> None:
+    """Run ``job`` until its ``n``-th progress-file write, which is a simulated kill (KeyboardInterrupt)."""
     real, calls = bulk.write_json_atomic, []
 
     def dying(path: Path, data: dict) -> None:  # type: ignore[type-arg]
         calls.append(path)
-        if len(calls) == 4:  # the fresh-job record, then parts 0 and 1 recorded; part 2 renamed, not recorded
+        if len(calls) == n:
             raise KeyboardInterrupt("simulated kill")
         real(path, data)
 
     monkeypatch.setattr(bulk, "write_json_atomic", dying)
     with pytest.raises(KeyboardInterrupt):
-        embed_corpus(model, src, out, BulkOptions(part_rows=300))
+        job()
     monkeypatch.setattr(bulk, "write_json_atomic", real)
+
+
+def test_resume_after_failure_between_part_and_progress(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Killed after a part's rename but before the progress file said so: that part is redone, not doubled."""
+    rows = make_rows(2000, seed=3)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    # the fresh-job record, then parts 0 and 1 recorded; part 2 renamed, not recorded
+    killed_at_progress_write(4, monkeypatch, lambda: embed_corpus(model, src, out, BulkOptions(part_rows=300)))
     assert len(list(out.glob("part-*.parquet"))) == 3  # the third is an orphan
     summary = embed_corpus(model, src, out, BulkOptions(part_rows=300))
     assert summary.complete and summary.texts == 2000 and summary.resumed_texts == 600 and summary.parts == 7
@@ -434,18 +441,8 @@ def test_resume_over_a_damaged_part_or_a_full_disk_names_the_file(model, tmp_pat
     rows = make_rows(1000, seed=12)
     src = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "out"
-    real, calls = bulk.write_json_atomic, []
-
-    def dying(path: Path, data: dict) -> None:  # type: ignore[type-arg]
-        calls.append(path)
-        if len(calls) == 3:  # the fresh-job record and part 0 recorded, then killed
-            raise KeyboardInterrupt("simulated kill")
-        real(path, data)
-
-    monkeypatch.setattr(bulk, "write_json_atomic", dying)
-    with pytest.raises(KeyboardInterrupt):
-        embed_corpus(model, src, out, BulkOptions(part_rows=300))
-    monkeypatch.setattr(bulk, "write_json_atomic", real)
+    # the fresh-job record and part 0 recorded, then killed
+    killed_at_progress_write(3, monkeypatch, lambda: embed_corpus(model, src, out, BulkOptions(part_rows=300)))
     part = out / "part-000000.parquet"
     good = part.read_bytes()
     for damage in (good[: len(good) // 2], {"other": [1, 2]}, {"id": [1, 2]}):
