@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to embed (repeatable)")
-    src.add_argument("--input", help=".txt (one text per line) or .jsonl file")
+    src.add_argument("--input", help=".txt (one text per line), .jsonl, or .csv, .tsv, .parquet (columns _id and text)")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("-o", "--output", required=True, help="where to write the [n, dim] float32 .npy")
     _add_runtime_args(p)
@@ -147,7 +147,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="rank a corpus file for one or more queries")
     p.add_argument("model", help="model folder")
-    p.add_argument("--corpus", required=True, help=".txt or .jsonl corpus")
+    p.add_argument("--corpus", required=True, help=".txt, .jsonl, .csv, .tsv or .parquet corpus")
     p.add_argument("--query", action="append", required=True, help="a query (repeatable)")
     p.add_argument("-k", type=_at_least_one, default=5, help="hits per query (default: 5)")
     p.add_argument("--field", default="text")
