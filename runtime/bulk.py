@@ -566,8 +566,7 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
             raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
         out.mkdir(parents=True, exist_ok=True)
         state = JobState(identity, BulkSummary())
-        with naming_write_errors(state_path):
-            write_json_atomic(state_path, state.to_json())
+        _write_state(state_path, state)
         return state
     try:
         data = json.loads(state_path.read_text(encoding="utf-8"))
@@ -577,8 +576,7 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     if _did_nothing(state):  # it stopped before its first part (a bad option, a bad first row): start over
         _clean_output(out, state)
         state = JobState(identity, BulkSummary())
-        with naming_write_errors(state_path):
-            write_json_atomic(state_path, state.to_json())
+        _write_state(state_path, state)
         return state
     recorded = state.identity.get("model")
     if isinstance(recorded, dict) and "manifest_sha256" not in recorded:  # states before 2026-12-02
@@ -599,6 +597,21 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
                           f"{hint})")
     _clean_output(out, state)
     return state
+
+
+def _write_state(path: Path, state: JobState) -> None:
+    """Write the job's progress file; a write error (a full disk) names it."""
+    with naming_write_errors(path):
+        write_json_atomic(path, state.to_json())
+
+
+def check_rows(rows: Iterator[RawRow], field: str, id_field: str, note: str = "") -> Iterator[tuple[str, str, str]]:
+    """``(where, id, text)`` of each row; the first bad one raises BadRowError naming it (``note`` appended)."""
+    for row in rows:
+        checked = check_row(row, field, id_field)
+        if isinstance(checked, str):
+            raise BadRowError(f"{row.where}: {checked}{note}")
+        yield row.where, *checked
 
 
 def _did_nothing(state: JobState) -> bool:
@@ -744,8 +757,7 @@ class _Job:
         self.summary.input_rows = position
         self.summary.seconds = self.seconds_before + time.perf_counter() - self.started
         self.summary.complete = last
-        with naming_write_errors(self.out / STATE_NAME):  # a full disk here named no file
-            write_json_atomic(self.out / STATE_NAME, self.state.to_json())
+        _write_state(self.out / STATE_NAME, self.state)
         if self.on_part is not None and written:
             self.on_part(self.summary)
 

@@ -24,26 +24,21 @@ DEVICE_HELP = ("auto, auto:cpu, cpu, cuda[:N], openvino[:DEVICE] (default: auto:
                "CPU backend for this CPU; auto:cpu never a GPU; see embedrt.plan.auto_requests)")
 
 
-def _at_least_one(value: str) -> int:
-    """An argparse type: an integer >= 1, refused at parse time, before a corpus is embedded."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+def _int_in(low: int, high: int | None = None) -> Any:
+    """An argparse type: an integer from ``low`` to ``high``, refused at parse time (before a corpus is
+    embedded; a --port of 70000 listened on 70000 mod 65536 while saying 70000)."""
 
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if number < low or (high is not None and number > high):
+            bound = f">= {low}" if high is None else f"{low} to {high}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {number}")
+        return number
 
-def _port(value: str) -> int:
-    """An argparse type: a TCP port, 0 to 65535 (70000 listened on 70000 mod 65536 while saying 70000)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0 to 65535, got {number}")
-    return number
+    return parse
 
 
 def _printable(text: str) -> str:
@@ -149,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder")
     p.add_argument("--corpus", required=True, help=".txt, .jsonl, .csv, .tsv or .parquet corpus")
     p.add_argument("--query", action="append", required=True, help="a query (repeatable)")
-    p.add_argument("-k", type=_at_least_one, default=5, help="hits per query (default: 5)")
+    p.add_argument("-k", type=_int_in(1), default=5, help="hits per query (default: 5)")
     p.add_argument("--field", default="text")
     _add_runtime_args(p)
 
@@ -168,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", metavar="MODEL_DIR",
                    help=f"model folders (default: models/{DEFAULT_MODEL}, exported first if needed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=_port, default=8000, help="port (default: 8000; 0: any free one)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (default: 8000; 0: any free one)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")

@@ -35,6 +35,7 @@ from embedrt.bulk import (
     RawRow,
     ResumeError,
     check_row,
+    check_rows,
     embedding_schema,
     embedding_table,
     iter_jsonl_range,
@@ -187,12 +188,9 @@ def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> 
         rows = (iter_jsonl_range(path, id_field, field, start, end, first) if fmt is InputFormat.JSONL
                 else iter_rows(path, fmt, id_field, field))
         ids, texts = [], []
-        for row in rows:
-            checked = check_row(row, field, id_field)
-            if isinstance(checked, str):
-                raise BadRowError(f"{row.where}: {checked} (Ray mode has no --skip-bad)")
-            ids.append(checked[0])
-            texts.append(checked[1])
+        for _, rid, text in check_rows(rows, field, id_field, " (Ray mode has no --skip-bad)"):
+            ids.append(rid)
+            texts.append(text)
             if len(ids) >= BATCH_ROWS * 4:
                 yield pa.table([ids, texts], schema=schema)
                 ids, texts = [], []

@@ -85,23 +85,20 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
 def _read_table_records(file: Path, field: str, unique: bool) -> tuple[list[str], list[str]]:
     """A CSV, TSV or Parquet file's ``(ids, texts)``, parsed as ``embedrt embed`` parses it (an ``_id`` column and
     ``field``; a title joined in front); a bad row is an error naming it."""
-    from embedrt.bulk import check_row, iter_rows, resolve_input
+    from embedrt.bulk import check_rows, iter_rows, resolve_input
 
     if not file.is_file():
         raise InputFileError(f"{file}: input not found")
     _, fmt = resolve_input(file)
     ids, texts = [], []
     where: dict[str, str] = {}
-    for row in iter_rows(file, fmt, "_id", field):
-        checked = check_row(row, field, "_id")
-        if isinstance(checked, str):
-            raise InputFileError(f"{row.where}: {checked}")
-        if unique and checked[0] in where:
-            raise InputFileError(f"{row.where}: id {checked[0]!r} again (first at {where[checked[0]]}); ids must be "
-                                 "unique")
-        where[checked[0]] = row.where
-        ids.append(checked[0])
-        texts.append(checked[1])
+    # a bad row raises BadRowError, an InputFileError
+    for at, rid, text in check_rows(iter_rows(file, fmt, "_id", field), field, "_id"):
+        if unique and rid in where:
+            raise InputFileError(f"{at}: id {rid!r} again (first at {where[rid]}); ids must be unique")
+        where[rid] = at
+        ids.append(rid)
+        texts.append(text)
     return ids, texts
 
 
