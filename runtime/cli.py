@@ -64,7 +64,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
     _add_inference_precision(p)
-    p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
+    p.add_argument("--hint", choices=["latency", "throughput"], help="OpenVINO performance hint (default: latency)")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                    help="leave the model's memory in 4 KB pages (default: 2 MB pages where the host allows)")
 
@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
     _add_inference_precision(p)
-    p.add_argument("--hint", default="latency", choices=["latency", "throughput"], help="OpenVINO performance hint")
+    p.add_argument("--hint", choices=["latency", "throughput"], help="OpenVINO performance hint (default: latency)")
     p.add_argument("--no-huge-pages", dest="huge_pages", action="store_false", help="keep 4 KB pages")
     p.add_argument("--no-spin", dest="spin", action="store_false", help="ONNX Runtime's idle threads sleep instead "
                    "of busy-waiting for work: for a host whose other processes need the cores (slower here)")

@@ -20,7 +20,15 @@ from embedrt.batching import BatchCost, padded_lengths, plan_batches
 from embedrt.contract import check_graph
 from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import OUTPUT_NAME, TOKENIZER_NAME, Manifest, Precision, check_files, read_manifest
-from embedrt.plan import DevicePlan, LoadSettings, auto_requests, fallback_request, plan_device, running_precision
+from embedrt.plan import (
+    DevicePlan,
+    LoadSettings,
+    auto_requests,
+    check_bool,
+    fallback_request,
+    plan_device,
+    running_precision,
+)
 from embedrt.providers import DeviceRequest, default_thread_count, parse_device
 from embedrt.tokenize import TextTokenizer, Tokenized, check_count, check_texts, check_token_ids
 
@@ -261,7 +269,7 @@ def load(
     allow_fallback: bool = False,
     verify: bool = False,
     openvino_cache_dir: str | None = None,
-    performance_hint: str = "latency",
+    performance_hint: str | None = None,
     huge_pages: bool = True,
     batch_cost: BatchCost | None = None,
     inference_precision: str | None = None,
@@ -284,7 +292,10 @@ def load(
         verify: also check the sha256 of every file the manifest lists, the graphs of other devices too
             (the sizes of the files this load reads are always checked).
         openvino_cache_dir: where OpenVINO caches compiled models (faster second load).
-        performance_hint: OpenVINO's ``latency`` or ``throughput`` hint.
+        performance_hint: OpenVINO's ``latency`` (None: the default) or ``throughput`` hint.
+            ``openvino_cache_dir`` and ``performance_hint`` are OpenVINO's, ``spinning=False`` is ONNX Runtime's:
+            given for an explicit device of the other backend, they are refused (``ValueError``); with
+            ``device="auto"``, a warning says which were not used by the backend it took.
         huge_pages: on the CPU under Linux, move the memory this load allocates (the weights, as the
             backend laid them out) into 2 MB transparent huge pages, in a background thread
             (see :mod:`embedrt.hugepages`); 1-5% off single-text latency here. Memory allocated
@@ -304,8 +315,11 @@ def load(
     Raises:
         ModelFolderError: the folder, manifest, or a file in it is missing or corrupt (names the path).
         ProviderUnavailableError: the device asked for cannot be used, and ``allow_fallback`` is False.
-        ValueError: an unknown device string or performance hint, or ``threads`` below 1.
+        ValueError: an unknown device string or performance hint, ``threads`` below 1, or a setting of the
+            other backend for an explicit device.
+        TypeError: an argument of the wrong type (``"no"`` for a boolean, a float for ``threads``).
     """
+    check_bool("huge_pages", huge_pages)
     root = Path(path)
     manifest = read_manifest(root)
     request = parse_device(device)
@@ -332,11 +346,20 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
         reasons = []
         for candidate in auto_requests(manifest, request.cpu_only):
             try:
-                return _open(root, manifest, candidate, settings)
+                plan, backend = _open(root, manifest, candidate, settings)
+                unused = settings.onnxruntime_only() if candidate.kind == "openvino" else settings.openvino_only()
+                if unused:
+                    log.warning("%s: %s not used: device='auto' took %s", root, ", ".join(unused), plan.device)
+                return plan, backend
             except (ProviderUnavailableError, ImportError) as exc:  # ImportError: openvino not installed
                 reasons.append(str(exc))
                 log.info("auto: skipping %s: %s", candidate, exc)
         raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")
+    unused = settings.onnxruntime_only() if request.kind == "openvino" else settings.openvino_only()
+    if unused:
+        runs, other = ("OpenVINO", "ONNX Runtime") if request.kind == "openvino" else ("ONNX Runtime", "OpenVINO")
+        raise ValueError(f"{', '.join(unused)}: {other} only, but device={str(request)!r} runs {runs}; "
+                         "leave it out, or use device='auto'")
     try:
         return _open(root, manifest, request, settings)
     except ProviderUnavailableError as exc:

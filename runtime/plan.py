@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -65,7 +66,7 @@ class LoadSettings:
     threads: int
     verify: bool = False
     openvino_cache_dir: str | None = None
-    performance_hint: str = "latency"
+    performance_hint: str | None = None  # OpenVINO's hint; None: latency
     batch_cost: BatchCost | None = None  # None: the device's own cost model
     allow_fallback: bool = False  # a bf16 folder on a CPU without bf16 units runs in f32 instead of failing
     inference_precision: str | None = None  # OpenVINO CPU: "f32" or "bf16"; None: the folder's own choice
@@ -77,15 +78,37 @@ class LoadSettings:
         object.__setattr__(self, "threads", int(self.threads))
         if not 1 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must be between 1 and {MAX_THREADS}, got {self.threads}")
-        if not isinstance(self.spinning, bool):
-            raise TypeError(f"spinning must be True or False, got {self.spinning!r}")
+        for name in ("verify", "allow_fallback", "spinning"):
+            check_bool(name, getattr(self, name))
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        if self.openvino_cache_dir is not None:
+            if not isinstance(self.openvino_cache_dir, (str, os.PathLike)) or not str(self.openvino_cache_dir):
+                raise TypeError(f"openvino_cache_dir must be a folder path or None, got {self.openvino_cache_dir!r}")
+            object.__setattr__(self, "openvino_cache_dir", os.fspath(self.openvino_cache_dir))
         if self.batch_cost is not None and not isinstance(self.batch_cost, BatchCost):
             raise TypeError(f"batch_cost must be a BatchCost or None, got {type(self.batch_cost).__name__}")
         if self.inference_precision not in (None, "f32", "bf16"):
             raise ValueError(f"unknown inference_precision {self.inference_precision!r}; valid: f32, bf16 "
                              "(or None for the folder's own choice)")
-        if self.performance_hint.lower() not in HINTS:
+        if self.performance_hint is not None and (not isinstance(self.performance_hint, str)
+                                                  or self.performance_hint.lower() not in HINTS):
             raise ValueError(f"unknown performance_hint {self.performance_hint!r}; valid: {', '.join(HINTS)}")
+
+    def openvino_only(self) -> list[str]:
+        """The settings given that only OpenVINO uses, as ``name=value`` (``inference_precision`` too, but a
+        device that cannot honour it refuses it: :func:`plan_device`)."""
+        given = {"openvino_cache_dir": self.openvino_cache_dir, "performance_hint": self.performance_hint}
+        return [f"{name}={value!r}" for name, value in given.items() if value is not None]
+
+    def onnxruntime_only(self) -> list[str]:
+        """The settings given that only ONNX Runtime uses (non-default), as ``name=value``."""
+        return [] if self.spinning else ["spinning=False"]
+
+
+def check_bool(name: str, value: object) -> None:
+    """``value`` is True or False (``"no"``, 0 or None are not: a string is always truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +196,7 @@ def _openvino_plan(root: Path, manifest: Manifest, request: DeviceRequest, setti
     on_cpu = request.openvino_device.startswith("CPU")
     precision = (openvino_cpu_precision(manifest, settings.allow_fallback, requested=settings.inference_precision)
                  if on_cpu else None)
-    config: dict[str, Any] = {"PERFORMANCE_HINT": settings.performance_hint.upper()}
+    config: dict[str, Any] = {"PERFORMANCE_HINT": (settings.performance_hint or "latency").upper()}
     if on_cpu:
         config["INFERENCE_NUM_THREADS"] = settings.threads
     if precision is not None:

@@ -161,3 +161,30 @@ def test_spinning_is_the_plans_and_reaches_the_session_without_changing_a_vector
     assert np.array_equal(spinning.encode(texts), sleeping.encode(texts))
     with pytest.raises(TypeError, match="spinning must be True or False, got 'no'"):
         embedrt.load(tiny_bert[1], device="cpu", spinning="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name,value", [("verify", "no"), ("allow_fallback", 0), ("huge_pages", "false"),
+                                        ("spinning", None), ("performance_hint", 1)])
+def test_load_refuses_non_boolean_flags(tiny_bert, name, value) -> None:  # type: ignore[no-untyped-def]
+    """A string is always truthy: ``huge_pages="no"`` used to mean True. Every boolean option now takes only
+    True or False, and the error names the option."""
+    with pytest.raises((TypeError, ValueError), match=name):
+        embedrt.load(tiny_bert[1], device="cpu", **{name: value})
+
+
+def test_settings_of_the_other_backend_are_refused_or_reported(tiny_bert, caplog) -> None:  # type: ignore[no-untyped-def]
+    """OpenVINO's settings on ONNX Runtime (and ONNX Runtime's on OpenVINO) were silently ignored. With an
+    explicit device they are refused, naming them; with ``auto`` a warning says what the backend it took left
+    unused."""
+    with pytest.raises(ValueError, match=r"openvino_cache_dir='/tmp/x', performance_hint='throughput': OpenVINO "
+                                         r"only, but device='cpu' runs ONNX Runtime"):
+        embedrt.load(tiny_bert[1], device="cpu", openvino_cache_dir="/tmp/x", performance_hint="throughput")
+    with pytest.raises(ValueError, match=r"spinning=False: ONNX Runtime only, but device='openvino:CPU' runs "
+                                         "OpenVINO"):
+        embedrt.load(tiny_bert[1], device="openvino", spinning=False)
+    # the defaults are nobody's choice: no complaint on either backend
+    embedrt.load(tiny_bert[1], device="cpu", performance_hint=None)
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        model = embedrt.load(tiny_bert[1], device="auto:cpu", performance_hint="throughput", spinning=False)
+    unused = "spinning=False" if model.device.startswith("openvino") else "performance_hint='throughput'"
+    assert f"{unused} not used: device='auto' took {model.device}" in caplog.text

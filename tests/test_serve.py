@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -851,6 +852,15 @@ def test_the_bulk_instance_is_loaded_as_the_model_was(tiny_bert: tuple[Path, Pat
             models = next(iter(server.service.models.values())).scheduler._models
             assert models[Lane.BULK] is not models[Lane.INTERACTIVE]
             assert models[Lane.INTERACTIVE].plan.spinning is expected and models[Lane.BULK].plan.spinning is expected
+    # device="auto" with both backends' settings: the first load uses its backend's and reports the others
+    # unused; the second instance, on that device explicitly, must not be refused for them
+    for device in ("cpu", "openvino"):
+        with mock.patch("embedrt.plan._cpu_side_lead", return_value=device), LiveServer(create_app(
+                [tiny_bert[1]], config, device="auto:cpu", threads=1, spinning=False,
+                performance_hint="throughput")) as server:
+            models = next(iter(server.service.models.values())).scheduler._models
+            assert models[Lane.BULK].device == models[Lane.INTERACTIVE].device
+            assert models[Lane.BULK].device.startswith(device)
 
 
 def test_a_large_float_response_does_not_hold_the_gil_for_long() -> None:

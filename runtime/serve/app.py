@@ -130,6 +130,13 @@ class Service:
 
         options = {**self._load_options, "device": model.device, "threads": model.plan.threads,
                    "spinning": model.plan.spinning}
+        # the same device as the first load, explicitly: the other backend's settings (which that load, under
+        # device="auto", reported unused) are left out, as load refuses them for an explicit device
+        if str(model.device).startswith("openvino"):
+            options.pop("spinning")
+        else:
+            options.pop("openvino_cache_dir", None)
+            options.pop("performance_hint", None)
         if model.plan.inference_precision:  # both lanes compute alike, whatever the first load was asked
             options["inference_precision"] = model.plan.inference_precision
         bulk = load(model.path, **options)
