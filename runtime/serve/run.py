@@ -16,6 +16,10 @@ MAX_HEAD_BYTES = 64 * 1024
 # past the head, the bytes of a message that are not its body (chunk framing, trailers) may be at most
 # MAX_HEAD_BYTES plus this share of its body: chunks of 32 bytes and more pass, a 96 MiB trailer does not
 FRAMING_SHARE = 4
+# after a 431, how long the connection stays half-open, its incoming bytes read and dropped: a close with
+# unread bytes in the socket makes the kernel send a reset, which can destroy the 431 before the client reads
+# it (nginx's lingering_close does the same, 5 s by default)
+LINGER_S = 2.0
 
 
 def http_protocol() -> Any:
@@ -82,11 +86,11 @@ def http_protocol() -> Any:
             if self._started:  # framing or trailers of a request under way: its body cannot complete
                 self.transport.close()
                 return
-            self.transport.pause_reading()
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete:
                 # a response is on its way (this request's, or a pipelined one's before it): it is sent, and
                 # then the connection closes, answering nothing else; a 431 now would take its place
+                self.transport.pause_reading()
                 cycle.keep_alive = False
                 self.pipeline.clear()
                 return
@@ -94,7 +98,19 @@ def http_protocol() -> Any:
             self.transport.write(STATUS_LINE[431] + b"content-type: text/plain; charset=utf-8\r\n"
                                  + b"content-length: " + str(len(body)).encode() + b"\r\n"
                                  + b"connection: close\r\n\r\n" + body)
-            self.transport.close()
+            # lingering close: send the 431 and our FIN, drop what the client still sends (data_received
+            # ignores it once refused) until it closes or LINGER_S pass, then close
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                self.loop.call_later(LINGER_S, self.transport.close)
+            else:
+                self.transport.close()
+
+        def eof_received(self) -> bool | None:
+            if self._refused:  # the client is done sending after our 431: close now, not at the linger's end
+                self.transport.close()
+                return None
+            return super().eof_received()  # type: ignore[no-any-return]
 
     return BoundedHead
 
