@@ -309,7 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
-    out = check_output_path(args.output, inputs=[args.input])
+    out = check_output_path(args.output, inputs=[args.input], model=args.model)
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)
     start = time.perf_counter()
@@ -410,7 +410,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     beir = Path(args.beir_dir)
     inputs = [beir / "corpus.jsonl", beir / "queries.jsonl", beir / "qrels" / f"{args.split}.tsv"]
-    json_out = check_output_path(args.json, inputs=inputs) if args.json else None
+    json_out = check_output_path(args.json, inputs=inputs, model=args.model) if args.json else None
     data = load_beir(args.beir_dir, args.split)
     model = _load(args)
     start = time.perf_counter()

@@ -14,7 +14,8 @@ from embedrt.errors import OutputPathError
 
 
 def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
-                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+                      inputs: Iterable[str | os.PathLike[str] | None] = (),
+                      model: str | os.PathLike[str] | None = None) -> Path:
     """Refuse an output that cannot be written, before any model is loaded or exported.
 
     Missing parent folders are fine (writers create them), so the nearest existing ancestor is what must
@@ -24,6 +25,8 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
         path: the file (or, with ``folder``, the folder) that will be written.
         folder: the output is a folder; an existing folder is then accepted (overwriting is the caller's call).
         inputs: files or folders the command reads; the output may not be one of them, nor a folder holding one.
+        model: the model folder the command loads; the output may not be in it (``-o MODEL/model.onnx``
+            replaced the graph, and ``--json MODEL/embedrt.json`` the manifest), nor hold it.
 
     Returns:
         ``path`` as a ``Path``.
@@ -33,7 +36,12 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
             input, or nothing can be created where it would go; the message starts with the path.
     """
     out = Path(path)
-    check_not_input(out, inputs)
+    check_not_input(out, [*inputs, model])
+    if model is not None and Path(model).is_dir():
+        folder_real = Path(os.path.realpath(model))
+        if folder_real in Path(os.path.realpath(out)).parents:
+            raise OutputPathError(f"{out}: is inside the model folder {model}; writing there could replace the "
+                                  "model's files, choose another output")
     if out.is_dir() and not folder:
         raise OutputPathError(f"{out}: is a folder, not a file")
     if folder and out.exists() and not out.is_dir():

@@ -252,6 +252,17 @@ def test_an_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys,
     beir = small_beir(tmp_path)
     assert main(["eval", str(tmp_path / "model"), str(beir), "--json", str(beir / "corpus.jsonl")]) == 2
     assert "is the input" in capsys.readouterr().err
+    # the model folder is an input too: -o MODEL/model.onnx replaced the graph (exit 0), and --json
+    # MODEL/embedrt.json the manifest; a new file in it is refused as well, and so is the folder itself
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.onnx").write_bytes(b"graph")
+    for out in (model / "model.onnx", model / "new.npy", model):
+        assert main(["encode", str(model), "--text", "a", "-o", str(out)]) == 2
+        assert f"{out}: is " in capsys.readouterr().err
+    assert main(["eval", str(model), str(beir), "--json", str(model / "embedrt.json")]) == 2
+    assert f"is inside the model folder {model}" in capsys.readouterr().err
+    assert (model / "model.onnx").read_bytes() == b"graph" and sorted(p.name for p in model.iterdir()) == ["model.onnx"]
     ckpt = tmp_path / "ckpt"
     (ckpt / "sub").mkdir(parents=True)
     (ckpt / "model.safetensors").write_text("weights")
