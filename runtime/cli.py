@@ -505,17 +505,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if real in seen:
             raise ValueError(f"{folder}: the same model folder as {seen[real]}; serve each model once")
         seen[real] = folder
-    # loaded here, before the server starts, so a bad folder is exit status 2 with its path
-    models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
-                   openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
-                   huge_pages=args.huge_pages, inference_precision=args.inference_precision, spinning=args.spin)
-              for f in folders]
-    _access_log(args.access_log)
-    app = create_app(models, config)
-    for model in models:
-        print(f"serving {model.path} on {model.device} at http://{args.host}:{args.port}/v1/embeddings",
-              file=sys.stderr, flush=True)
-    run(app, args.host, args.port, drain_timeout=args.drain_timeout)
+    from embedrt.serve.run import listen
+
+    listener = listen(args.host, args.port)  # first: an address in use is known before minutes of loading
+    port = listener.getsockname()[1]  # --port 0: the one the system chose
+    try:
+        # loaded here, before the server starts, so a bad folder is exit status 2 with its path
+        models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
+                       openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
+                       huge_pages=args.huge_pages, inference_precision=args.inference_precision, spinning=args.spin)
+                  for f in folders]
+        _access_log(args.access_log)
+        app = create_app(models, config)
+        for model in models:
+            print(f"serving {model.path} on {model.device} at http://{args.host}:{port}/v1/embeddings",
+                  file=sys.stderr, flush=True)
+        run(app, args.host, port, drain_timeout=args.drain_timeout, listener=listener)
+    finally:
+        listener.close()
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 import stat
 import threading
 from pathlib import Path
@@ -399,3 +400,10 @@ def test_serve_refuses_a_bad_port_a_model_twice_and_a_key_file_not_utf8(tmp_path
     (tmp_path / "keys").write_bytes(b"\xff\xfe\n")
     assert main(["serve", str(tmp_path / "m"), "--api-key-file", str(tmp_path / "keys")]) == 2
     assert f"{tmp_path / 'keys'}: the key file is not UTF-8 (byte 0xff at offset 0)" in capsys.readouterr().err
+    # a port in use: uvicorn exited 3 after every model had loaded; now exit 2 at once, naming the address
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", str(tmp_path / "m"), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err

@@ -305,6 +305,8 @@ def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
             client.embeddings.create(model=name, input="late", extra_headers={"X-Request-Timeout": "0.3"})
         assert info.value.status_code == 504 and _error(info.value)["code"] == "deadline_exceeded"
         assert "(0.3 s)" in _error(info.value)["message"]  # its own deadline, not the server's default
+        # the openai client retries a 5xx twice unless told not to: the same request, in vain, twice more
+        assert info.value.response.headers["x-should-retry"] == "false"
         # E's client goes away while E waits: dropped, counted
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=0.3)
         conn.request("POST", "/v1/embeddings", body=json.dumps({"model": name, "input": ["gone", "away"]}),

@@ -55,9 +55,11 @@ def create_app(
 
 
 def run(
-    app: Any, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0, **uvicorn_options: Any
+    app: Any, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0, listener: Any = None,
+    **uvicorn_options: Any
 ) -> None:
-    """Serve ``app`` (from :func:`create_app`) with uvicorn until SIGTERM / SIGINT, then drain.
+    """Serve ``app`` (from :func:`create_app`) with uvicorn until SIGTERM / SIGINT, then drain; on ``listener``
+    (a socket from ``embedrt.serve.run.listen``) if given, else on ``host:port``.
 
     Raises:
         MissingDependencyError: uvicorn is not installed.
@@ -67,4 +69,4 @@ def run(
     require("uvicorn", "serve")
     from embedrt.serve.run import serve_forever
 
-    serve_forever(app, host, port, drain_timeout, **uvicorn_options)
+    serve_forever(app, host, port, drain_timeout, listener, **uvicorn_options)

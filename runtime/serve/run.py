@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from typing import Any
 
 import uvicorn
@@ -131,8 +132,10 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def serve_forever(app: Any, host: str, port: int, drain_timeout: float, **options: Any) -> None:
-    """Run until a signal, then drain; raises EmbedrtError if the server never started."""
+def serve_forever(app: Any, host: str, port: int, drain_timeout: float, listener: socket.socket | None = None,
+                  **options: Any) -> None:
+    """Run until a signal, then drain, on ``listener`` (from :func:`listen`; bound here if None); raises
+    EmbedrtError if the server never started (the address in use: naming it)."""
     options.setdefault("log_level", "info")
     # log_config=None: uvicorn's default dictConfig would close every handler already installed (logging's
     # dictConfig shuts down the existing ones), the access log's included; its loggers go to the root's
@@ -142,6 +145,34 @@ def serve_forever(app: Any, host: str, port: int, drain_timeout: float, **option
     config = uvicorn.Config(app, host=host, port=port, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=math.ceil(drain_timeout), **options)
     server = _DrainingServer(config, app.state.service)
-    server.run()
+    if listener is None:
+        listener = listen(host, port)
+    try:
+        server.run(sockets=[listener])
+    except SystemExit as exc:  # uvicorn's own exit on a failed start (status 3), not this CLI's error and 2
+        if server.started:
+            raise
+        raise EmbedrtError(f"the server did not start on {host}:{port} (see the log above)") from exc
+    finally:
+        listener.close()
     if not server.started:
         raise EmbedrtError(f"the server did not start on {host}:{port} (see the log above)")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound as uvicorn binds it, but here: ``embedrt serve`` binds before it loads any
+    model, so an address in use is a clear error (exit 2) at once, not uvicorn's exit 3 after the loads.
+
+    Raises:
+        EmbedrtError: the address cannot be bound (in use, not this host's, no permission), naming it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise EmbedrtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
