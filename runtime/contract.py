@@ -13,7 +13,10 @@ from embedrt.manifest import MANIFEST_NAME, Manifest
 # the metadata key under which the exporter stamps the contract into the ONNX graph and the OpenVINO IR
 STAMP_KEY = "embedrt"
 # fields of the stamp that must equal the manifest's; max_seq_length may differ (see check_graph)
-_SAME = ("dim", "inputs", "pad_token_id", "pooling", "normalize", "precision")
+# the manifest fields the graph was exported with; "similarity" too: the graph does not use it, but a
+# manifest edited to another metric ranked search results by it, silently
+_SAME = ("dim", "inputs", "pad_token_id", "pooling", "normalize", "precision", "similarity", "architecture",
+         "do_lower_case")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,9 @@ def check_graph(root: Path, manifest: Manifest, graph: GraphInfo, vocab_size: in
         if key in stamp and stamp[key] != mine[key]:
             raise fail(key, f"is {mine[key]!r} but the graph was exported with {stamp[key]!r}")
     limits = stamp.get("limits", {})
+    for key, value in (mine.get("limits") or {}).items():  # the manifest's copy, read per call (encode_padded)
+        if key in limits and limits[key] != value:
+            raise fail(f"extra.limits.{key}", f"is {value!r} but the graph was exported with {limits[key]!r}")
     positions = limits.get("max_positions")
     if isinstance(positions, int) and manifest.max_seq_length > positions:
         raise fail("max_seq_length", f"is {manifest.max_seq_length} but the graph's position table holds "

@@ -177,9 +177,44 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         precision=precision,
         graphs=graphs,
         files=files,
-        parity=field("parity", dict),
+        parity=_parity(path, field("parity", dict)),
         extra=_extra(path, data.get("extra", {})),
     )
+
+
+# the records the runtime reads, beyond the top-level fields: name -> the types each key may hold when present
+_NUMBER = (int, float)
+_RECORDS: dict[str, dict[str, Any]] = {
+    "parity.openvino.bf16": {"passed": bool, "min_cosine": _NUMBER, "min_cosine_unbatched": _NUMBER, "units": str},
+    "extra.auto": {"device": str, "cpu": str},
+    "extra.quantization": {"target": str, "batch_invariant": bool, "method": str},
+}
+
+
+def _record(path: Path, name: str, value: Any, required: tuple[str, ...] = ()) -> None:
+    """``value`` is an object whose known keys have their types (``_RECORDS[name]``), else ModelFolderError."""
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"{path}: field {name!r} has the wrong type ({type(value).__name__}); an object")
+    for key, kind in _RECORDS[name].items():
+        if key not in value:
+            if key in required:
+                raise ModelFolderError(f"{path}: field '{name}.{key}' missing")
+            continue
+        item = value[key]
+        if not isinstance(item, kind) or (kind is not bool and isinstance(item, bool)):
+            raise ModelFolderError(f"{path}: field '{name}.{key}' has the wrong type ({type(item).__name__})")
+
+
+def _parity(path: Path, parity: dict[str, Any]) -> dict[str, Any]:
+    for fmt, record in parity.items():
+        if not isinstance(record, dict):
+            raise ModelFolderError(f"{path}: field 'parity.{fmt}' has the wrong type ({type(record).__name__}); "
+                                   "an object")
+    bf16 = (parity.get("openvino") or {}).get("bf16")
+    if bf16 is not None:  # decides whether an fp32 folder runs bf16 on AMX
+        passed = isinstance(bf16, dict) and bf16.get("passed") is True
+        _record(path, "parity.openvino.bf16", bf16, required=("passed", "min_cosine") if passed else ("passed",))
+    return parity
 
 
 def _extra(path: Path, extra: Any) -> dict[str, Any]:
@@ -196,6 +231,9 @@ def _extra(path: Path, extra: Any) -> dict[str, Any]:
             value = limits.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ModelFolderError(f"{path}: field 'extra.limits.{key}' must be an integer >= 1, got {value!r}")
+    for name in ("auto", "quantization"):  # read at load: auto's device order, the int8 target and recipe
+        if extra.get(name) is not None:
+            _record(path, f"extra.{name}", extra[name])
     return extra
 
 

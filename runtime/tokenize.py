@@ -137,8 +137,9 @@ class TextTokenizer:
         self._tok.no_truncation()  # the probe of the special tokens must not be cut
         self.prefix, self.suffix = self._special_template()
         if max_length < len(self.prefix) + len(self.suffix) + 1:
-            raise ModelFolderError(f"max_seq_length {max_length} leaves no room for a token beside the "
-                                   f"{len(self.prefix) + len(self.suffix)} special tokens the tokenizer adds")
+            raise ModelFolderError(f"{path.parent / 'embedrt.json'}: field 'max_seq_length' is {max_length}, which "
+                                   f"leaves no room for a token beside the {len(self.prefix) + len(self.suffix)} "
+                                   f"special tokens {path.name} adds")
         self._tok.enable_truncation(max_length=max_length)
         self.pad_id = pad_id
         self.input_names = tuple(input_names)

@@ -199,6 +199,9 @@ def bert_copy(tiny_bert, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def
     ({"pad_token_id": 10**6}, "pad_token_id"),
     ({"max_seq_length": 4096}, "max_seq_length"),
     ({"normalize": False}, "normalize"),
+    ({"similarity": "euclidean"}, "similarity"),  # search ranked by the edited metric, silently
+    ({"architecture": "roberta"}, "architecture"),
+    ({"do_lower_case": True}, "do_lower_case"),
 ])
 def test_a_manifest_that_contradicts_the_graph_is_named_at_load(
     bert_copy: Path, device: str, changes: dict[str, Any], field: str
@@ -216,8 +219,38 @@ def test_a_shorter_max_seq_length_is_allowed(bert_copy: Path) -> None:
     assert len(embedrt.load(bert_copy).tokenize(["word " * 100])[0]) == 3
     for short in (1, 2):  # no room for a token: not "a probe came out as special tokens only"
         _edit_manifest(bert_copy, max_seq_length=short)
-        with pytest.raises(ModelFolderError, match=f"max_seq_length {short} leaves no room for a token"):
+        with pytest.raises(ModelFolderError, match=f"embedrt.json: field 'max_seq_length' is {short}, which "
+                                                   "leaves no room for a token"):
             embedrt.load(bert_copy)
+
+
+@pytest.mark.parametrize("device", ["cpu", "openvino"])
+def test_the_manifests_limits_are_the_graphs(bert_copy: Path, device: str) -> None:
+    """extra.limits.max_positions raised past the graph's table was accepted, and encode_padded then failed
+    deep inside the backend."""
+    extra = json.loads((bert_copy / "embedrt.json").read_text())["extra"]
+    for key, value in (("max_positions", extra["limits"]["max_positions"] * 2), ("vocab_size", 10)):
+        _edit_manifest(bert_copy, extra={**extra, "limits": {**extra["limits"], key: value}})
+        with pytest.raises(ModelFolderError, match=f"field 'extra.limits.{key}' is {value} but the graph was "
+                                                   "exported with"):
+            embedrt.load(bert_copy, device=device)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"parity": {"openvino": 5}}, "field 'parity.openvino' has the wrong type"),
+    ({"parity": {"openvino": {"bf16": {"passed": True, "units": "amx_bf16"}}}},
+     "field 'parity.openvino.bf16.min_cosine' missing"),
+    ({"parity": {"openvino": {"bf16": {"passed": "yes", "min_cosine": 1.0}}}},
+     "field 'parity.openvino.bf16.passed' has the wrong type"),
+    ({"extra": {"auto": "x"}}, "field 'extra.auto' has the wrong type"),
+    ({"extra": {"auto": {"device": 3}}}, "field 'extra.auto.device' has the wrong type"),
+    ({"extra": {"quantization": []}}, "field 'extra.quantization' has the wrong type"),
+])
+def test_records_the_runtime_reads_are_checked(bert_copy: Path, changes: dict[str, Any], match: str) -> None:
+    """Were AttributeError / KeyError from deep in the device plan (auto, the default, among them)."""
+    _edit_manifest(bert_copy, **changes)
+    with pytest.raises(ModelFolderError, match=match):
+        embedrt.load(bert_copy)
 
 
 def test_extra_null_is_no_extra_and_files_stay_inside_the_folder(bert_copy: Path) -> None:

@@ -72,8 +72,8 @@ def deadline_passed(timeout: float) -> ApiError:
     # x-should-retry: the openai client retries every 5xx twice by default unless told not to; the same request
     # would spend a whole deadline's compute again, and most likely again in vain
     return ApiError(504, f"The request was not answered within its deadline ({timeout:g} s); send fewer or "
-                    "shorter inputs per request, or give the server more time (its --request-timeout).", type="server_error", code="deadline_exceeded",
-                    headers={"x-should-retry": "false"})
+                    "shorter inputs per request, or give the server more time (its --request-timeout).",
+                    type="server_error", code="deadline_exceeded", headers={"x-should-retry": "false"})
 
 
 @dataclasses.dataclass(frozen=True)
