@@ -119,7 +119,8 @@ class OpenVinoBackend:
         core = ov.Core()
         device = plan.request.openvino_device
         available = list(core.available_devices)
-        if device.split(".")[0] not in {d.split(".")[0] for d in available} and device not in ("AUTO", "MULTI"):
+        # a device listed, or a family one is listed under ("GPU" for "GPU.0"); "CPU.0" is no device
+        if device not in available and ("." in device or device not in {d.split(".")[0] for d in available}):
             raise ProviderUnavailableError(
                 f"OpenVINO device {device!r} is not available here; available: {', '.join(available) or 'none'}"
             )

@@ -38,6 +38,9 @@ class DeviceRequest:
         return self.kind
 
 
+VIRTUAL_OPENVINO_DEVICES = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
 def parse_device(device: str) -> DeviceRequest:
     """Parse a device string.
 
@@ -66,7 +69,14 @@ def parse_device(device: str) -> DeviceRequest:
             raise ValueError(f"unknown device {device!r}: the CUDA index must be a number; valid: {valid}")
         return DeviceRequest("cuda", index=int(arg or 0))
     if kind == "openvino":
-        return DeviceRequest("openvino", openvino_device=(arg or "CPU").upper())
+        name = (arg or "CPU").upper()
+        if name.partition(":")[0] in VIRTUAL_OPENVINO_DEVICES:
+            # OpenVINO's own device choice: the CPU properties (threads, f32/bf16) would not reach the device it
+            # picks, and model.precision could not say what runs
+            raise ValueError(f"device {device!r}: OpenVINO's {name.partition(':')[0]} device is not supported, as "
+                             "embedrt pins each device's properties itself; use device='auto' (embedrt's own "
+                             "choice), 'openvino' (its CPU) or 'openvino:GPU'")
+        return DeviceRequest("openvino", openvino_device=name)
     return DeviceRequest(kind)
 
 

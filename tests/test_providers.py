@@ -27,6 +27,23 @@ def test_bad_device_lists_valid_ones(text: str) -> None:
         parse_device(text)
 
 
+@pytest.mark.parametrize("text", ["openvino:AUTO", "openvino:auto:CPU", "openvino:MULTI:CPU,GPU", "openvino:HETERO"])
+def test_openvinos_own_device_choice_is_refused(text: str) -> None:
+    """openvino:AUTO compiled without the CPU's threads and precision (dropped silently): on a bf16 CPU it would
+    run bf16 while model.precision said fp32."""
+    with pytest.raises(ValueError, match="is not supported, as embedrt pins each device's properties itself"):
+        parse_device(text)
+
+
+def test_an_openvino_device_name_that_is_not_listed_is_unavailable(tiny_bert, caplog) -> None:  # type: ignore[no-untyped-def]
+    """openvino:CPU.0 was a ModelFolderError blaming the folder, and allow_fallback did not fall back."""
+    with pytest.raises(ProviderUnavailableError, match=r"OpenVINO device 'CPU\.0' is not available here"):
+        embedrt.load(tiny_bert[1], device="openvino:CPU.0")
+    with caplog.at_level(logging.WARNING, logger="embedrt"):
+        model = embedrt.load(tiny_bert[1], device="openvino:CPU.0", allow_fallback=True)
+    assert model.device == "cpu" and "falling back to the CPU" in caplog.text
+
+
 def _has_cuda() -> bool:
     import onnxruntime
 
