@@ -157,6 +157,7 @@ class EmbeddingModel:
                 its index), or ``batch_size`` / ``max_tokens`` is not an int.
             ValueError: ``batch_size`` or ``max_tokens`` is below 1.
         """
+        check_bool("show_progress", show_progress)
         items = check_texts(texts)
         size = check_count(batch_size, "batch_size")
         cost = self.batch_cost(max_tokens)
@@ -236,7 +237,7 @@ class EmbeddingModel:
         self, a: npt.ArrayLike, b: npt.ArrayLike, metric: ops.Similarity | str | None = None
     ) -> ops.FloatArray:
         """Pairwise similarity ``[n, m]``; the model's own similarity function unless ``metric`` is given."""
-        return ops.similarity(a, b, metric or self.similarity_metric)
+        return ops.similarity(a, b, self.similarity_metric if metric is None else metric)
 
     def search(
         self,

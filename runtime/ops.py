@@ -103,13 +103,29 @@ def row_cosine(a: npt.ArrayLike, b: npt.ArrayLike) -> npt.NDArray[np.float64]:
     return np.asarray((x * y).sum(axis=-1) / denom, dtype=np.float64)
 
 
-def _as_matrix(x: npt.ArrayLike, name: str) -> FloatArray:
-    arr = np.asarray(x, dtype=np.float32)
+def _as_matrix(x: npt.ArrayLike, name: str, convert: bool = True) -> npt.NDArray[Any]:
+    """``x`` as a 2-D array of real numbers: float32, or with ``convert=False`` its own dtype (``top_k``
+    converts its corpus chunk by chunk, so a float16 or memory-mapped corpus is never copied whole)."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a vector or a [n, dim] matrix, got shape {arr.shape}")
-    return arr
+    return _float32(arr, name, 0) if convert else arr
+
+
+def _float32(arr: npt.NDArray[Any], name: str, offset: int) -> FloatArray:
+    """``arr`` in float32; finite values beyond its range are an error naming the row, not a silent inf."""
+    with np.errstate(over="ignore"):
+        out = np.asarray(arr, dtype=np.float32)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 4:
+        beyond = np.isinf(out).any(axis=1) & np.isfinite(arr).all(axis=1)
+        if beyond.any():
+            raise ValueError(f"{name} row {offset + int(np.argmax(beyond))} has values beyond float32's range "
+                             "(|x| > 3.4e38)")
+    return out
 
 
 def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Similarity.COSINE) -> FloatArray:
@@ -159,7 +175,12 @@ def top_k(
 ) -> tuple[IntArray, FloatArray]:
     """The ``k`` best corpus rows for each query, best first, scanning the corpus in chunks.
 
-    Memory is bounded by ``queries x chunk_size`` scores, whatever the corpus size.
+    Memory is bounded by ``queries x chunk_size`` scores, whatever the corpus size (a float16, float64 or
+    memory-mapped corpus is converted chunk by chunk). Each chunk is scored with one float32 matrix product;
+    the rows that can still be among the ``k`` best, given that product's rounding bound, are then scored
+    again one pair at a time in float64. So a query's hits and scores depend only on the query and the corpus
+    rows: not on ``chunk_size``, the other queries, or where a row sits (a float32 product rounds a pair
+    differently with the shapes around it, and gave copies of one row different scores).
 
     Args:
         queries: ``[n, dim]`` query embeddings (or one ``[dim]`` vector).
@@ -170,12 +191,13 @@ def top_k(
 
     Returns:
         ``(indices, scores)``, int64 and float32, each ``[n, min(k, m)]``: the first ``k`` rows ordered by
-        score descending, then by index ascending, whatever ``chunk_size`` is (ties at the k-th place go to
-        the lowest index).
+        score descending, then by index ascending (equal rows: the lowest index first).
 
     Raises:
-        ValueError: ``k`` or ``chunk_size`` below 1, mismatched dimensions, or a query or corpus row with
-            NaN/inf values (names the array and the first such row).
+        ValueError: ``k`` or ``chunk_size`` below 1, mismatched dimensions, a query or corpus row with
+            NaN/inf values or values beyond float32's range (names the array and the first such row), or a
+            score beyond float32's range.
+        TypeError: arrays that do not hold real numbers.
     """
     for name, value in (("k", k), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -183,31 +205,120 @@ def top_k(
     if k < 1 or chunk_size < 1:
         raise ValueError(f"k and chunk_size must be >= 1, got k={k}, chunk_size={chunk_size}")
     metric = _metric(metric)
-    q, c = _as_matrix(queries, "queries"), _as_matrix(corpus, "corpus")
+    q, c = _as_matrix(queries, "queries"), _as_matrix(corpus, "corpus", convert=False)
     if c.size and q.shape[1] != c.shape[1]:
         raise ValueError(f"dimension mismatch: queries have {q.shape[1]} columns, corpus has {c.shape[1]}")
     _check_finite(q, "queries", 0)
-    cosine = metric is Similarity.COSINE
-    if cosine:  # normalise the queries once, not once per chunk; each corpus chunk is normalised as it is scored
-        q, metric = l2_normalize(q), Similarity.DOT
     k = min(int(k), c.shape[0])
-    best_idx = np.zeros((q.shape[0], 0), dtype=np.int64)
-    best_score = np.zeros((q.shape[0], 0), dtype=np.float32)
     if q.shape[0] == 0:  # no query: no hits, [0, k]
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+    exact = _Exact(q, metric)
+    best_idx = np.zeros((q.shape[0], 0), dtype=np.int64)
+    best_key = np.zeros((q.shape[0], 0), dtype=np.float64)  # exact keys: higher is better
     for start in range(0, c.shape[0], chunk_size):
-        chunk = c[start : start + chunk_size]
+        chunk = _float32(c[start : start + chunk_size], "corpus", start)
         _check_finite(chunk, "corpus", start)  # chunk by chunk, so the check's memory stays bounded too
-        scores = similarity(q, l2_normalize(chunk) if cosine else chunk, metric)
-        if not np.isfinite(scores).all():  # finite rows whose dot product is beyond float32: no order to give
-            i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(scores)))
-            raise ValueError(f"the {metric.value} score of query row {i} and corpus row {start + j} is beyond "
-                             "float32's range (vectors with components above ~1e19)")
-        idx = np.broadcast_to(np.arange(start, start + scores.shape[1], dtype=np.int64), scores.shape)
-        best_idx, best_score = _merge_top_k(
-            np.concatenate([best_idx, idx], axis=1), np.concatenate([best_score, scores], axis=1), k
-        )
-    return best_idx, best_score
+        approx, bound = exact.approx(chunk)
+        # a row whose approximate key is below the threshold is beaten by k rows for sure (see _Exact)
+        threshold = np.full(q.shape[0], -np.inf)
+        if chunk.shape[0] > k:
+            kth = np.partition(approx, chunk.shape[0] - k, axis=1)[:, chunk.shape[0] - k]
+            threshold = kth - 2.0 * bound
+        if best_key.shape[1] == k:
+            threshold = np.maximum(threshold, best_key[:, -1] - bound)
+        qi, cj = np.nonzero(approx >= threshold[:, None])
+        keys = exact.keys(qi, chunk, cj)
+        counts = np.bincount(qi, minlength=q.shape[0])
+        width = int(counts.max()) if counts.size else 0
+        slot = np.arange(qi.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        cand_idx = np.full((q.shape[0], width), np.iinfo(np.int64).max, dtype=np.int64)
+        cand_key = np.full((q.shape[0], width), -np.inf)
+        cand_idx[qi, slot], cand_key[qi, slot] = cj + start, keys
+        all_idx = np.concatenate([best_idx, cand_idx], axis=1)
+        all_key = np.concatenate([best_key, cand_key], axis=1)
+        keep = min(k, start + chunk.shape[0])
+        order = np.lexsort((all_idx, -all_key), axis=1)[:, :keep]
+        best_idx, best_key = np.take_along_axis(all_idx, order, 1), np.take_along_axis(all_key, order, 1)
+    return best_idx, exact.scores(best_key, best_idx)
+
+
+class _Exact:
+    """Scores for ``top_k``: approximate ones for a whole chunk (one float32 matrix product) with a bound on
+    their error, and exact ones (float64, one pair at a time) for the rows that may be among the best.
+
+    Keys are "higher is better": the score for cosine and dot, minus the squared distance for euclidean.
+    With ``e`` the bound: a row whose approximate key is below ``kth - 2e`` (``kth`` the k-th largest
+    approximate key of its chunk) has an exact key below ``kth - e``, which k rows of the chunk reach; and one
+    below ``best - e`` (``best`` the k-th exact key so far) is beaten by k rows already found. Neither can be
+    among the best, not even tied, so every row that can is scored exactly.
+    """
+
+    def __init__(self, q: FloatArray, metric: Similarity) -> None:
+        self.metric = metric
+        self.q64 = q.astype(np.float64)
+        self.q_norm = np.linalg.norm(self.q64, axis=1)
+        if metric is Similarity.COSINE:
+            self.q64 = self.q64 / np.maximum(self.q_norm, _NORM_EPS)[:, None]
+            self.q_approx = l2_normalize(q)
+        else:
+            self.q_approx = q
+        # a float32 dot product of dim d is within (d + 2) units of rounding of sum |a_i b_i| <= |a| |b|;
+        # twice that, plus the normalisation's and the squared norms' own rounding
+        self.gamma = (2 * q.shape[1] + 8) * float(np.finfo(np.float32).eps)
+
+    def approx(self, chunk: FloatArray) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
+        """The chunk's approximate keys ``[n, rows]`` and each query's error bound ``[n]``."""
+        c_max = 0.0
+        if self.metric is not Similarity.COSINE and chunk.size:
+            with np.errstate(over="ignore"):
+                squares = float(np.einsum("ij,ij->i", chunk, chunk).max())
+            if not np.isfinite(squares):  # components above ~1e19: the norms in float64
+                squares = float(np.einsum("ij,ij->i", chunk.astype(np.float64), chunk.astype(np.float64)).max())
+            c_max = np.sqrt(squares) * (1.0 + 1e-3)  # the float32 sum's own rounding, with room
+        qa, ca = self.q_approx, (l2_normalize(chunk) if self.metric is Similarity.COSINE else chunk)
+        with np.errstate(over="ignore", invalid="ignore"):
+            approx = self._keys32(qa, ca)
+        gamma = self.gamma
+        if not np.isfinite(approx).all():  # finite vectors whose products overflow float32: in float64,
+            # where float32 values cannot overflow (|x|^2 * dim stays below 1e84)
+            approx = self._keys32(qa.astype(np.float64), ca.astype(np.float64))
+            gamma = (2 * qa.shape[1] + 8) * float(np.finfo(np.float64).eps)
+        if self.metric is Similarity.COSINE:
+            bound = np.full(self.q64.shape[0], gamma)
+        elif self.metric is Similarity.DOT:
+            bound = gamma * self.q_norm * c_max
+        else:
+            bound = 2.0 * gamma * (self.q_norm**2 + c_max**2)
+        return approx, bound
+
+    def _keys32(self, qa: npt.NDArray[Any], ca: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        if self.metric is Similarity.EUCLIDEAN:
+            return np.asarray(-((qa * qa).sum(1)[:, None] + (ca * ca).sum(1)[None, :] - 2.0 * (qa @ ca.T)))
+        return np.asarray(qa @ ca.T)
+
+    def keys(self, qi: IntArray, chunk: FloatArray, cj: IntArray) -> npt.NDArray[np.float64]:
+        """Exact keys of the pairs (query ``qi[p]``, chunk row ``cj[p]``), in float64, in blocks."""
+        out = np.empty(qi.size, dtype=np.float64)
+        step = max(1, (1 << 21) // max(1, chunk.shape[1]))  # 16 MB of float64 pairs at a time
+        for s in range(0, qi.size, step):
+            a, b = self.q64[qi[s : s + step]], chunk[cj[s : s + step]].astype(np.float64)
+            if self.metric is Similarity.EUCLIDEAN:
+                d = a - b
+                out[s : s + step] = -(d * d).sum(axis=1)
+            elif self.metric is Similarity.COSINE:
+                out[s : s + step] = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(b, axis=1), _NORM_EPS)
+            else:
+                out[s : s + step] = (a * b).sum(axis=1)
+        return out
+
+    def scores(self, keys: npt.NDArray[np.float64], idx: IntArray) -> FloatArray:
+        """The returned scores of the hits ``idx``: their keys (minus the distance for euclidean) in float32."""
+        values = -np.sqrt(-np.minimum(keys, 0.0)) if self.metric is Similarity.EUCLIDEAN else keys
+        if (np.abs(values) > np.finfo(np.float32).max).any():  # finite vectors, a product beyond float32
+            i, j = (int(v[0]) for v in np.nonzero(np.abs(values) > np.finfo(np.float32).max))
+            raise ValueError(f"the {self.metric.value} score of query row {i} and corpus row {int(idx[i, j])} is "
+                             "beyond float32's range (vectors with components above ~1e19)")
+        return values.astype(np.float32)
 
 
 def _metric(metric: Similarity | str) -> Similarity:
@@ -225,21 +336,3 @@ def _check_finite(x: FloatArray, name: str, offset: int) -> None:
     if bad.any():
         # a NaN score sorts anywhere, so such a row would return arbitrary hits instead of an error
         raise ValueError(f"{name} row {offset + int(np.argmax(bad))} has NaN/inf values")
-
-
-def _merge_top_k(idx: IntArray, scores: FloatArray, k: int) -> tuple[IntArray, FloatArray]:
-    """The first ``k`` candidates of each row by score descending, then index ascending."""
-    if scores.shape[1] > k:
-        part = np.argpartition(-scores, k - 1, axis=1)
-        kth = np.take_along_axis(scores, part[:, k - 1 : k], 1)
-        tied = scores >= kth
-        width = max(int(tied.sum(axis=1).max()), k)  # k at least, should a score overflow to NaN
-        if width > k:
-            # argpartition picks an arbitrary subset of the scores tied at the k-th place; keep them all
-            # (they come first in a stable sort on "not tied") so the lexsort below picks the lowest indices
-            part = np.argsort(~tied, axis=1, kind="stable")
-        part = part[:, :width]
-        idx, scores = np.take_along_axis(idx, part, 1), np.take_along_axis(scores, part, 1)
-    # sort by score descending, then index ascending, so results are deterministic
-    order = np.lexsort((idx, -scores), axis=1)[:, :k]
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(scores, order, 1)

@@ -133,7 +133,7 @@ def test_containers_that_only_look_like_lists_are_refused(tiny_bert, texts: Any,
 @pytest.mark.parametrize(("option", "value", "error"), [
     ("batch_size", None, TypeError), ("batch_size", 1.5, TypeError), ("batch_size", True, TypeError),
     ("batch_size", 0, ValueError), ("max_tokens", 2.0, TypeError), ("max_tokens", 0, ValueError),
-    ("max_tokens", "64", TypeError),
+    ("max_tokens", "64", TypeError), ("show_progress", "no", TypeError),  # "no" showed a progress bar
 ])
 def test_bad_batch_options_are_named(tiny_bert, option: str, value: Any, error: type) -> None:  # type: ignore[no-untyped-def]
     model = embedrt.load(tiny_bert[1])
@@ -161,6 +161,17 @@ def test_encode_padded_stays_within_the_positions(tiny_bert) -> None:  # type: i
     with pytest.raises(ValueError, match=f"pad_to must be <= the {positions} positions the model has"):
         model.encode_padded(ids, positions + 1)
     np.testing.assert_allclose(model.encode_padded(ids, positions), model.encode(["hello world"]), atol=2e-6)
+
+
+def test_the_models_similarity_takes_its_own_metric_only_for_none(tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    """``metric or self.similarity_metric``: "" and 0 silently meant the model's metric."""
+    model = embedrt.load(tiny_bert[1], device="cpu")
+    a = model.encode(["x", "y"])
+    np.testing.assert_array_equal(model.similarity(a, a), embedrt.similarity(a, a, model.similarity_metric))
+    with pytest.raises(ValueError, match="unknown"):
+        model.similarity(a, a, "")
+    with pytest.raises(TypeError, match="metric must be"):
+        model.similarity(a, a, 0)  # type: ignore[arg-type]
 
 
 def test_search_with_no_query_is_empty(tiny_bert) -> None:  # type: ignore[no-untyped-def]

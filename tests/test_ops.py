@@ -163,3 +163,57 @@ def test_finite_vectors_beyond_float32_squares_score_correctly_or_raise() -> Non
     np.testing.assert_array_equal(scores, np.array([[1e30, 0.0, -1e30]], dtype=np.float32))
     with pytest.raises(ValueError, match="score of query row 0 and corpus row 0 is beyond float32's range"):
         top_k(np.array([[1e30, 1e30]], dtype=np.float32), corpus, k=2, metric="dot")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "euclidean"])
+def test_copies_of_a_row_score_alike_whatever_the_chunk_and_the_other_queries(metric: str) -> None:
+    """One float32 matrix product rounds a pair differently with the shapes around it: three copies of the
+    best row got three different scores, a later copy outranked the first, and a query scored otherwise next
+    to other queries. Candidates are now scored again pair by pair in float64."""
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((16384 + 3, 384)).astype(np.float32)
+    q = rng.standard_normal((1, 384)).astype(np.float32)
+    best = int(top_k(q, corpus[:16384], 1, metric)[0][0, 0])
+    corpus[16384:] = corpus[best]
+    runs = [top_k(q, corpus, 4, metric, chunk_size=size) for size in (3, 1000, 16384, 10**6)]
+    idx, scores = runs[0]
+    assert idx[0].tolist() == [best, 16384, 16385, 16386]  # the four copies, lowest index first
+    assert len(set(scores[0].tolist())) == 1
+    for other_idx, other_scores in runs[1:]:
+        np.testing.assert_array_equal(other_idx, idx)
+        np.testing.assert_array_equal(other_scores, scores)
+    mates = rng.standard_normal((7, 384)).astype(np.float32)
+    mates[3] = q[0]
+    together = top_k(mates, corpus, 4, metric)
+    np.testing.assert_array_equal(together[0][3], idx[0])
+    np.testing.assert_array_equal(together[1][3], scores[0])
+
+
+def test_top_k_converts_the_corpus_chunk_by_chunk_and_refuses_what_is_not_real() -> None:
+    """A float16 (or float64, or memory-mapped) corpus was converted to float32 whole: 916 MB peak for a
+    292 MB file. Object and complex arrays gave NaN or dropped the imaginary part; finite float64 values
+    beyond float32 were reported as NaN/inf."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    corpus = rng.standard_normal((20_000, 384)).astype(np.float16)  # 15 MB; in float32, 31 MB
+    q = rng.standard_normal((3, 384)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        idx, scores = top_k(q, corpus, 5, "dot", chunk_size=1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MB at peak"
+    want = top_k(q, corpus.astype(np.float32), 5, "dot")
+    np.testing.assert_array_equal(idx, want[0])
+    np.testing.assert_array_equal(scores, want[1])
+    for bad in (np.array([None] * 8), np.ones(8, dtype=complex)):
+        with pytest.raises(TypeError, match="must hold real numbers"):
+            top_k(bad, np.ones((3, 8)), 2)
+        with pytest.raises(TypeError, match="must hold real numbers"):
+            similarity(np.ones(8), bad)
+    with pytest.raises(ValueError, match=r"queries row 0 has values beyond float32's range"):
+        top_k(np.full(8, 1e300), np.ones((3, 8)), 2)
+    with pytest.raises(ValueError, match=r"corpus row 1 has values beyond float32's range"):
+        top_k(np.ones(8), np.array([np.ones(8), np.full(8, 1e300)]), 2, chunk_size=1)

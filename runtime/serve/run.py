@@ -107,11 +107,11 @@ def http_protocol() -> Any:
             else:
                 self.transport.close()
 
-        def eof_received(self) -> bool | None:
+        def eof_received(self) -> None:
             if self._refused:  # the client is done sending after our 431: close now, not at the linger's end
                 self.transport.close()
-                return None
-            return super().eof_received()  # type: ignore[no-any-return]
+                return
+            super().eof_received()
 
     return BoundedHead
 
