@@ -156,10 +156,13 @@ class Service:
         self.draining = True
         self.drain_end = time.monotonic() + self.config.drain_timeout
         if self.loop is not None and not self.loop.is_closed():
-            margin = min(1.0, self.config.drain_timeout / 4)
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing is waiting
-                self.loop.call_soon_threadsafe(self.loop.call_later, self.config.drain_timeout - margin,
+                self.loop.call_soon_threadsafe(self.loop.call_later, self.config.drain_timeout - self._exit_margin(),
                                                self._cut_off)
+
+    def _exit_margin(self) -> float:
+        """What of ``drain_timeout`` is kept for answering and exiting after the cut-off."""
+        return min(1.0, self.config.drain_timeout / 4)
 
     def _cut_off(self) -> None:
         """The drain ran out of time: answer every request still waiting with a 503 (from any thread)."""
@@ -196,6 +199,7 @@ class Service:
         """Drain (finish queued work, within ``drain_timeout`` of the drain's start) and stop the workers."""
         self.begin_drain()
         end = self.drain_end if self.drain_end is not None else time.monotonic() + self.config.drain_timeout
+        end -= self._exit_margin()  # the process still has to exit (0.4 s here with a call still running)
         for served in self.models.values():
             if not served.scheduler.close(max(0.1, end - time.monotonic())):
                 log.warning("embedrt serve: %s did not drain within %g s", served.name, self.config.drain_timeout)
