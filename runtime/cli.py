@@ -266,6 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
     extra = read_records(args.parity_texts)[1] if args.parity_texts else []
+    if args.parity_texts and not extra:  # a check on no texts would pass and say nothing
+        raise ValueError(f"{args.parity_texts}: --parity-texts holds no texts")
     calibration = read_records(args.calibration_texts)[1] if args.calibration_texts else None
     if args.precision == "auto":
         return _export_auto(args, extra, calibration)

@@ -118,6 +118,10 @@ def test_errors_exit_2_with_message(tmp_path, capsys) -> None:  # type: ignore[n
     assert "model folder not found" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "no" / "such"), "-o", str(tmp_path / "o")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+    (tmp_path / "none.txt").write_text("")  # a parity check on no extra texts would pass and say nothing
+    assert main(["export", str(tmp_path / "no" / "such"), "-o", str(tmp_path / "o"), "--parity-texts",
+                 str(tmp_path / "none.txt")]) == 2
+    assert "none.txt: --parity-texts holds no texts" in capsys.readouterr().err
 
 
 def test_max_tokens_is_passed_through_and_checked(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

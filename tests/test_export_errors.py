@@ -110,6 +110,9 @@ def test_not_a_sentence_transformers_folder(tmp_path) -> None:  # type: ignore[n
 def test_missing_local_folder_is_named(tmp_path) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SourceError, match="checkpoint folder not found"):
         export_model(str(tmp_path / "nope" / "model"), tmp_path / "out")
+    (tmp_path / "weights.safetensors").write_text("x")  # a file given for the folder: said "not found"
+    with pytest.raises(SourceError, match=r"weights\.safetensors: is a file, not a checkpoint folder"):
+        export_model(str(tmp_path / "weights.safetensors"), tmp_path / "out")
 
 
 def test_uncached_hub_id_offline_names_the_id(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
