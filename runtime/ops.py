@@ -218,15 +218,18 @@ def top_k(
     for start in range(0, c.shape[0], chunk_size):
         chunk = _float32(c[start : start + chunk_size], "corpus", start)
         _check_finite(chunk, "corpus", start)  # chunk by chunk, so the check's memory stays bounded too
-        approx, bound = exact.approx(chunk)
-        # a row whose approximate key is below the threshold is beaten by k rows for sure (see _Exact)
+        lower, upper = exact.bounds(chunk)
+        # rows that cannot be among the k best, not even tied, are left out (see _Exact); the rest are scored
+        # exactly: those that may reach the k-th best exact key so far, and, within the chunk, those that may
+        # reach the k-th largest lower bound (k rows of the chunk are at least that good)
         threshold = np.full(q.shape[0], -np.inf)
         if chunk.shape[0] > k:
-            kth = np.partition(approx, chunk.shape[0] - k, axis=1)[:, chunk.shape[0] - k]
-            threshold = kth - 2.0 * bound
+            threshold = np.partition(lower, chunk.shape[0] - k, axis=1)[:, chunk.shape[0] - k].astype(np.float64)
+        del lower
         if best_key.shape[1] == k:
-            threshold = np.maximum(threshold, best_key[:, -1] - bound)
-        qi, cj = np.nonzero(approx >= threshold[:, None])
+            threshold = np.maximum(threshold, best_key[:, -1])
+        qi, cj = np.nonzero(upper >= threshold[:, None])
+        del upper
         keys = exact.keys(qi, chunk, cj)
         counts = np.bincount(qi, minlength=q.shape[0])
         width = int(counts.max()) if counts.size else 0
@@ -243,14 +246,13 @@ def top_k(
 
 
 class _Exact:
-    """Scores for ``top_k``: approximate ones for a whole chunk (one float32 matrix product) with a bound on
-    their error, and exact ones (float64, one pair at a time) for the rows that may be among the best.
+    """Scores for ``top_k``: bounds of the exact keys for a whole chunk (one float32 matrix product), and exact
+    keys (float64, one pair at a time) for the rows those bounds cannot rule out.
 
-    Keys are "higher is better": the score for cosine and dot, minus the squared distance for euclidean.
-    With ``e`` the bound: a row whose approximate key is below ``kth - 2e`` (``kth`` the k-th largest
-    approximate key of its chunk) has an exact key below ``kth - e``, which k rows of the chunk reach; and one
-    below ``best - e`` (``best`` the k-th exact key so far) is beaten by k rows already found. Neither can be
-    among the best, not even tied, so every row that can is scored exactly.
+    Keys are "higher is better": the score for cosine and dot, minus the squared distance for euclidean. A
+    row is ruled out when its upper bound is below the k-th largest lower bound of its chunk (k rows of the
+    chunk are better for sure) or below the k-th best exact key found so far (k rows found are better): it
+    cannot be among the best, not even tied.
     """
 
     def __init__(self, q: FloatArray, metric: Similarity) -> None:
@@ -262,34 +264,40 @@ class _Exact:
             self.q_approx = l2_normalize(q)
         else:
             self.q_approx = q
-        # a float32 dot product of dim d is within (d + 2) units of rounding of sum |a_i b_i| <= |a| |b|;
-        # twice that, plus the normalisation's and the squared norms' own rounding
-        self.gamma = (2 * q.shape[1] + 8) * float(np.finfo(np.float32).eps)
 
-    def approx(self, chunk: FloatArray) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
-        """The chunk's approximate keys ``[n, rows]`` and each query's error bound ``[n]``."""
-        c_max = 0.0
-        if self.metric is not Similarity.COSINE and chunk.size:
-            with np.errstate(over="ignore"):
-                squares = float(np.einsum("ij,ij->i", chunk, chunk).max())
-            if not np.isfinite(squares):  # components above ~1e19: the norms in float64
-                squares = float(np.einsum("ij,ij->i", chunk.astype(np.float64), chunk.astype(np.float64)).max())
-            c_max = np.sqrt(squares) * (1.0 + 1e-3)  # the float32 sum's own rounding, with room
+    def bounds(self, chunk: FloatArray) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+        """Lower and upper bounds ``[n, rows]`` of the chunk's exact keys, from one float32 matrix product.
+
+        A float32 dot product of dim d is within (d + 2) units of rounding of sum |a_i b_i| <= |a| |b| of
+        the exact one, plus (for products in float32's subnormal range) half a subnormal step per operation.
+        The bound per pair is twice that, which also covers the rounding of the normalisation, of the squared
+        norms (euclidean) and of the bounds' own float32 arithmetic.
+        """
+        d = chunk.shape[1]
         qa, ca = self.q_approx, (l2_normalize(chunk) if self.metric is Similarity.COSINE else chunk)
         with np.errstate(over="ignore", invalid="ignore"):
             approx = self._keys32(qa, ca)
-        gamma = self.gamma
+        eps, tiny = float(np.finfo(np.float32).eps), float(np.finfo(np.float32).smallest_subnormal)
         if not np.isfinite(approx).all():  # finite vectors whose products overflow float32: in float64,
             # where float32 values cannot overflow (|x|^2 * dim stays below 1e84)
             approx = self._keys32(qa.astype(np.float64), ca.astype(np.float64))
-            gamma = (2 * qa.shape[1] + 8) * float(np.finfo(np.float64).eps)
-        if self.metric is Similarity.COSINE:
-            bound = np.full(self.q64.shape[0], gamma)
-        elif self.metric is Similarity.DOT:
-            bound = gamma * self.q_norm * c_max
-        else:
-            bound = 2.0 * gamma * (self.q_norm**2 + c_max**2)
-        return approx, bound
+            eps, tiny = float(np.finfo(np.float64).eps), float(np.finfo(np.float64).smallest_subnormal)
+        gamma, floor = (2 * d + 8) * eps, (4 * d + 16) * tiny
+        dtype = approx.dtype.type
+        with np.errstate(over="ignore"):  # a bound beyond float32 is inf: every such row is scored exactly
+            if self.metric is Similarity.COSINE:  # unit vectors (or zero rows)
+                err: npt.NDArray[Any] = np.full((1, 1), gamma + floor, dtype=dtype)
+            else:
+                c_norm = _row_norms(chunk)
+                if self.metric is Similarity.DOT:
+                    err = np.multiply.outer((gamma * self.q_norm).astype(dtype), c_norm.astype(dtype))
+                else:
+                    err = np.add.outer((2.0 * gamma * self.q_norm**2).astype(dtype),
+                                       (2.0 * gamma * c_norm**2).astype(dtype))
+                err += dtype(floor)
+            upper = approx + err
+            approx -= err  # the lower bounds, in place
+        return approx, upper
 
     def _keys32(self, qa: npt.NDArray[Any], ca: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.metric is Similarity.EUCLIDEAN:
@@ -328,6 +336,18 @@ def _metric(metric: Similarity | str) -> Similarity:
         return Similarity.parse(metric)
     valid = ", ".join(m.value for m in Similarity)
     raise TypeError(f"metric must be a Similarity or one of {valid}, got {metric!r}")
+
+
+def _row_norms(x: FloatArray) -> npt.NDArray[np.float64]:
+    """The L2 norm of each row, never rounded down to 0 or up to inf: the squares are summed in float32, and
+    again in float64 for rows where that underflows (components below ~1e-19) or overflows (above ~1e19)."""
+    with np.errstate(over="ignore", under="ignore"):
+        squares = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    redo = ~np.isfinite(squares) | (squares < 2.0**-100)
+    if redo.any():
+        rows = x[redo].astype(np.float64)
+        squares[redo] = np.einsum("ij,ij->i", rows, rows)
+    return np.asarray(np.sqrt(squares) * (1.0 + 1e-3))  # the float32 sum's own rounding, with room
 
 
 def _check_finite(x: FloatArray, name: str, offset: int) -> None:

@@ -82,8 +82,10 @@ class LoadSettings:
             check_bool(name, getattr(self, name))
             object.__setattr__(self, name, bool(getattr(self, name)))
         if self.openvino_cache_dir is not None:
-            if not isinstance(self.openvino_cache_dir, (str, os.PathLike)) or not str(self.openvino_cache_dir):
+            if not isinstance(self.openvino_cache_dir, (str, os.PathLike)):
                 raise TypeError(f"openvino_cache_dir must be a folder path or None, got {self.openvino_cache_dir!r}")
+            if not os.fspath(self.openvino_cache_dir):
+                raise ValueError("openvino_cache_dir is empty: give a folder, or None for no cache")
             object.__setattr__(self, "openvino_cache_dir", os.fspath(self.openvino_cache_dir))
         if self.batch_cost is not None and not isinstance(self.batch_cost, BatchCost):
             raise TypeError(f"batch_cost must be a BatchCost or None, got {type(self.batch_cost).__name__}")

@@ -108,7 +108,8 @@ def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndar
         if isinstance(row, (str, bytes)) or not isinstance(row, (Sequence, np.ndarray)):
             raise TypeError(f"token ids [{i}] is {type(row).__name__}, not a list of int")
         arr = np.asarray(row)
-        if arr.ndim == 1 and arr.dtype == object and all(type(x) is int for x in arr):  # past 64 bits
+        if arr.ndim == 1 and arr.size and arr.dtype.kind not in "iu" and all(type(x) is int for x in row):
+            # Python ints numpy could not hold as int64 (past 64 bits: object; 2**63 with others: float64)
             raise ValueError(f"token ids [{i}] holds an id outside the model's vocabulary [0, {vocab_size})")
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"token ids [{i}] must be a flat list of int")

@@ -217,3 +217,24 @@ def test_top_k_converts_the_corpus_chunk_by_chunk_and_refuses_what_is_not_real()
         top_k(np.full(8, 1e300), np.ones((3, 8)), 2)
     with pytest.raises(ValueError, match=r"corpus row 1 has values beyond float32's range"):
         top_k(np.ones(8), np.array([np.ones(8), np.full(8, 1e300)]), 2, chunk_size=1)
+
+
+@pytest.mark.parametrize("metric", ["dot", "euclidean"])
+def test_top_k_is_exact_where_float32_loses_digits_to_underflow(metric: str) -> None:
+    """The rounding bound was relative only: tiny rows (squares underflowing float32) got a bound of 0 and
+    products in the subnormal range were ranked by their rounding."""
+    q = np.array([[2.0**-75] * 2], np.float32)
+    c = np.array([[0.51 * 2.0**-74] * 2, [1.4 * 2.0**-74, 0.4 * 2.0**-74]], np.float32)
+    if metric == "dot":  # exact: 1.43e-45 and 2.52e-45, both 1e-45 in float32
+        assert top_k(q, c, k=1, metric=metric)[0].tolist() == [[1]]
+    # near-duplicate rows at scales where float32's squares and products lose digits (seeds where the
+    # relative-only bound ranked wrongly)
+    rng = np.random.default_rng(6 if metric == "dot" else 3)
+    base = rng.standard_normal(384)
+    scale = 1e-24 if metric == "dot" else 1e-22
+    corpus = ((base + rng.standard_normal((2000, 384)) * 1e-6) * scale).astype(np.float32)
+    queries = (rng.standard_normal((3, 384)) * (1e24 if metric == "dot" else scale)).astype(np.float32)
+    q64, c64 = queries.astype(np.float64), corpus.astype(np.float64)
+    exact = q64 @ c64.T if metric == "dot" else -((q64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    want = np.lexsort((np.broadcast_to(np.arange(len(corpus)), exact.shape), -exact), axis=1)[:, :5]
+    np.testing.assert_array_equal(top_k(queries, corpus, 5, metric, chunk_size=700)[0], want)

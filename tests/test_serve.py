@@ -866,6 +866,16 @@ def test_the_bulk_instance_is_loaded_as_the_model_was(tiny_bert: tuple[Path, Pat
             models = next(iter(server.service.models.values())).scheduler._models
             assert models[Lane.BULK] is not models[Lane.INTERACTIVE]
             assert models[Lane.INTERACTIVE].plan.spinning is expected and models[Lane.BULK].plan.spinning is expected
+    # OpenVINO's settings too: the CLI hands over loaded models, and the bulk instance took the latency hint
+    # and no cache whatever the first was loaded with
+    cache = tiny_bert[1].parent / "ov-cache-bulk"
+    model = embedrt.load(tiny_bert[1], device="openvino", threads=1, performance_hint="throughput",
+                         openvino_cache_dir=str(cache))
+    with LiveServer(create_app([model], config)) as server:
+        bulk = next(iter(server.service.models.values())).scheduler._models[Lane.BULK]
+        assert bulk is not model and bulk.plan.openvino_config == model.plan.openvino_config
+        assert bulk.plan.openvino_config["PERFORMANCE_HINT"] == "THROUGHPUT"
+        assert bulk.plan.openvino_cache_dir == str(cache)
     # device="auto" with both backends' settings: the first load uses its backend's and reports the others
     # unused; the second instance, on that device explicitly, must not be refused for them
     for device in ("cpu", "openvino"):

@@ -128,17 +128,18 @@ class Service:
             return None
         from embedrt.model import load
 
-        options = {**self._load_options, "device": model.device, "threads": model.plan.threads,
-                   "spinning": model.plan.spinning}
-        # the same device as the first load, explicitly: the other backend's settings (which that load, under
-        # device="auto", reported unused) are left out, as load refuses them for an explicit device
+        # loaded as the model was, from what its plan says (the CLI hands over loaded models, without their
+        # load options): the same device explicitly, with that backend's settings only
+        plan = model.plan
+        options: dict[str, Any] = {"device": model.device, "threads": plan.threads, "batch_cost": plan.batch_cost,
+                                   "huge_pages": model.huge_pages is not None}
         if str(model.device).startswith("openvino"):
-            options.pop("spinning")
+            options["performance_hint"] = str(plan.openvino_config.get("PERFORMANCE_HINT", "LATENCY")).lower()
+            options["openvino_cache_dir"] = plan.openvino_cache_dir
+            if plan.inference_precision:  # both lanes compute alike, whatever the first load was asked
+                options["inference_precision"] = plan.inference_precision
         else:
-            options.pop("openvino_cache_dir", None)
-            options.pop("performance_hint", None)
-        if model.plan.inference_precision:  # both lanes compute alike, whatever the first load was asked
-            options["inference_precision"] = model.plan.inference_precision
+            options["spinning"] = plan.spinning
         bulk = load(model.path, **options)
         _warm_up(bulk, self.config)
         log.info("embedrt serve: %s has a second instance for the bulk lane", model.path)
