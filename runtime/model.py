@@ -299,7 +299,7 @@ def load(
             ``device="auto"``, a warning says which were not used by the backend it took.
         huge_pages: on the CPU under Linux, move the memory this load allocates (the weights, as the
             backend laid them out) into 2 MB transparent huge pages, in a background thread
-            (see :mod:`embedrt.hugepages`); 1-5% off single-text latency here. Memory allocated
+            (see :mod:`embedrt.hugepages`); 0.5-5% off single-text latency here. Memory allocated
             before the load is never touched.
         batch_cost: how ``encode`` groups texts into calls; default the device's own cost model
             (``model.plan.batch_cost``). ``BatchCost()`` gives fixed runs of ``batch_size`` texts.
