@@ -497,21 +497,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mixed_bulk_tokens=args.mixed_bulk_tokens, drain_timeout=args.drain_timeout,
         bulk_instance=args.bulk_instance,
     )
-    folders = args.models
-    if not folders:
-        _export_default(Path(f"models/{DEFAULT_MODEL}"))
-        folders = [f"models/{DEFAULT_MODEL}"]
     seen: dict[str, str] = {}
-    for folder in folders:  # before any load: the same model twice would clash only once both are loaded
+    for folder in args.models:  # before any load: the same model twice would clash only once both are loaded
         real = os.path.realpath(folder)
         if real in seen:
             raise ValueError(f"{folder}: the same model folder as {seen[real]}; serve each model once")
         seen[real] = folder
     from embedrt.serve.run import listen
 
-    listener = listen(args.host, args.port)  # first: an address in use is known before minutes of loading
+    # before any export or load: an address in use is known at once, not after minutes of work
+    listener = listen(args.host, args.port)
     port = listener.getsockname()[1]  # --port 0: the one the system chose
     try:
+        folders = args.models
+        if not folders:
+            _export_default(Path(f"models/{DEFAULT_MODEL}"))
+            folders = [f"models/{DEFAULT_MODEL}"]
         # loaded here, before the server starts, so a bad folder is exit status 2 with its path
         models = [load(f, device=args.device, threads=args.threads, allow_fallback=args.allow_fallback,
                        openvino_cache_dir=args.openvino_cache_dir, performance_hint=args.hint,
