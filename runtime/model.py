@@ -348,7 +348,7 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
         for candidate in auto_requests(manifest, request.cpu_only):
             try:
                 plan, backend = _open(root, manifest, candidate, settings)
-                unused = settings.onnxruntime_only() if candidate.kind == "openvino" else settings.openvino_only()
+                unused = settings.unused_by(candidate.kind)
                 if unused:
                     log.warning("%s: %s not used: device='auto' took %s", root, ", ".join(unused), plan.device)
                 return plan, backend
@@ -356,7 +356,7 @@ def _start(root: Path, manifest: Manifest, request: DeviceRequest, settings: Loa
                 reasons.append(str(exc))
                 log.info("auto: skipping %s: %s", candidate, exc)
         raise ProviderUnavailableError(f"no usable device for {root}: {'; '.join(reasons) or 'no graphs'}")
-    unused = settings.onnxruntime_only() if request.kind == "openvino" else settings.openvino_only()
+    unused = settings.unused_by(request.kind)
     if unused:
         runs, other = ("OpenVINO", "ONNX Runtime") if request.kind == "openvino" else ("ONNX Runtime", "OpenVINO")
         raise ValueError(f"{', '.join(unused)}: {other} only, but device={str(request)!r} runs {runs}; "

@@ -161,9 +161,13 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
 def _scores(qa: npt.NDArray[Any], qb: npt.NDArray[Any], metric: Similarity) -> FloatArray:
     if metric is Similarity.DOT:
         return np.asarray(qa @ qb.T, dtype=np.float32)
-    # |a-b|^2 = |a|^2 + |b|^2 - 2ab, clipped at 0 against rounding
-    sq = (qa * qa).sum(1)[:, None] + (qb * qb).sum(1)[None, :] - 2.0 * (qa @ qb.T)
-    return np.asarray(-np.sqrt(np.maximum(sq, 0.0)), dtype=np.float32)
+    # clipped at 0 against rounding
+    return np.asarray(-np.sqrt(np.maximum(_squared_distances(qa, qb), 0.0)), dtype=np.float32)
+
+
+def _squared_distances(qa: npt.NDArray[Any], qb: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``|a-b|^2 = |a|^2 + |b|^2 - 2ab`` for every pair of rows, in the arrays' own precision (one product)."""
+    return np.asarray((qa * qa).sum(1)[:, None] + (qb * qb).sum(1)[None, :] - 2.0 * (qa @ qb.T))
 
 
 def top_k(
@@ -276,11 +280,11 @@ class _Exact:
         d = chunk.shape[1]
         qa, ca = self.q_approx, (l2_normalize(chunk) if self.metric is Similarity.COSINE else chunk)
         with np.errstate(over="ignore", invalid="ignore"):
-            approx = self._keys32(qa, ca)
+            approx = self._approx_keys(qa, ca)
         eps, tiny = float(np.finfo(np.float32).eps), float(np.finfo(np.float32).smallest_subnormal)
         if not np.isfinite(approx).all():  # finite vectors whose products overflow float32: in float64,
             # where float32 values cannot overflow (|x|^2 * dim stays below 1e84)
-            approx = self._keys32(qa.astype(np.float64), ca.astype(np.float64))
+            approx = self._approx_keys(qa.astype(np.float64), ca.astype(np.float64))
             eps, tiny = float(np.finfo(np.float64).eps), float(np.finfo(np.float64).smallest_subnormal)
         gamma, floor = (2 * d + 8) * eps, (4 * d + 16) * tiny
         dtype = approx.dtype.type
@@ -299,9 +303,9 @@ class _Exact:
             approx -= err  # the lower bounds, in place
         return approx, upper
 
-    def _keys32(self, qa: npt.NDArray[Any], ca: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    def _approx_keys(self, qa: npt.NDArray[Any], ca: npt.NDArray[Any]) -> npt.NDArray[Any]:
         if self.metric is Similarity.EUCLIDEAN:
-            return np.asarray(-((qa * qa).sum(1)[:, None] + (ca * ca).sum(1)[None, :] - 2.0 * (qa @ ca.T)))
+            return -_squared_distances(qa, ca)
         return np.asarray(qa @ ca.T)
 
     def keys(self, qi: IntArray, chunk: FloatArray, cj: IntArray) -> npt.NDArray[np.float64]:

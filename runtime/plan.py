@@ -96,15 +96,15 @@ class LoadSettings:
                                                   or self.performance_hint.lower() not in HINTS):
             raise ValueError(f"unknown performance_hint {self.performance_hint!r}; valid: {', '.join(HINTS)}")
 
-    def openvino_only(self) -> list[str]:
-        """The settings given that only OpenVINO uses, as ``name=value`` (``inference_precision`` too, but a
-        device that cannot honour it refuses it: :func:`plan_device`)."""
+    def unused_by(self, kind: str) -> list[str]:
+        """The settings given that a device of ``kind`` does not use, as ``name=value``: OpenVINO's
+        (``openvino_cache_dir``, ``performance_hint``) elsewhere, ONNX Runtime's (``spinning=False``) on
+        OpenVINO. (``inference_precision`` too is OpenVINO's, but a device that cannot honour it refuses it:
+        :func:`plan_device`.)"""
+        if kind == "openvino":
+            return [] if self.spinning else ["spinning=False"]
         given = {"openvino_cache_dir": self.openvino_cache_dir, "performance_hint": self.performance_hint}
         return [f"{name}={value!r}" for name, value in given.items() if value is not None]
-
-    def onnxruntime_only(self) -> list[str]:
-        """The settings given that only ONNX Runtime uses (non-default), as ``name=value``."""
-        return [] if self.spinning else ["spinning=False"]
 
 
 def check_bool(name: str, value: object) -> None:

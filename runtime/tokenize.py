@@ -14,6 +14,7 @@ import numpy as np
 
 from embedrt._optional import require
 from embedrt.errors import ModelFolderError
+from embedrt.manifest import MANIFEST_NAME
 
 TYPE_IDS = "token_type_ids"
 # a single text up to this many characters is tokenized with ``encode``, which holds the GIL (~30 us here)
@@ -138,7 +139,7 @@ class TextTokenizer:
         self._tok.no_truncation()  # the probe of the special tokens must not be cut
         self.prefix, self.suffix = self._special_template()
         if max_length < len(self.prefix) + len(self.suffix) + 1:
-            raise ModelFolderError(f"{path.parent / 'embedrt.json'}: field 'max_seq_length' is {max_length}, which "
+            raise ModelFolderError(f"{path.parent / MANIFEST_NAME}: field 'max_seq_length' is {max_length}, which "
                                    f"leaves no room for a token beside the {len(self.prefix) + len(self.suffix)} "
                                    f"special tokens {path.name} adds")
         self._tok.enable_truncation(max_length=max_length)
