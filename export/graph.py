@@ -12,13 +12,16 @@ from embedrt.ops import Pooling
 
 OPSET = 17
 MAX_IR_VERSION = 10  # onnxruntime 1.20 reads up to 10; our graphs need nothing newer
+# the encoders whose tokenizers return token_type_ids (all zeros for one text; fed so the graph is the model's)
+_SEGMENTS = ("bert", "albert", "electra")
 
 
 def graph_inputs(architecture: str) -> tuple[str, ...]:
     """The inputs the architecture really uses, in graph order."""
-    if architecture == "bert":
+    if architecture in _SEGMENTS:
         return ("input_ids", "attention_mask", "token_type_ids")
-    return ("input_ids", "attention_mask")  # DistilBERT, RoBERTa and MPNet take no token_type_ids
+    return ("input_ids", "attention_mask")  # DistilBERT, MPNet and the RoBERTa family take no token_type_ids
+
 
 
 def graph_limits(config: Any, architecture: str, pad_token_id: int) -> dict[str, int]:

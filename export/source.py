@@ -24,9 +24,9 @@ _POOLING_NAMES = {"cls": Pooling.CLS, "mean": Pooling.MEAN, "max": Pooling.MAX,
                   "mean_sqrt_len_tokens": Pooling.MEAN_SQRT_LEN}
 _MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
 _ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity"}
-SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "roberta", "xlm-roberta", "mpnet")
+SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "albert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet")
 # architectures whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens)
-_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "mpnet")
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,18 @@ from embedrt.models import find_entry
 
 _TINY = {"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64}
 _BASE = {"hidden": 768, "layers": 6, "heads": 12, "intermediate": 3072}
+# model_type -> (config class, model class) of the RoBERTa-style models: positions counted from the pad id
+_OFFSET = {
+    "roberta": ("RobertaConfig", "RobertaModel"),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel"),
+    "camembert": ("CamembertConfig", "CamembertModel"),
+    "mpnet": ("MPNetConfig", "MPNetModel"),
+}
+# each gets its real checkpoints' kind of tokenizer: the uncased WordPiece vocab, a SentencePiece unigram model
+# (Metaspace, NMT / NFKC normalization) trained offline, or else (RoBERTa, MPNet) a byte-level BPE trained offline
+_WORDPIECE = ("bert", "distilbert", "electra")
+_SENTENCEPIECE = ("albert", "xlm-roberta", "camembert")
+ARCHITECTURES = (*_WORDPIECE, "albert", *_OFFSET)
 _POOLING_FLAGS = {"mean": "mean", "cls": "cls", "max": "max", "mean_sqrt_len": "mean_sqrt_len_tokens"}
 
 
@@ -87,17 +99,30 @@ def _model(spec: StandIn, vocab_size: int, pad_id: int) -> Any:
     if spec.architecture == "bert":
         return transformers.BertModel(transformers.BertConfig(max_position_embeddings=512, **common),
                                       add_pooling_layer=False).eval()
-    if spec.architecture == "roberta":
-        # RoBERTa offsets positions by padding_idx + 1, hence 514 positions for 512 tokens
-        config = transformers.RobertaConfig(max_position_embeddings=514, type_vocab_size=1, **common)
-        return transformers.RobertaModel(config, add_pooling_layer=False).eval()
-    raise ValueError(f"unknown architecture {spec.architecture!r}; valid: distilbert, bert, roberta")
+    if spec.architecture in _OFFSET:
+        # RoBERTa-style models offset positions by padding_idx + 1, hence 514 positions for 512 tokens
+        config_class, model_class = _OFFSET[spec.architecture]
+        extra = {} if spec.architecture == "mpnet" else {"type_vocab_size": 1}
+        config = getattr(transformers, config_class)(max_position_embeddings=514, **extra, **common)
+        return getattr(transformers, model_class)(config, add_pooling_layer=False).eval()
+    if spec.architecture in ("albert", "electra"):
+        # both factor the embeddings: a narrower table projected to the hidden width
+        config_class, model_class = ("AlbertConfig", "AlbertModel") if spec.architecture == "albert" else (
+            "ElectraConfig", "ElectraModel")
+        config = getattr(transformers, config_class)(max_position_embeddings=512, embedding_size=shape["hidden"] // 2,
+                                                     **common)
+        if spec.architecture == "albert":
+            return transformers.AlbertModel(config, add_pooling_layer=False).eval()
+        return transformers.ElectraModel(config).eval()
+    raise ValueError(f"unknown architecture {spec.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
 
 
 def _tokenizer(architecture: str) -> Any:
     transformers = require("transformers", "export")
-    if architecture in ("bert", "distilbert"):
+    if architecture in _WORDPIECE:
         return transformers.AutoTokenizer.from_pretrained(str(_uncased_vocab().parent))
+    if architecture in _SENTENCEPIECE:
+        return _sentencepiece_tokenizer(architecture)
     return _roberta_tokenizer()
 
 
@@ -112,17 +137,49 @@ def _uncased_vocab() -> Path:
     return path / "vocab.txt"
 
 
-def _roberta_tokenizer() -> Any:
-    """A byte-level BPE tokenizer trained offline on a fixed text, wrapped like RoBERTa's."""
-    tokenizers = require("tokenizers", "runtime")
-    transformers = require("transformers", "export")
+def _corpus() -> list[str]:
     from embedrt.export.validate import PROBE_TEXTS
 
-    corpus = list(PROBE_TEXTS) + [
+    return list(PROBE_TEXTS) + [
         "the of and to in is that for it as was with be by on not he this are or his from at which but have an "
         "they you were her she there been one all we their has would when if so what out up into no more can "
         "semantic search retrieval embedding vector model sentence passage query document ranking"
     ] * 20
+
+
+def _sentencepiece_tokenizer(architecture: str) -> Any:
+    """A SentencePiece unigram tokenizer trained offline, wrapped like ALBERT's (lowercasing, [CLS] ... [SEP])
+    or XLM-RoBERTa's / CamemBERT's (<s> ... </s>)."""
+    tokenizers = require("tokenizers", "runtime")
+    transformers = require("transformers", "export")
+    if architecture == "albert":
+        specials = ["<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"]
+        cls, sep = "[CLS]", "[SEP]"
+    else:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        cls, sep = "<s>", "</s>"
+    unigram = tokenizers.SentencePieceUnigramTokenizer()
+    unigram.train_from_iterator(_corpus(), vocab_size=1000, special_tokens=specials, unk_token="<unk>")
+    tok = unigram._tokenizer
+    if architecture == "albert":
+        tok.normalizer = tokenizers.normalizers.Sequence([tok.normalizer, tokenizers.normalizers.Lowercase()])
+    ids = {name: tok.token_to_id(name) for name in (cls, sep)}
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}", special_tokens=list(ids.items()))
+    if architecture == "albert":
+        return transformers.AlbertTokenizerFast(tokenizer_object=tok, cls_token=cls, sep_token=sep, pad_token="<pad>",
+                                                unk_token="<unk>", mask_token="[MASK]", do_lower_case=True)
+    wrapper = transformers.XLMRobertaTokenizerFast if architecture == "xlm-roberta" else (
+        transformers.CamembertTokenizerFast)
+    return wrapper(tokenizer_object=tok, bos_token=cls, eos_token=sep, sep_token=sep, cls_token=cls,
+                   unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+def _roberta_tokenizer() -> Any:
+    """A byte-level BPE tokenizer trained offline on a fixed text, wrapped like RoBERTa's."""
+    tokenizers = require("tokenizers", "runtime")
+    transformers = require("transformers", "export")
+    corpus = _corpus()
     bpe = tokenizers.ByteLevelBPETokenizer()
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     bpe.train_from_iterator(corpus, vocab_size=1000, min_frequency=1, special_tokens=specials)

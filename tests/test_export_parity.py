@@ -76,6 +76,33 @@ def test_pooling_modes_dense_and_lengths(spec: StandIn, stand_in_factory) -> Non
     assert ("token_type_ids" in manifest.inputs) is (spec.architecture == "bert")
 
 
+# texts where tokenizers differ: whitespace runs, compatibility characters, controls, no spaces, past 512 tokens
+TOKENIZER_PROBES = ["Hello  World", "  leading and trailing  ", "tab\there\nnewline",
+                    "\ufb01ne caf\u00e9 na\u00efve \u216b", "", " ", "x" * 5000, "word " * 40000, "e\u0301 " * 30000,
+                    "\u65e5\u672c\u8a9e", "UPPER lower MiXeD",
+                    "a\u00a0b\u2003c", "\x00\x01 ctrl"]
+
+
+@pytest.mark.parametrize("architecture", ["mpnet", "xlm-roberta", "camembert", "albert", "electra"])
+def test_other_bert_family_architectures(architecture: str, stand_in_factory) -> None:  # type: ignore[no-untyped-def]
+    """MPNet (relative position bias), ALBERT (shared layers, factored embeddings), ELECTRA, and the RoBERTa
+    family with SentencePiece tokenizers: same vectors as sentence-transformers, same tokens as transformers."""
+    from transformers import AutoTokenizer
+
+    spec = StandIn(architecture=architecture, pooling="mean", normalize=architecture == "mpnet")
+    checkpoint, folder = stand_in_factory(spec)
+    texts = [*PROBE_TEXTS, LONG, "short"]
+    assert_parity(checkpoint, folder, texts)
+    _, model = assert_parity(checkpoint, folder, texts, device="openvino")
+    manifest = embedrt.read_manifest(folder)
+    assert manifest.architecture == architecture
+    assert ("token_type_ids" in manifest.inputs) is (architecture in ("albert", "electra"))
+    hf = AutoTokenizer.from_pretrained(str(checkpoint))
+    for text in TOKENIZER_PROBES:
+        want = hf(text, truncation=True, max_length=manifest.max_seq_length)["input_ids"]
+        assert list(model.tokenize([text])[0]) == want, text[:40]
+
+
 def test_in_graph_pooling_matches_numpy_pooling() -> None:
     torch = pytest.importorskip("torch")
     from embedrt.export.graph import torch_pool

@@ -256,3 +256,39 @@ def test_openvino_int8_export_on_a_cpu_without_vnni_advises_once(tiny_bert, tmp_
                            min_agreement=0.0)
     said = [r.getMessage() for r in caplog.records if "without VNNI or AMX" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith(str(out)), said
+
+
+@pytest.mark.parametrize("architecture", ["mpnet", "albert", "electra", "xlm-roberta"])
+def test_static_int8_on_other_architectures(architecture: str, stand_in_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The FFN down-projections are found by name in MPNet, ALBERT (one layer applied twice, named ffn_output
+    then ffn_output_1), ELECTRA and XLM-R graphs, on both backends; ALBERT's and ELECTRA's embedding projection
+    stays fp32 too; and the static recipe stays batch-invariant and close to fp32 there."""
+    import onnx
+
+    from embedrt.export.synthetic import StandIn
+
+    checkpoint, fp32 = stand_in_factory(StandIn(architecture=architecture))
+    out = export_model(str(checkpoint), tmp_path / "int8", quantize="static", formats="onnx,openvino",
+                       min_agreement=0.5)
+    graph = onnx.load(str(out / "model.onnx")).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    down = [n for n in matmuls if "ffn_output" in n.name or ("/output/dense/" in n.name and "attention" not in n.name)]
+    assert len(down) == 2, [n.name for n in matmuls]  # two layers; kept fp32: no DequantizeLinear feeds them
+    assert not any(producers.get(i) == "DequantizeLinear" for n in down for i in n.input)
+    assert any(producers.get(n.input[1]) == "DequantizeLinear" for n in matmuls)  # ... while others are int8
+    projection = [n for n in matmuls if "embedding_hidden_mapping_in" in n.name or "embeddings_project" in n.name]
+    assert len(projection) == (architecture in ("albert", "electra"))
+    assert not any(producers.get(i) == "DequantizeLinear" for n in projection for i in n.input)
+    kept = _quantised_matmuls(out / "openvino_model.xml")
+    assert sum(1 for name, quantised in kept.items() if not quantised and ("ffn_output" in name or (
+        "/output/dense" in name and "attention" not in name))) == 2, kept
+    assert not any(quantised for name, quantised in kept.items() if name in {n.name for n in projection}), kept
+    texts = ["a short query", "a somewhat longer passage about semantic search and retrieval " * 8, "x"]
+    reference = embedrt.load(fp32, device="cpu").encode(texts)
+    for device in ("cpu", "openvino"):
+        model = embedrt.load(out, device=device)
+        together = model.encode(texts, batch_size=3)
+        alone = np.vstack([model.encode([t]) for t in texts])
+        np.testing.assert_allclose(together, alone, atol=1e-6, err_msg=device)
+        assert row_cosine(together, reference).min() > 0.999, device
