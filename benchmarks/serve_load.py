@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.run import _machine, _versions
+from embedrt import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -567,7 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         print("in-process:", json.dumps(reference), flush=True)
     server = _server(args, folder, checkpoint)
     record: dict[str, Any] = {"server": server.label, "model": args.model if not args.folder else str(folder),
-                              "precision": args.precision, "threads": args.threads, "in_process": reference,
+                              # a --folder's own precision (the --precision default would misname an int8 folder)
+                              "precision": (read_manifest(folder).precision.value if args.folder and folder
+                                            else args.precision),
+                              "threads": args.threads, "in_process": reference,
                               "date": time.strftime("%Y-%m-%d"), "machine": _machine(args.threads),
                               "versions": _versions(),
                               "load_generator": ("openai.AsyncOpenAI" if args.client == "openai" else

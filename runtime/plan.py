@@ -239,7 +239,7 @@ def openvino_cpu_precision(manifest: Manifest, allow_fallback: bool = False, fla
       ``amx_bf16``; the check runs on every export made on a CPU with bf16 units, but AVX512_BF16 runs other
       kernels) and this CPU has AMX (:func:`embedrt.cpu.bf16_pays`); else ``f32``;
     - int8 folders: ``f32`` too: in OpenVINO 2026.4.1 the bf16 attention of the NNCF all-MiniLM-L6-v2 goes
-      wrong at sequence length 32 (= its head size), cosine 0.85 to fp32 on some queries; with f32 it is
+      wrong at sequence length 32 (= its head size), cosine 0.73-0.85 to fp32 on some queries; with f32 it is
       0.995 and no slower (5.8 vs 6.1 ms for 8 x 32 tokens).
 
     Raises:

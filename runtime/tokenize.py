@@ -114,6 +114,9 @@ def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndar
             raise ValueError(f"token ids [{i}] holds an id outside the model's vocabulary [0, {vocab_size})")
         if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
             raise TypeError(f"token ids [{i}] must be a flat list of int")
+        if not isinstance(row, np.ndarray) and any(isinstance(x, (bool, np.bool_)) for x in row):
+            # numpy takes [True, 5] as int64 [1, 5]; a bool is no token id (the server refuses it too)
+            raise TypeError(f"token ids [{i}] holds a bool, not an int")
         if arr.size == 0:
             raise ValueError(f"token ids [{i}] is empty")
         if arr.size > max_length:

@@ -173,3 +173,5 @@ def test_encode_tokens_equals_encode_and_names_bad_rows(tiny_bert) -> None:  # t
         model.encode_tokens(["abc"])
     with pytest.raises(TypeError, match=r"token ids \[0\] must be a flat list of int"):
         model.encode_tokens([[1.5, 2.0]])
+    with pytest.raises(TypeError, match=r"token ids \[1\] holds a bool, not an int"):
+        model.encode_tokens([[101, 102], [101, True, 102]])  # numpy alone would take True as id 1
