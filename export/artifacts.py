@@ -52,6 +52,8 @@ def new_manifest(resolved: ResolvedSource, spec: CheckpointSpec, *, dim: int, pa
         graphs={fmt: dict(GRAPH_ENTRIES[fmt]) for fmt in formats},
         files={},
         parity={},
+        prompts=dict(spec.prompts),
+        default_prompt_name=spec.default_prompt_name,
         extra={
             "similarity_source": "override" if similarity else spec.similarity_source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

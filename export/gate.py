@@ -45,8 +45,8 @@ def _per_text(cos: np.ndarray) -> dict[str, float]:
 
 def agreement(fp32: Any, int8: Any, corpus: list[str], queries: list[str], k: int = 10) -> dict[str, float]:
     """Cosine of int8 to fp32 embeddings and the share of fp32's top-k that int8 also ranks top-k."""
-    a, b = fp32.encode(corpus), int8.encode(corpus)
-    qa, qb = fp32.encode(queries), int8.encode(queries)
+    a, b = fp32.encode_document(corpus), int8.encode_document(corpus)
+    qa, qb = fp32.encode_query(queries), int8.encode_query(queries)
     ref_top = top_k(qa, a, k, fp32.similarity_metric)[0]
     got_top = top_k(qb, b, k, int8.similarity_metric)[0]
     overlap = np.mean([len(set(x) & set(y)) / x.size for x, y in zip(ref_top, got_top)])
@@ -77,7 +77,7 @@ def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"dataset": path.name, "kind": "beir", "metric": "ndcg@10"}
     cos = []
     for name, model in (("fp32", fp32), ("int8", int8)):
-        corpus, queries = model.encode(data.corpus_texts), model.encode(data.query_texts)
+        corpus, queries = model.encode_document(data.corpus_texts), model.encode_query(data.query_texts)
         out[f"{name}_ndcg@10"] = score_embeddings(data, queries, corpus, model.similarity_metric)["ndcg@10"]
         cos.append((corpus, queries))
     docs, queries = row_cosine(cos[0][0], cos[1][0]), row_cosine(cos[0][1], cos[1][1])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from embedrt.errors import SourceError
 from embedrt.models import CatalogueEntry, find_entry
 from embedrt.ops import Pooling, Similarity
+
+_log = logging.getLogger("embedrt.export")
 
 # legacy boolean keys of 1_Pooling/config.json and the mode names newer sentence-transformers writes
 _POOLING_KEYS = {
@@ -61,6 +64,8 @@ class CheckpointSpec:
     similarity_source: str
     max_seq_length: int
     do_lower_case: bool
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
 
 
 def resolve_source(source: str, revision: str | None = None) -> ResolvedSource:
@@ -162,7 +167,8 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
     elif max_len > positions:
         raise SourceError(f"{base / 'sentence_bert_config.json'}: max_seq_length {max_len} is more than the "
                           f"{positions} positions the model has (config.json); lower it to at most {positions}")
-    _refuse_what_embedrt_does_not_do(folder, base)
+    _refuse_what_embedrt_does_not_do(base)
+    prompts, default_prompt = _prompts(folder, folder / modules[1].path / "config.json", modules[1].config)
     similarity, sim_source = _similarity(folder, entry)
     for dense in (m for m in modules if m.kind == "Dense"):
         act = dense.config.get("activation_function", "torch.nn.modules.activation.Tanh")
@@ -178,6 +184,8 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
         similarity_source=sim_source,
         max_seq_length=int(max_len),
         do_lower_case=bool(transformer.config.get("do_lower_case", False)),
+        prompts=prompts,
+        default_prompt_name=default_prompt,
     )
 
 
@@ -272,15 +280,36 @@ def position_pad_id(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
-def _refuse_what_embedrt_does_not_do(folder: Path, base: Path) -> None:
-    """A default prompt or left truncation would give other vectors than embedrt computes: refuse them by name."""
+def _prompts(folder: Path, pooling_path: Path, pooling: dict[str, Any]) -> tuple[dict[str, str], str | None]:
+    """The named prompts and the default prompt's name, as sentence-transformers reads them.
+
+    Pooling with ``include_prompt`` false leaves a prompt's tokens out of the pooling, which the graph (pooling
+    every token) cannot do. Even an empty prompt counts there: sentence-transformers then leaves out the first
+    token ([CLS]). So a default prompt is refused, and the other prompts are left out with a warning (a
+    ``prompt_name`` naming one is then refused at run time as unknown).
+    """
     st_config = folder / "config_sentence_transformers.json"
     st = _read_json(st_config) if st_config.is_file() else {}
+    prompts = st.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+        raise SourceError(f"{st_config}: prompts must be an object of strings (name -> prompt), got {prompts!r}")
     default = st.get("default_prompt_name")
-    prompt = (st.get("prompts") or {}).get(default) if default else None
-    if prompt:  # an empty default prompt changes nothing
-        raise SourceError(f"{st_config}: default_prompt_name {default!r} (prompt {prompt!r}) is not supported: "
-                          "sentence-transformers puts it before every text, embedrt does not add prompts")
+    if default is not None and (not isinstance(default, str) or default not in prompts):
+        raise SourceError(f"{st_config}: default_prompt_name {default!r} is not one of its prompts "
+                          f"({', '.join(map(repr, prompts)) or 'none'}); sentence-transformers refuses it too")
+    if pooling.get("include_prompt", True) is False and prompts:
+        if default is not None:
+            raise SourceError(
+                f"{pooling_path}: include_prompt false leaves the default prompt {prompts[default]!r} (from "
+                f"{st_config.name}) out of the pooling; embedrt's graph pools every token, so it cannot reproduce it")
+        _log.warning("%s: include_prompt false leaves a prompt's tokens out of the pooling, which embedrt's graph "
+                     "cannot do; the prompts %s are not exported", pooling_path, ", ".join(sorted(prompts)))
+        prompts = {}
+    return dict(prompts), default
+
+
+def _refuse_what_embedrt_does_not_do(base: Path) -> None:
+    """Left truncation would give other vectors than embedrt computes: refuse it by name."""
     tok_config = base / "tokenizer_config.json"
     side = _read_json(tok_config).get("truncation_side") if tok_config.is_file() else None
     if side not in (None, "right"):

@@ -45,6 +45,9 @@ class StandIn:
     max_seq_length: int = 512
     dense_dim: int | None = None
     seed: int = 0
+    # sentence-transformers' prompts as (name, text) pairs (a tuple: StandIn is hashable), and the default's name
+    prompts: tuple[tuple[str, str], ...] = ()
+    default_prompt_name: str | None = None
 
 
 def seed_stand_in(name: str, size: str = "tiny") -> StandIn:
@@ -74,7 +77,8 @@ def make_checkpoint(folder: Path, spec: StandIn) -> Path:
         modules.append(st.models.Dense(dim, spec.dense_dim, activation_function=torch.nn.Tanh()))
     if spec.normalize:
         modules.append(st.models.Normalize())
-    model_st = st.SentenceTransformer(modules=modules, device="cpu", similarity_fn_name=spec.similarity)
+    prompts = {"prompts": dict(spec.prompts), "default_prompt_name": spec.default_prompt_name} if spec.prompts else {}
+    model_st = st.SentenceTransformer(modules=modules, device="cpu", similarity_fn_name=spec.similarity, **prompts)
     model_st.save(str(folder))
     shutil.rmtree(hf_dir)
     (folder / "embedrt_stand_in.json").write_text(json.dumps(dataclasses.asdict(spec)) + "\n")

@@ -101,12 +101,19 @@ def score_rankings(
 
 def evaluate(model: Any, data: BeirData, batch_size: int = 32, show_progress: bool = False,
              corpus_embeddings: np.ndarray | None = None, max_tokens: int | None = None) -> dict[str, Any]:
-    """Embed the corpus and queries with ``model`` and score retrieval with its similarity function."""
+    """Embed the corpus and queries with ``model`` and score retrieval with its similarity function.
+
+    Queries and documents get the model's ``query`` / ``document`` prompts where it has them (its
+    ``encode_query`` and ``encode_document``, as MTEB runs sentence-transformers); a model object without
+    those methods is asked for ``encode``.
+    """
+    encode_document = getattr(model, "encode_document", model.encode)
+    encode_query = getattr(model, "encode_query", model.encode)
     corpus = corpus_embeddings
     if corpus is None:
-        corpus = model.encode(data.corpus_texts, batch_size=batch_size, show_progress=show_progress,
-                              max_tokens=max_tokens)
-    queries = model.encode(data.query_texts, batch_size=batch_size, max_tokens=max_tokens)
+        corpus = encode_document(data.corpus_texts, batch_size=batch_size, show_progress=show_progress,
+                                 max_tokens=max_tokens)
+    queries = encode_query(data.query_texts, batch_size=batch_size, max_tokens=max_tokens)
     metric: Similarity = model.similarity_metric
     return {**score_embeddings(data, queries, corpus, metric), "corpus": len(data.corpus_ids),
             "similarity": metric.value}

@@ -31,7 +31,7 @@ import numpy as np
 from embedrt._enums import parse_enum
 from embedrt._optional import require
 from embedrt.errors import EmbedrtError, OutputPathError
-from embedrt.manifest import MANIFEST_NAME, write_json_atomic
+from embedrt.manifest import MANIFEST_NAME, resolve_prompt, write_json_atomic
 from embedrt.outputs import naming_write_errors
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError, byte_lines, join_title, not_utf8
@@ -103,6 +103,8 @@ class BulkOptions:
         inference_precision: ``load``'s option of that name (the Ray path loads its actors with it); what the
             model really runs in, ``model.precision``, is part of the job's identity.
         show_progress: a progress bar on stderr (texts/s, tokens/s, ETA).
+        prompt_name, prompt: as ``EmbeddingModel.encode``'s (default: the model's default prompt, if any); a
+            non-empty prompt is part of the job's identity.
     """
 
     id_field: str = "_id"
@@ -115,9 +117,14 @@ class BulkOptions:
     device: str = "auto"
     show_progress: bool = False
     inference_precision: str | None = None
+    prompt_name: str | None = None
+    prompt: str | None = None
 
     def __post_init__(self) -> None:
         check_count(self.batch_size, "batch_size")
+        for name in ("prompt_name", "prompt"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a str, got {type(getattr(self, name)).__name__}")
         for name in ("part_rows", "max_tokens"):
             if getattr(self, name) is not None:
                 check_count(getattr(self, name), name)
@@ -521,7 +528,7 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
         files.update(f"{name}:{entry.sha256}\n".encode())
     stat = file.stat()
     manifest = hashlib.sha256((model.path / MANIFEST_NAME).read_bytes()).hexdigest()
-    return {
+    identity: dict[str, Any] = {
         "model": {"name": model_name(model), "dim": model.dim, "files_sha256": files.hexdigest(),
                   "manifest_sha256": manifest},
         "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
@@ -530,6 +537,11 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
                     "skip_bad": options.skip_bad, "part_rows": part_rows, "device": model.device,
                     "precision": model.precision},
     }
+    # the text put before each row; recorded only when there is one, so jobs from before prompts still resume
+    prompt = resolve_prompt(model.manifest, options.prompt_name, options.prompt)
+    if prompt:
+        identity["options"]["prompt"] = prompt
+    return identity
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -706,7 +718,7 @@ class _Job:
 
     def _embed(self, ids: list[str], texts: list[str], position: int) -> None:
         if texts:
-            tokens = self.model.tokenize_batch(texts)
+            tokens = self.model.tokenize_batch(texts, prompt_name=self.options.prompt_name, prompt=self.options.prompt)
             filled = len(self.ids)
             if filled + len(texts) > len(self.buffer):
                 grown = np.empty((min(self.part_rows, max(filled + len(texts), 2 * len(self.buffer))),

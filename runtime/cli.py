@@ -55,6 +55,13 @@ def _add_inference_precision(p: argparse.ArgumentParser) -> None:
                         "folders checked in bf16 at export, on CPUs with AMX)")
 
 
+def _add_prompt_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--prompt-name", help="put the model's prompt of this name before each text (see "
+                                             "'embedrt info'; default: the model's default prompt, if any)")
+    group.add_argument("--prompt", help="put this text before each text instead ('' for none, not even the default)")
+
+
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
@@ -124,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help=".txt (one text per line), .jsonl, or .csv, .tsv, .parquet (columns _id and text)")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("-o", "--output", required=True, help="where to write the [n, dim] float32 .npy")
+    _add_prompt_args(p)
     _add_runtime_args(p)
 
     p = sub.add_parser("embed", help="embed a whole corpus into a Parquet dataset (streamed, resumable; or on Ray)")
@@ -138,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data: on the cluster at ADDRESS, or without one on a local Ray started for the job")
     p.add_argument("--actors", type=int, default=None, help="Ray: actor pool size (default: cluster CPUs // --threads)")
+    _add_prompt_args(p)
     _add_runtime_args(p)
 
     p = sub.add_parser("search", help="rank a corpus file for one or more queries")
@@ -315,7 +324,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)
     start = time.perf_counter()
-    emb = model.encode(texts, show_progress=_progress(), **_encode_options(args))
+    emb = model.encode(texts, show_progress=_progress(), prompt_name=args.prompt_name, prompt=args.prompt,
+                       **_encode_options(args))
     elapsed = time.perf_counter() - start
     with naming_write_errors(out):
         _save_npy_atomic(out, emb)
@@ -339,7 +349,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     options = BulkOptions(id_field=args.id_field, field=args.field, dtype=EmbedDtype.parse(args.dtype),
                           skip_bad=args.skip_bad, part_rows=args.part_rows, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, device=args.device, show_progress=_progress(),
-                          inference_precision=args.inference_precision)
+                          inference_precision=args.inference_precision, prompt_name=args.prompt_name,
+                          prompt=args.prompt)
     if args.ray is not None:
         from embedrt.ray import embed_with_ray
 
@@ -380,7 +391,7 @@ def _encode_options(args: argparse.Namespace) -> dict[str, Any]:
 def _search_and_print(model: Any, ids: list[str], texts: list[str], queries: list[str], k: int,
                       options: dict[str, Any]) -> None:
     start = time.perf_counter()
-    corpus = model.encode(texts, show_progress=_progress(), **options)
+    corpus = model.encode_document(texts, show_progress=_progress(), **options)
     t_corpus = time.perf_counter() - start
     start = time.perf_counter()
     indices, scores = model.search(queries, corpus, k=k, **options)

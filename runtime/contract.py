@@ -16,7 +16,7 @@ STAMP_KEY = "embedrt"
 # the manifest fields the graph was exported with; "similarity" too: the graph does not use it, but a
 # manifest edited to another metric ranked search results by it, silently
 _SAME = ("dim", "inputs", "pad_token_id", "pooling", "normalize", "precision", "similarity", "architecture",
-         "do_lower_case")
+         "do_lower_case", "prompts", "default_prompt_name")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,6 +66,9 @@ class Manifest:
         files: every file of the folder except the manifest, with size and sha256.
         parity: per artifact, the figures of the check against sentence-transformers.
         extra: anything else recorded at export (quantisation recipe, optimiser counts, versions).
+        prompts: the checkpoint's named prompts (``config_sentence_transformers.json``), e.g.
+            ``{"query": "query: "}``: texts put after one, as sentence-transformers' ``prompt_name`` does.
+        default_prompt_name: the prompt put before every text unless another (or ``prompt=""``) is asked for.
     """
 
     source: dict[str, Any]
@@ -83,6 +86,8 @@ class Manifest:
     files: dict[str, FileEntry]
     parity: dict[str, dict[str, Any]]
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    default_prompt_name: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict."""
@@ -101,7 +106,7 @@ class Manifest:
     def contract(self) -> dict[str, Any]:
         """The subset that describes the graph's behaviour (stored in the ONNX ``metadata_props`` too)."""
         keys = ("architecture", "dim", "pooling", "normalize", "similarity", "max_seq_length",
-                "do_lower_case", "inputs", "pad_token_id", "precision", "source")
+                "do_lower_case", "inputs", "pad_token_id", "precision", "source", "prompts", "default_prompt_name")
         full = self.to_json()
         # the graph's own limits (position table, vocabulary), checked against the manifest at load
         limits = self.extra.get("limits", {})
@@ -179,7 +184,21 @@ def _parse_manifest(data: dict[str, Any], path: Path) -> Manifest:
         files=files,
         parity=_parity(path, field("parity", dict)),
         extra=_extra(path, data.get("extra", {})),
+        **_prompts(path, data),
     )
+
+
+def _prompts(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``prompts`` (an object of strings, default empty) and ``default_prompt_name`` (one of its names, or null);
+    both optional: folders exported before embedrt carried prompts have neither."""
+    prompts = data.get("prompts", {})
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ModelFolderError(f"{path}: field 'prompts' must be an object of strings (name -> prompt)")
+    default = data.get("default_prompt_name")
+    if default is not None and (not isinstance(default, str) or default not in prompts):
+        raise ModelFolderError(f"{path}: field 'default_prompt_name' is {default!r}, which is not one of 'prompts' "
+                               f"({', '.join(map(repr, prompts)) or 'none'})")
+    return {"prompts": dict(prompts), "default_prompt_name": default}
 
 
 # the records the runtime reads, beyond the top-level fields: name -> the types each key may hold when present
@@ -304,3 +323,36 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_file(path, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2, ensure_ascii=False)
         fh.write("\n")
+
+
+def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: str | None = None) -> str:
+    """The text put before each input, as sentence-transformers' ``encode`` chooses it.
+
+    ``prompt`` if given (``""`` for none), else the prompt named ``prompt_name``, else the model's default
+    prompt (``default_prompt_name``), else none (``""``).
+
+    Raises:
+        TypeError: ``prompt_name`` or ``prompt`` is not a str.
+        ValueError: both are given (sentence-transformers ignores ``prompt_name`` then, with a warning), or
+            ``prompt_name`` is not one of the model's prompts (the message lists them).
+    """
+    if prompt_name is not None and not isinstance(prompt_name, str):
+        raise TypeError(f"prompt_name must be a str, got {type(prompt_name).__name__}")
+    if prompt is not None and not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if prompt is not None:
+        if prompt_name is not None:
+            raise ValueError(f"give prompt_name ({prompt_name!r}) or prompt ({prompt!r}), not both")
+        return prompt
+    if prompt_name is not None:
+        if prompt_name not in manifest.prompts:
+            names = ", ".join(map(repr, manifest.prompts)) or "none"
+            raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({names})")
+        return manifest.prompts[prompt_name]
+    if manifest.default_prompt_name is not None:
+        return manifest.prompts[manifest.default_prompt_name]
+    return ""
+
+
+# sentence-transformers' encode_document tries these prompt names, in this order
+DOCUMENT_PROMPTS = ("document", "passage", "corpus")

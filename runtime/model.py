@@ -19,7 +19,16 @@ from embedrt.backends import Backend, open_backend
 from embedrt.batching import BatchCost, padded_lengths, plan_batches
 from embedrt.contract import check_graph
 from embedrt.errors import ProviderUnavailableError
-from embedrt.manifest import OUTPUT_NAME, TOKENIZER_NAME, Manifest, Precision, check_files, read_manifest
+from embedrt.manifest import (
+    DOCUMENT_PROMPTS,
+    OUTPUT_NAME,
+    TOKENIZER_NAME,
+    Manifest,
+    Precision,
+    check_files,
+    read_manifest,
+    resolve_prompt,
+)
 from embedrt.plan import (
     DevicePlan,
     LoadSettings,
@@ -72,17 +81,29 @@ class EmbeddingModel:
     def __repr__(self) -> str:
         return f"EmbeddingModel({str(self.path)!r}, device={self.device!r}, dim={self.dim})"
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text as the model sees them (truncated, special tokens included)."""
-        return self._tokenizer.encode(check_texts(texts))
+    @property
+    def prompts(self) -> dict[str, str]:
+        """The checkpoint's named prompts (``prompt_name`` -> text put before each input); may be empty."""
+        return dict(self.manifest.prompts)
 
-    def tokenize_batch(self, texts: Sequence[str]) -> Tokenized:
+    def _texts(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None) -> list[str]:
+        items = check_texts(texts)
+        head = resolve_prompt(self.manifest, prompt_name, prompt)
+        return [head + text for text in items] if head else items
+
+    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None,
+                 prompt: str | None = None) -> list[list[int]]:
+        """Token ids of each text as the model sees them (prompt, truncation and special tokens included)."""
+        return self._tokenizer.encode(self._texts(texts, prompt_name, prompt))
+
+    def tokenize_batch(self, texts: Sequence[str], *, prompt_name: str | None = None,
+                       prompt: str | None = None) -> Tokenized:
         """Token ids (int32 arrays) of each text and whether truncation cut it; for ``encode_tokens``.
 
         Raises:
-            TypeError: as ``encode``.
+            TypeError, ValueError: as ``encode``.
         """
-        return self._tokenizer.encode_compact(check_texts(texts))
+        return self._tokenizer.encode_compact(self._texts(texts, prompt_name, prompt))
 
     def tokenize_ids(self, ids: Sequence[Sequence[int]]) -> Tokenized:
         """Text tokens given as ids (no special tokens), made into the model's input as ``tokenize_batch`` does.
@@ -134,6 +155,9 @@ class EmbeddingModel:
         batch_size: int = 32,
         show_progress: bool = False,
         max_tokens: int | None = None,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
     ) -> ops.FloatArray:
         """Embed texts exactly as the source sentence-transformers model would.
 
@@ -148,17 +172,21 @@ class EmbeddingModel:
             show_progress: show a progress bar over texts.
             max_tokens: most padded tokens (texts x padded length) per call; default the backend's
                 budget (4096 on CPU and OpenVINO CPU, no cap on CUDA). A single text always fits.
+            prompt_name: one of :attr:`prompts`, put before each text (sentence-transformers'
+                ``prompt_name``); default the checkpoint's ``default_prompt_name``, if it has one.
+            prompt: a text put before each text instead (``""``: none, not even the default).
 
         Returns:
             float32 ``(len(texts), dim)``, in input order.
 
         Raises:
             TypeError: ``texts`` is a single str, a dict or a set, an item is not a str (the message names
-                its index), or ``batch_size`` / ``max_tokens`` is not an int.
-            ValueError: ``batch_size`` or ``max_tokens`` is below 1.
+                its index), ``batch_size`` / ``max_tokens`` is not an int, or a prompt argument not a str.
+            ValueError: ``batch_size`` or ``max_tokens`` is below 1, ``prompt_name`` is not one of the
+                model's prompts, or both ``prompt_name`` and ``prompt`` are given.
         """
         check_bool("show_progress", show_progress)
-        items = check_texts(texts)
+        items = self._texts(texts, prompt_name, prompt)
         size = check_count(batch_size, "batch_size")
         cost = self.batch_cost(max_tokens)
         out = np.empty((len(items), self.dim), dtype=np.float32)
@@ -175,6 +203,24 @@ class EmbeddingModel:
         if bar is not None:
             bar.close()
         return out
+
+    def encode_query(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
+                     max_tokens: int | None = None, *, prompt_name: str | None = None,
+                     prompt: str | None = None) -> ops.FloatArray:
+        """``encode`` for search queries: with the model's ``query`` prompt when it has one and no other is
+        asked for, as sentence-transformers' ``encode_query``."""
+        if prompt_name is None and prompt is None and "query" in self.manifest.prompts:
+            prompt_name = "query"
+        return self.encode(texts, batch_size, show_progress, max_tokens, prompt_name=prompt_name, prompt=prompt)
+
+    def encode_document(self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False,
+                        max_tokens: int | None = None, *, prompt_name: str | None = None,
+                        prompt: str | None = None) -> ops.FloatArray:
+        """``encode`` for the documents searched: with the model's ``document``, ``passage`` or ``corpus``
+        prompt (the first it has) when no other is asked for, as sentence-transformers' ``encode_document``."""
+        if prompt_name is None and prompt is None:
+            prompt_name = next((name for name in DOCUMENT_PROMPTS if name in self.manifest.prompts), None)
+        return self.encode(texts, batch_size, show_progress, max_tokens, prompt_name=prompt_name, prompt=prompt)
 
     def _run_planned(self, ids: list[np.ndarray], batch_size: int, cost: BatchCost, out: ops.FloatArray) -> None:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
@@ -247,8 +293,12 @@ class EmbeddingModel:
         batch_size: int = 32,
         max_tokens: int | None = None,
     ) -> tuple[ops.IntArray, ops.FloatArray]:
-        """Top-``k`` corpus rows for each query text, with the model's similarity function."""
-        queries_embedded = self.encode(queries, batch_size=batch_size, max_tokens=max_tokens)
+        """Top-``k`` corpus rows for each query text, with the model's similarity function.
+
+        The queries are embedded as :meth:`encode_query` does (the model's ``query`` prompt, if it has one);
+        embed the corpus with :meth:`encode_document` to match.
+        """
+        queries_embedded = self.encode_query(queries, batch_size=batch_size, max_tokens=max_tokens)
         return ops.top_k(queries_embedded, corpus_embeddings, k, self.similarity_metric)
 
 

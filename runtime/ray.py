@@ -48,7 +48,7 @@ from embedrt.bulk import (
     resolve_input,
     write_part,
 )
-from embedrt.manifest import write_json_atomic
+from embedrt.manifest import read_manifest, resolve_prompt, write_json_atomic
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError
 
@@ -64,13 +64,15 @@ class EmbedBatch:
     """The callable class ``map_batches`` runs on each actor: the model is loaded once, in ``__init__``."""
 
     def __init__(self, model_dir: str, *, threads: int, device: str, id_field: str, field: str,
-                 dtype: str, batch_size: int, max_tokens: int | None, inference_precision: str | None = None) -> None:
+                 dtype: str, batch_size: int, max_tokens: int | None, inference_precision: str | None = None,
+                 prompt_name: str | None = None, prompt: str | None = None) -> None:
         from embedrt.model import load
 
         # one actor = cpus_per_actor cores; huge pages would move memory of every actor in the background
         self.model = load(model_dir, device=device, threads=threads, inference_precision=inference_precision)
         self.id_field, self.field, self.batch_size, self.max_tokens = id_field, field, batch_size, max_tokens
         self.schema = embedding_schema(self.model, EmbedDtype.parse(dtype))
+        self.prompt_name, self.prompt = prompt_name, prompt
 
     def __call__(self, batch: Any) -> Any:
         """A ``pyarrow.Table`` batch of input rows -> a table of ``id`` and ``embedding``."""
@@ -88,7 +90,7 @@ class EmbedBatch:
                 raise BadRowError(f"row with id {rid!r}: {checked} (Ray mode has no --skip-bad)")
             ids.append(checked[0])
             good.append(checked[1])
-        tokens = self.model.tokenize_batch(good)
+        tokens = self.model.tokenize_batch(good, prompt_name=self.prompt_name, prompt=self.prompt)
         embeddings = self.model.encode_tokens(tokens.ids, batch_size=self.batch_size, max_tokens=self.max_tokens)
         return embedding_table(ids, embeddings, self.schema)
 
@@ -108,6 +110,8 @@ def embed_dataset(
     max_tokens: int | None = None,
     max_restarts: int = 4,
     inference_precision: str | None = None,
+    prompt_name: str | None = None,
+    prompt: str | None = None,
 ) -> Any:
     """Add the embedding step to a Ray Dataset: rows with ``id_field`` and ``field`` -> ``id``, ``embedding``.
 
@@ -124,6 +128,7 @@ def embed_dataset(
         max_restarts: restarts per actor, and retries per batch, when an actor dies (killed, OOM, node lost).
         inference_precision: as ``load``'s; ``embed_with_ray`` passes what the driver's load chose, so every
             actor computes alike whatever CPU its node has.
+        prompt_name, prompt: as ``EmbeddingModel.encode``'s (default: the model's default prompt, if any).
 
     Returns:
         The lazy ``ray.data.Dataset`` of ``id`` (string) and ``embedding`` (fixed-size list), with the
@@ -132,12 +137,14 @@ def embed_dataset(
     """
     ray = require("ray", "ray")
     EmbedDtype.parse(dtype)
+    resolve_prompt(read_manifest(model_dir), prompt_name, prompt)  # a bad prompt fails here, not in every actor
     if num_actors is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
         num_actors = max(1, cpus // cpus_per_actor)
     kwargs = {"model_dir": str(Path(model_dir).resolve()), "threads": cpus_per_actor, "device": device,
               "id_field": id_field, "field": field, "dtype": dtype, "batch_size": batch_size,
-              "max_tokens": max_tokens, "inference_precision": inference_precision}
+              "max_tokens": max_tokens, "inference_precision": inference_precision, "prompt_name": prompt_name,
+              "prompt": prompt}
     # Ray Data's own default is unlimited restarts; a bounded count turns an actor that dies on every
     # batch (out of memory on a huge text, a broken node) into an error instead of a job that never ends
     retries: Any = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
@@ -325,7 +332,8 @@ def embed_with_ray(
             read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
             dtype=opts.dtype.value, device=model.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
-            inference_precision=model.plan.inference_precision or "f32")
+            inference_precision=model.plan.inference_precision or "f32", prompt_name=opts.prompt_name,
+            prompt=opts.prompt)
         staging = out / f".ray-{uuid.uuid4().hex}"
         try:
             with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60

@@ -113,6 +113,16 @@ def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, mode
         assert sorted(ray_ids) == sorted(local_ids) == sorted(r["_id"] for r in rows)
         by_id = dict(zip(local_ids, local_emb))
         assert float(max(np.abs(e - by_id[i]).max() for i, e in zip(ray_ids, ray_emb))) <= 1e-6
+    # a prompt reaches the actors (their tokenize_batch), as it does local mode's
+    prompted = BulkOptions(prompt="query: ")
+    embed_with_ray(tiny_bert[1], tmp_path / "c.tsv", tmp_path / "ray-prompted", prompted)
+    embed_corpus(model, tmp_path / "c.tsv", tmp_path / "local-prompted", prompted)
+    ray_ids, ray_emb, _ = read_output(tmp_path / "ray-prompted")
+    local_ids, local_emb, _ = read_output(tmp_path / "local-prompted")
+    by_id = dict(zip(local_ids, local_emb))
+    assert float(max(np.abs(e - by_id[i]).max() for i, e in zip(ray_ids, ray_emb))) <= 1e-6
+    plain = dict(zip(*read_output(tmp_path / "local-c.tsv")[:2]))
+    assert min(float(np.dot(by_id[i], plain[i])) for i in plain) < 0.9999  # (normalised) the prompt counted
     src.write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y\xff"}\n')
     with pytest.raises(BadRowError, match=r"c\.jsonl:2: not UTF-8 \(byte 0xff at column 24\)"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "bad")

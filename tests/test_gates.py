@@ -84,6 +84,8 @@ class Fake:
     def encode(self, texts: list[str]) -> np.ndarray:
         return np.stack([self.rows[t] for t in texts]).astype(np.float32)
 
+    encode_query = encode_document = encode  # no prompts
+
 
 def _pair(cosine: float) -> tuple[Fake, Fake]:
     from embedrt.export.gate import builtin_texts
@@ -137,6 +139,8 @@ class Hashed:
         if self.turn is None:
             return rows.astype(np.float32)
         return np.stack([rotated(r[None], self.turn(t), seed=7)[0] for r, t in zip(rows, texts, strict=True)])
+
+    encode_query = encode_document = encode  # no prompts
 
 
 def _eval_sets(root) -> tuple[object, object]:  # type: ignore[no-untyped-def]

@@ -501,10 +501,10 @@ def test_a_handler_cancelled_by_its_host_server_drops_its_rows_as_cancelled(tiny
 class SlowTokenizer(Gated):
     """A model whose tokenizing waits for ``gate`` (a 16 MB word without a cut point takes ~20 s)."""
 
-    def tokenize_batch(self, texts: Any) -> Any:
+    def tokenize_batch(self, texts: Any, **kwargs: Any) -> Any:
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
-        return self._model.tokenize_batch(texts)
+        return self._model.tokenize_batch(texts, **kwargs)
 
 
 def test_the_deadline_holds_while_a_request_is_tokenizing(tiny: Any) -> None:
@@ -602,10 +602,10 @@ def test_the_queue_holds_any_request_within_max_inputs(tiny: Any) -> None:
 
 def test_a_request_still_tokenizing_at_the_drain_cut_off_gets_503(tiny: Any) -> None:
     class SlowTokenizer(Gated):
-        def tokenize_batch(self, texts: Any) -> Any:
+        def tokenize_batch(self, texts: Any, **kwargs: Any) -> Any:
             self.entered.set()
             assert self.gate.wait(30), "the test never opened the gate"
-            return self._model.tokenize_batch(texts)
+            return self._model.tokenize_batch(texts, **kwargs)
 
     slow = SlowTokenizer(tiny)
     with LiveServer(create_app([slow], ServeConfig(drain_timeout=1.0))) as server:

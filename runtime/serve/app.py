@@ -373,7 +373,7 @@ def _lane(request: Request, count: int, config: ServeConfig) -> Lane:
 def _tokenize(model: Any, parsed: protocol.EmbeddingRequest) -> Any:
     try:
         if parsed.texts is not None:
-            return model.tokenize_batch(parsed.texts)
+            return model.tokenize_batch(parsed.texts, prompt_name=parsed.prompt_name, prompt=parsed.prompt)
         return model.tokenize_ids(parsed.token_ids)
     except (TypeError, ValueError) as exc:  # an id outside the vocabulary: the message names the row
         message = str(exc).replace("token ids [", "input[")
@@ -407,6 +407,10 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     served = service.lookup(parsed.model)
     model = served.model
     info.update(model=served.name, inputs=parsed.count)
+    if parsed.prompt_name is not None and parsed.prompt_name not in model.prompts:
+        names = ", ".join(map(repr, model.prompts)) or "none"
+        raise protocol.bad_request(f"'prompt_name' {parsed.prompt_name!r} is not one of the prompts of "
+                                   f"'{served.name}' ({names}).", "prompt_name")
     if parsed.dimensions is not None and parsed.dimensions != model.dim:
         raise protocol.bad_request(f"'{served.name}' does not support 'dimensions' (it was not trained for "
                                    f"shortened embeddings; its dimension is {model.dim}).", "dimensions")

@@ -87,6 +87,9 @@ class EmbeddingRequest:
         encoding: ``float`` or ``base64``.
         truncate: cut over-long inputs at the model's max length (True) or refuse them with a 400.
         dimensions: the ``dimensions`` field, if sent.
+        prompt_name: the ``prompt_name`` field (an embedrt extension, as in TEI): one of the model's prompts,
+            put before each text input; None: the model's default prompt, if any.
+        prompt: the ``prompt`` field (extension): a text put before each text input instead (``""``: none).
     """
 
     model: str
@@ -95,6 +98,8 @@ class EmbeddingRequest:
     encoding: str
     truncate: bool
     dimensions: int | None
+    prompt_name: str | None = None
+    prompt: str | None = None
 
     @property
     def count(self) -> int:
@@ -135,7 +140,17 @@ def parse_embedding_request(body: bytes, max_inputs: int) -> EmbeddingRequest:
     dimensions = data.get("dimensions")
     if dimensions is not None and (isinstance(dimensions, bool) or not isinstance(dimensions, int)):
         raise bad_request("'dimensions' must be an integer.", "dimensions", "invalid_type")
-    return EmbeddingRequest(model, texts, token_ids, encoding, truncate, dimensions)
+    prompts = {}
+    for name in ("prompt_name", "prompt"):
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            raise bad_request(f"'{name}' must be a string.", name, "invalid_type")
+        if value is not None and token_ids is not None:
+            raise bad_request(f"'{name}' applies to text inputs; token-id inputs are embedded as given.", name)
+        prompts[name] = value
+    if prompts["prompt_name"] is not None and prompts["prompt"] is not None:
+        raise bad_request("Send 'prompt_name' or 'prompt', not both.", "prompt")
+    return EmbeddingRequest(model, texts, token_ids, encoding, truncate, dimensions, **prompts)
 
 
 def _is_int(x: Any) -> bool:
