@@ -249,6 +249,9 @@ def iter_jsonl_range(file: Path, id_field: str, field: str, start: int = 0, end:
             except json.JSONDecodeError as exc:
                 yield RawRow(where, MISSING, MISSING, problem=f"not valid JSON: {exc.msg}")
                 continue
+            except ValueError as exc:  # an integer of over 4,300 digits (sys.get_int_max_str_digits)
+                yield RawRow(where, MISSING, MISSING, problem=f"not valid JSON here: {exc}")
+                continue
             except RecursionError:
                 yield RawRow(where, MISSING, MISSING, problem="not valid JSON: nested too deeply")
                 continue
@@ -300,8 +303,13 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
         line = 1
         try:
             header = next(reader, None)
-            if header is None or id_field not in header or field not in header:
+            if header is None:
+                raise InputFileError(f"{file}: empty; a header row naming {id_field!r} and {field!r} comes first")
+            if id_field not in header or field not in header:
                 raise InputFileError(f"{file}:1: header {header} lacks {id_field!r} or {field!r}")
+            twice = sorted({name for name in header if header.count(name) > 1} & {id_field, field, "title"})
+            if twice:  # which of the columns is meant? (a dict of the row kept the last one, silently)
+                raise InputFileError(f"{file}:1: the header names column {twice[0]!r} more than once")
             while True:
                 line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
                 try:
@@ -344,7 +352,7 @@ def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
         titles = data.get("title", [None] * batch.num_rows)
         for rid, text, title in zip(data[id_field], data[field], titles):
             number += 1
-            yield RawRow(f"{file}: row {number}", rid, MISSING if text is None else text, title)
+            yield RawRow(f"{file}: row {number}", rid, text, title)  # a null text: "is NoneType", not "missing"
 
 
 def _open_text(file: Path, newline: str | None = None, encoding: str = "utf-8", errors: str = "strict") -> Any:
@@ -385,8 +393,10 @@ def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
     if row.problem is not None:
         return row.problem
     rid, text = row.id, row.text
-    if rid is MISSING or rid is None:
+    if rid is MISSING:
         return f"missing id field {id_field!r}"
+    if rid is None:
+        return f"id field {id_field!r} is null"
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return f"id is {type(rid).__name__}, not a string"
     rid = str(rid)
@@ -396,6 +406,8 @@ def check_row(row: RawRow, field: str, id_field: str) -> tuple[str, str] | str:
         return "id is not valid Unicode (it holds a lone surrogate)"
     if text is MISSING:
         return f"missing text field {field!r}"
+    if text is None:
+        return f"text field {field!r} is null"
     if not isinstance(text, str):
         return f"text field {field!r} is {type(text).__name__}, not a string"
     return rid, join_title(row.title, text, field)
@@ -531,7 +543,7 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
     identity: dict[str, Any] = {
         "model": {"name": model_name(model), "dim": model.dim, "files_sha256": files.hexdigest(),
                   "manifest_sha256": manifest},
-        "input": {"path": str(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
+        "input": {"path": path_text(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns},
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
                     "skip_bad": options.skip_bad, "part_rows": part_rows, "device": model.device,
@@ -574,8 +586,11 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     """
     state_path = out / STATE_NAME
     if not state_path.is_file():
-        if out.is_dir() and any(out.iterdir()):
+        # a progress file killed while first written leaves only its temporary file: the folder is still new
+        if out.is_dir() and any(not p.name.startswith(f".{STATE_NAME}.") for p in out.iterdir()):
             raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
+        for stale in out.glob(f".{STATE_NAME}.*") if out.is_dir() else ():
+            stale.unlink()
         out.mkdir(parents=True, exist_ok=True)
         state = JobState(identity, BulkSummary())
         _write_state(state_path, state)
@@ -634,16 +649,21 @@ def _did_nothing(state: JobState) -> bool:
 
 def _clean_output(out: Path, state: JobState) -> None:
     """Drop what a killed run left after its last complete part: temporary files, unrecorded parts, bad rows."""
-    for path in out.glob(".part-*.tmp"):
+    for path in (*out.glob(".part-*.tmp"), *out.glob(f".{STATE_NAME}.*")):  # the latter: killed mid-rewrite
         path.unlink()
     for path in out.glob("part-*.parquet"):
-        if int(path.stem.split("-")[1]) >= state.summary.parts:  # renamed, but killed before the state said so
+        number = path.stem.split("-", 1)[1]
+        if not (number.isascii() and number.isdigit()):  # not a name this job writes (part-000000 (1).parquet)
+            raise ResumeError(f"{path}: not a part this job wrote, in its folder; move it away to resume")
+        if int(number) >= state.summary.parts:  # renamed, but killed before the state said so
             path.unlink()
     for index in range(state.summary.parts):
         if not (out / part_name(index)).is_file():
             raise ResumeError(f"{out / part_name(index)}: part recorded as complete is missing; "
                               "the folder was changed, start in a new folder")
     bad = out / BAD_ROWS_NAME
+    if state.summary.complete:  # nothing more is written: a bad-rows file moved away since is the user's
+        return
     if bad.exists() or state.bad_bytes:
         if not bad.is_file() or bad.stat().st_size < state.bad_bytes:
             raise ResumeError(f"{bad}: shorter than recorded ({state.bad_bytes} bytes); start in a new folder")
@@ -815,8 +835,23 @@ def embed_corpus(
     item = 2 if opts.dtype is EmbedDtype.FLOAT16 else 4
     part_rows = opts.part_rows or max(1, PART_BYTES // (model.dim * item))
     out = Path(output_dir)
+    check_utf8_path(out)
     with _exclusive(out):
         return _embed_corpus(model, file, fmt, out, opts, part_rows, on_part)
+
+
+def check_utf8_path(out: Path) -> None:
+    """Refuse an output path whose name is not UTF-8 (pyarrow, which writes the parts, cannot take it)."""
+    try:
+        os.fsencode(out.absolute()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OutputPathError(f"{path_text(out)}: the output path is not valid UTF-8 ({exc.reason} at byte "
+                              f"{exc.start}); Parquet writing needs a UTF-8 path") from None
+
+
+def path_text(path: Path) -> str:
+    """``path`` as text that can be written as UTF-8: a byte that is not UTF-8 in its name becomes ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @contextlib.contextmanager

@@ -7,10 +7,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +66,10 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: what this process may use)")
-    p.add_argument("--batch-size", type=int, default=32, help="most texts per inference call (default: 32)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--threads", type=_int_in(1), default=None,
+                   help="intra-op threads (default: what this process may use)")
+    p.add_argument("--batch-size", type=_int_in(1), default=32, help="most texts per inference call (default: 32)")
+    p.add_argument("--max-tokens", type=_int_in(1), default=None,
                    help="most padded tokens per inference call (default: the device's budget, 4096 on CPU)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
@@ -142,10 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="text", help="column / field holding the text (default: text; a title is joined)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="embedding element type")
     p.add_argument("--skip-bad", action="store_true", help="write bad rows to OUTPUT/_bad_rows.jsonl and go on")
-    p.add_argument("--part-rows", type=int, default=None, help="rows per Parquet part (default: 16 MiB of embeddings)")
+    p.add_argument("--part-rows", type=_int_in(1), default=None,
+                   help="rows per Parquet part (default: 16 MiB of embeddings)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data: on the cluster at ADDRESS, or without one on a local Ray started for the job")
-    p.add_argument("--actors", type=int, default=None, help="Ray: actor pool size (default: cluster CPUs // --threads)")
+    p.add_argument("--actors", type=_int_in(1), default=None,
+                   help="Ray: actor pool size (default: cluster CPUs // --threads)")
     _add_prompt_args(p)
     _add_runtime_args(p)
 
@@ -174,7 +179,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=_int_in(0, 65535), default=8000, help="port (default: 8000; 0: any free one)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the CPU quota)")
+    p.add_argument("--threads", type=_int_in(1), default=None, help="intra-op threads (default: the CPU quota)")
     p.add_argument("--allow-fallback", action="store_true", help="run on the CPU if the device cannot be used")
     p.add_argument("--openvino-cache-dir", help="OpenVINO compiled-model cache (faster second load)")
     _add_inference_precision(p)
@@ -229,14 +234,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stream.reconfigure(errors=errors)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Kubernetes, Slurm), raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_cleans_up(command: str) -> Iterator[None]:
+    """Turn SIGTERM into ``_Terminated`` while a command runs: its temporary files are removed as on Ctrl-C,
+    not left by the default handler's immediate exit. ``serve`` keeps its own (a graceful drain)."""
+    if command == "serve" or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        code = int(_COMMANDS[args.command](args) or 0)
+        with _sigterm_cleans_up(args.command):
+            code = int(_COMMANDS[args.command](args) or 0)
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
         return code
     except BrokenPipeError:  # `embedrt search ... | head`: the reader has gone, which is not an error here
         _quiet_stdout()
         return 0
+    except _Terminated:
+        print(f"embedrt {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"embedrt {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -345,7 +376,7 @@ def _save_npy_atomic(out: Path, array: np.ndarray) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from embedrt.bulk import BulkOptions, EmbedDtype, embed_corpus
 
-    check_output_path(args.output, folder=True)
+    check_output_path(args.output, folder=True, inputs=[args.input], model=args.model, writes_inside=True)
     options = BulkOptions(id_field=args.id_field, field=args.field, dtype=EmbedDtype.parse(args.dtype),
                           skip_bad=args.skip_bad, part_rows=args.part_rows, batch_size=args.batch_size,
                           max_tokens=args.max_tokens, device=args.device, show_progress=_progress(),

@@ -134,7 +134,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ModelFolderError(f"{path}: manifest missing; is {root} a folder written by 'embedrt export'?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError, JSONDecodeError, a 4,300-digit integer
         raise ModelFolderError(f"{path}: cannot read manifest: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ModelFolderError(f"{path}: not an embedrt manifest (format must be {FORMAT_NAME!r})")

@@ -15,7 +15,7 @@ from embedrt.errors import OutputPathError
 
 def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
                       inputs: Iterable[str | os.PathLike[str] | None] = (),
-                      model: str | os.PathLike[str] | None = None) -> Path:
+                      model: str | os.PathLike[str] | None = None, writes_inside: bool = False) -> Path:
     """Refuse an output that cannot be written, before any model is loaded or exported.
 
     Missing parent folders are fine (writers create them), so the nearest existing ancestor is what must
@@ -27,6 +27,8 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
         inputs: files or folders the command reads; the output may not be one of them, nor a folder holding one.
         model: the model folder the command loads; the output may not be in it (``-o MODEL/model.onnx``
             replaced the graph, and ``--json MODEL/embedrt.json`` the manifest), nor hold it.
+        writes_inside: the folder's files are written inside it (a bulk job), not as a sibling renamed into
+            place (an export): an existing folder then needs to be writable itself, not its parent.
 
     Returns:
         ``path`` as a ``Path``.
@@ -46,7 +48,7 @@ def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
         raise OutputPathError(f"{out}: is a folder, not a file")
     if folder and out.exists() and not out.is_dir():
         raise OutputPathError(f"{out}: exists and is not a folder")
-    ancestor = out.parent
+    ancestor = out if folder and writes_inside and out.is_dir() else out.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():

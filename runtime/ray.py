@@ -36,6 +36,7 @@ from embedrt.bulk import (
     ResumeError,
     check_row,
     check_rows,
+    check_utf8_path,
     embedding_schema,
     embedding_table,
     iter_jsonl_range,
@@ -313,6 +314,7 @@ def embed_with_ray(
         raise ValueError("--skip-bad is not supported with --ray: a bad row stops the job (run without --ray)")
     file, fmt = resolve_input(input_path)
     out = Path(output_dir)
+    check_utf8_path(out)
     _check_ray_output(out)
     started = not ray.is_initialized()
     if started:

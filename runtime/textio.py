@@ -67,6 +67,8 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputFileError(f"{file}:{number}: not valid JSON: {exc.msg}") from exc
+        except ValueError as exc:  # an integer of over 4,300 digits (sys.get_int_max_str_digits)
+            raise InputFileError(f"{file}:{number}: not valid JSON here: {exc}") from exc
         except RecursionError:
             raise InputFileError(f"{file}:{number}: not valid JSON: nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):

@@ -222,6 +222,82 @@ def test_resume_after_sigkill(tiny_bert, model, tmp_path) -> None:  # type: igno
     assert_equals_encode(out, model, rows)
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does(tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """docker stop / Kubernetes / Slurm send SIGTERM: the unfinished part's temporary file goes, exit 143."""
+    rows = make_rows(6000, seed=5)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "embedrt.cli", "embed", str(tiny_bert[1]), str(src), "-o", str(out),
+           "--part-rows", "250", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / bulk.STATE_NAME
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["progress"]["parts"] >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the job ended before it could be stopped: {proc.stderr.read()!r}"  # type: ignore[union-attr]
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "embed: terminated (SIGTERM)" in err, (proc.returncode, err)
+    assert not list(out.glob(".*")), list(out.glob(".*"))  # no temporary part or progress file left
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(out), "--part-rows", "250"]) == 0
+    assert_equals_encode(out, model, rows)
+
+
+def test_leftovers_of_a_killed_run_and_strays_in_the_folder(tiny_bert, model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(30, seed=6)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    # killed while the first progress file was written: only its temporary file is there, the folder is new
+    out = tmp_path / "first"
+    out.mkdir()
+    (out / f".{bulk.STATE_NAME}.abc123").write_text("{")
+    embed_corpus(model, src, out, BulkOptions(part_rows=10))
+    assert not list(out.glob(".*"))
+    # killed while a later one was rewritten: the resume removes it
+    (out / f".{bulk.STATE_NAME}.def456").write_text("{")
+    embed_corpus(model, src, out, BulkOptions(part_rows=10))
+    assert not list(out.glob(".*"))
+    assert_equals_encode(out, model, rows)
+    # a file named like a part, which no job writes: named, not an int() traceback
+    (out / "part-000000 (1).parquet").write_bytes(b"")
+    with pytest.raises(ResumeError, match=r"part-000000 \(1\)\.parquet: not a part this job wrote"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=10))
+    # a finished --skip-bad job reruns as a no-op after its bad-rows file was moved away
+    bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:3], {"_id": "d0", "text": "again"}])
+    done = tmp_path / "done"
+    assert embed_corpus(model, bad, done, BulkOptions(skip_bad=True)).bad == 1
+    (done / bulk.BAD_ROWS_NAME).rename(tmp_path / "kept.jsonl")
+    assert embed_corpus(model, bad, done, BulkOptions(skip_bad=True)).texts == 3
+
+
+def test_csv_header_naming_a_column_twice_and_outputs_the_cli_refuses(tiny_bert, model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "d.csv"
+    src.write_text("_id,text,text\na,first,second\n")
+    with pytest.raises(InputFileError, match=r"d\.csv:1: the header names column 'text' more than once"):
+        embed_corpus(model, src, tmp_path / "o")
+    (tmp_path / "e.csv").write_text("")
+    with pytest.raises(InputFileError, match=r"e\.csv: empty; a header row naming '_id' and 'text' comes first"):
+        embed_corpus(model, tmp_path / "e.csv", tmp_path / "o2")
+    good = write_jsonl(tmp_path / "c.jsonl", make_rows(3))
+    folder = tmp_path / "model"
+    import shutil
+
+    shutil.copytree(tiny_bert[1], folder)
+    assert main(["embed", str(folder), str(good), "-o", str(folder / "emb")]) == 2
+    assert "is inside the model folder" in capsys.readouterr().err and not (folder / "emb").exists()
+    with pytest.raises(SystemExit):
+        main(["embed", str(folder), str(good), "-o", str(tmp_path / "o3"), "--part-rows", "0"])
+    assert "argument --part-rows: must be >= 1, got 0" in capsys.readouterr().err
+    odd = Path(os.fsdecode(bytes(tmp_path / "o") + b"\xe9"))
+    assert main(["embed", str(folder), str(good), "-o", str(odd)]) == 2
+    assert "the output path is not valid UTF-8" in capsys.readouterr().err and not odd.exists()
+    named = Path(os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.jsonl"))
+    shutil.copy(good, named)  # an input whose name is not UTF-8 is recorded in the job state, escaped
+    assert main(["embed", str(folder), str(named), "-o", str(tmp_path / "o4")]) == 0
+    assert "\\xe9.jsonl" in (tmp_path / "o4" / bulk.STATE_NAME).read_text()
+
+
 def test_resume_refuses_another_job(model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     src = write_jsonl(tmp_path / "c.jsonl", make_rows(50))
     out = tmp_path / "out"
@@ -294,6 +370,11 @@ BAD_LINES = [
     json.dumps({"text": "no id"}),                  # 7
     json.dumps({"_id": 8, "text": "an int id is its decimal string"}),
 ]
+MORE_BAD_LINES = [
+    json.dumps({"_id": None, "text": "x"}),
+    json.dumps({"_id": "n", "text": None}),
+    '{"_id": "big", "text": "x", "views": 1' + "0" * 4300 + "}",  # past Python's int-from-text limit
+]
 
 
 @pytest.mark.parametrize(("bad", "message"), [
@@ -303,10 +384,13 @@ BAD_LINES = [
     (4, "duplicate id 'a'"),
     (5, "not valid JSON"),
     (6, "missing id field '_id'"),
+    (-1, "id field '_id' is null"),
+    (-2, "text field 'text' is null"),
+    (-3, "not valid JSON here: Exceeds the limit (4300 digits) for integer string conversion"),
 ])
 def test_bad_row_is_named(tiny_bert, tmp_path, capsys, bad: int, message: str) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "c.jsonl"
-    src.write_text(BAD_LINES[0] + "\n" + BAD_LINES[bad] + "\n")
+    src.write_text(BAD_LINES[0] + "\n" + (BAD_LINES[bad] if bad > 0 else MORE_BAD_LINES[-bad - 1]) + "\n")
     assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "o")]) == 2
     assert f"{src}:2: {message}" in capsys.readouterr().err
 

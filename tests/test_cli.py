@@ -130,8 +130,10 @@ def test_max_tokens_is_passed_through_and_checked(tiny_bert, tmp_path, capsys) -
     assert main([*args, str(tmp_path / "a.npy"), "--max-tokens", "3"]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), embedrt.load(folder).encode(["one two three", "four"]),
                                atol=2e-6)
-    assert main([*args, str(tmp_path / "b.npy"), "--max-tokens", "0"]) == 2
-    assert "max_tokens must be >= 1, got 0" in capsys.readouterr().err
+    for flag in ("--max-tokens", "--batch-size", "--threads"):  # refused by the flag's name, before any load
+        with pytest.raises(SystemExit) as exit_info:
+            main([*args, str(tmp_path / "b.npy"), flag, "0"])
+        assert exit_info.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "b.npy").exists()
 
 
