@@ -39,17 +39,23 @@ def _edit_json(path: Path, **changes: object) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("case", ["max_seq_length", "prompt", "truncation_side", "foreign module"])
+@pytest.mark.parametrize("case", ["max_seq_length", "prompt", "unknown prompt", "truncation_side", "foreign module"])
 def test_what_embedrt_would_compute_differently_is_refused_by_name(checkpoint, tmp_path, case) -> None:  # type: ignore[no-untyped-def]
     """Each of these gave a bare torch traceback or an unexplained parity failure before."""
     positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
     if case == "max_seq_length":
         _edit_json(checkpoint / "sentence_bert_config.json", max_seq_length=positions + 1)
         why = f"max_seq_length {positions + 1} is more than the {positions} positions"
-    elif case == "prompt":
+    elif case == "prompt":  # a default prompt that sentence-transformers leaves out of the pooling
         _edit_json(checkpoint / "config_sentence_transformers.json", prompts={"query": "query: "},
                    default_prompt_name="query")
-        why = "default_prompt_name 'query' \\(prompt 'query: '\\) is not supported"
+        pooling = next(checkpoint.glob("*Pooling/config.json"))
+        _edit_json(pooling, include_prompt=False)
+        why = "include_prompt false leaves the default prompt 'query: ' .* out of the pooling"
+    elif case == "unknown prompt":
+        _edit_json(checkpoint / "config_sentence_transformers.json", prompts={"query": "query: "},
+                   default_prompt_name="search")
+        why = "default_prompt_name 'search' is not one of its prompts \\('query'\\)"
     elif case == "truncation_side":
         _edit_json(checkpoint / "tokenizer_config.json", truncation_side="left")
         why = "truncation_side 'left' is not supported"
