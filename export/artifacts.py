@@ -54,6 +54,8 @@ def new_manifest(resolved: ResolvedSource, spec: CheckpointSpec, *, dim: int, pa
         parity={},
         prompts=dict(spec.prompts),
         default_prompt_name=spec.default_prompt_name,
+        include_prompt=spec.include_prompt,
+        split_special_tokens=spec.split_special_tokens,
         extra={
             "similarity_source": "override" if similarity else spec.similarity_source,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

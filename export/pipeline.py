@@ -173,8 +173,17 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
             f"say {spec.max_seq_length}; refusing to guess"
         )
     _check_tokenizer_fits(resolved.path, reference)
+    # the prompts as sentence-transformers runs them (it adds empty query / document ones, which its
+    # encode_query / encode_document then pick before any default), and the tokenizer's call-time setting
+    prompts = {name: text or "" for name, text in dict(getattr(reference, "prompts", None) or {}).items()}
+    spec = dataclasses.replace(
+        spec, prompts=prompts, default_prompt_name=getattr(reference, "default_prompt_name", None),
+        split_special_tokens=bool(getattr(reference.tokenizer, "split_special_tokens", False)))
     eager = _load_st(st, resolved.path, model_kwargs={"attn_implementation": "eager"})
-    texts = [*PROBE_TEXTS, *options.parity_texts]
+    # a text holding the special tokens' strings ("[SEP]", "<s>"): whether they stay text or become the
+    # tokens is the tokenizer's setting (split_special_tokens), which the runtime must follow
+    specials = [t for t in reference.tokenizer.all_special_tokens if isinstance(t, str) and t.strip()]
+    texts = [*PROBE_TEXTS, *options.parity_texts, " and ".join(["special tokens as text:", *specials])]
     pad_id = reference.tokenizer.pad_token_id
     build = Build(resolved, spec, options, work, reference, eager, int(pad_id if pad_id is not None else 0),
                   texts, reference_embeddings(reference, texts))
@@ -192,6 +201,13 @@ def _check_tokenizer_fits(path: Path, reference: Any) -> None:
     if isinstance(table, int) and words < table // 2:
         raise SourceError(f"{path}: the tokenizer has {words} tokens but the model's embedding table has {table}; "
                           "its vocabulary is missing (tokenizer.json, vocab.txt or vocab.json + merges.txt)")
+    if isinstance(table, int) and words > table:  # an added token past the table: an id the model cannot embed
+        raise SourceError(f"{path}: the tokenizer has {words} tokens (added tokens included) but the model's "
+                          f"embedding table has {table} (config.json vocab_size); an added token's id would be "
+                          "outside it")
+    if reference.tokenizer.pad_token_id is None:
+        raise SourceError(f"{path}: the tokenizer has no padding token (tokenizer_config.json pad_token); "
+                          "batches cannot be padded")
 
 
 def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
 from embedrt.errors import SourceError
 from embedrt.models import CatalogueEntry, find_entry
 from embedrt.ops import Pooling, Similarity
-
-_log = logging.getLogger("embedrt.export")
 
 # legacy boolean keys of 1_Pooling/config.json and the mode names newer sentence-transformers writes
 _POOLING_KEYS = {
@@ -26,7 +23,17 @@ _POOLING_KEYS = {
 _POOLING_NAMES = {"cls": Pooling.CLS, "mean": Pooling.MEAN, "max": Pooling.MAX,
                   "mean_sqrt_len_tokens": Pooling.MEAN_SQRT_LEN}
 _MODULE_KINDS = ("Transformer", "Pooling", "Dense", "Normalize")
-_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity"}
+_ACTIVATIONS = {"torch.nn.modules.activation.Tanh": "tanh", "torch.nn.modules.linear.Identity": "identity",
+                "torch.nn.Tanh": "tanh", "torch.nn.Identity": "identity"}  # the short names load the same class
+# options of a module's config that make sentence-transformers compute something the graph does not: name ->
+# the values that are harmless (absent counts as harmless too)
+_MODULE_OPTIONS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "Dense": {"module_input_name": ("sentence_embedding",), "module_output_name": ("sentence_embedding",),
+              "use_residual": (False, None)},
+    "Normalize": {"module_input_name": ("sentence_embedding",), "module_output_name": ("sentence_embedding",)},
+    "Transformer": {"module_output_name": ("token_embeddings",), "transformer_task": ("feature-extraction",),
+                    "processing_kwargs": ({}, None), "processor_kwargs": ({}, None)},
+}
 SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "albert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet")
 # architectures whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
@@ -66,6 +73,13 @@ class CheckpointSpec:
     do_lower_case: bool
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    include_prompt: bool = True
+    split_special_tokens: bool = False  # the tokenizer's; set from the loaded tokenizer (pipeline.load)
+
+
+# the prompts sentence-transformers (5+) gives every SentenceTransformer, empty unless the checkpoint sets them:
+# its encode_query and encode_document pick them first
+DEFAULT_PROMPTS = ("query", "document")
 
 
 def resolve_source(source: str, revision: str | None = None) -> ResolvedSource:
@@ -168,11 +182,14 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
         raise SourceError(f"{base / 'sentence_bert_config.json'}: max_seq_length {max_len} is more than the "
                           f"{positions} positions the model has (config.json); lower it to at most {positions}")
     _refuse_what_embedrt_does_not_do(base)
-    prompts, default_prompt = _prompts(folder, folder / modules[1].path / "config.json", modules[1].config)
+    _refuse_module_options(folder, modules)
+    _refuse_other_model_kinds(folder)
+    prompts, default_prompt, include_prompt = _prompts(folder, folder / modules[1].path / "config.json",
+                                                       modules[1].config)
     similarity, sim_source = _similarity(folder, entry)
     for dense in (m for m in modules if m.kind == "Dense"):
         act = dense.config.get("activation_function", "torch.nn.modules.activation.Tanh")
-        if act not in _ACTIVATIONS:
+        if not isinstance(act, str) or act not in _ACTIVATIONS:
             raise SourceError(f"{folder / dense.path / 'config.json'}: activation {act!r} is not supported; "
                               f"supported: {', '.join(_ACTIVATIONS)}")
     return CheckpointSpec(
@@ -186,6 +203,7 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
         do_lower_case=bool(transformer.config.get("do_lower_case", False)),
         prompts=prompts,
         default_prompt_name=default_prompt,
+        include_prompt=include_prompt,
     )
 
 
@@ -211,7 +229,7 @@ def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
                 f"supported: {', '.join(_MODULE_KINDS)}"
             )
         config_name = {"Transformer": "sentence_bert_config.json", "Pooling": "config.json",
-                       "Dense": "config.json"}.get(kind)
+                       "Dense": "config.json", "Normalize": "config.json"}.get(kind)
         config_file = folder / module_path / config_name if config_name else None
         config = _read_json(config_file) if config_file is not None and config_file.is_file() else {}
         if kind in ("Pooling", "Dense") and not config:
@@ -219,7 +237,37 @@ def _read_modules(folder: Path) -> tuple[ModuleSpec, ...]:
         modules.append(ModuleSpec(index=i, kind=kind, path=module_path, config=config))
     if not modules:
         raise SourceError(f"{path}: lists no modules")
+    names = [item.get("name") for item in raw if isinstance(item.get("name"), str)]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # sentence-transformers keys its modules by name: a later one replaces the earlier, silently
+        raise SourceError(f"{path}: module name {twice[0]!r} is used twice; sentence-transformers would keep only "
+                          "the last module of that name")
     return tuple(modules)
+
+
+def _refuse_module_options(folder: Path, modules: tuple[ModuleSpec, ...]) -> None:
+    """A module option that changes what sentence-transformers computes, which the graph does not follow
+    (a Normalize writing another output, a residual Dense, processor settings), is refused by name."""
+    for module in modules:
+        file = "sentence_bert_config.json" if module.kind == "Transformer" else "config.json"
+        for key, harmless in _MODULE_OPTIONS.get(module.kind, {}).items():
+            if key in module.config and module.config[key] not in harmless:
+                raise SourceError(f"{folder / module.path / file}: {key} {module.config[key]!r} is not supported "
+                                  f"(embedrt's graph follows the default, {harmless[0]!r})")
+
+
+def _refuse_other_model_kinds(folder: Path) -> None:
+    """Only SentenceTransformer checkpoints, with full-length vectors: sentence-transformers loads a
+    SparseEncoder or CrossEncoder checkpoint as another model, and truncate_dim cuts the vectors."""
+    path = folder / "config_sentence_transformers.json"
+    config = _read_json(path) if path.is_file() else {}
+    kind = config.get("model_type", "SentenceTransformer")
+    if kind not in ("SentenceTransformer", None):
+        raise SourceError(f"{path}: model_type {kind!r} is not supported; embedrt exports SentenceTransformer "
+                          "(bi-encoder) checkpoints")
+    if config.get("truncate_dim") is not None:
+        raise SourceError(f"{path}: truncate_dim {config['truncate_dim']!r} is not supported; embedrt's vectors "
+                          "are the model's full dimension (cut them yourself, then normalise if you need to)")
 
 
 def _module_fields(path: Path, i: int, item: Any) -> tuple[str, str]:
@@ -239,6 +287,8 @@ def _pooling_mode(path: Path, config: dict[str, Any]) -> Pooling:
         modes = [name for key, name in _POOLING_KEYS.items() if config.get(key)]
     if isinstance(modes, str):
         modes = [modes]
+    if not isinstance(modes, list) or not all(isinstance(mode, str) for mode in modes):
+        raise SourceError(f"{path}: pooling_mode must be a string (or a list of one), got {modes!r}")
     if len(modes) != 1:
         raise SourceError(f"{path}: exactly one pooling mode is supported, found {modes}")
     mode = modes[0]
@@ -280,32 +330,35 @@ def position_pad_id(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
-def _prompts(folder: Path, pooling_path: Path, pooling: dict[str, Any]) -> tuple[dict[str, str], str | None]:
-    """The named prompts and the default prompt's name, as sentence-transformers reads them.
+def _prompts(folder: Path, pooling_path: Path, pooling: dict[str, Any]) -> tuple[dict[str, str], str | None, bool]:
+    """The named prompts, the default prompt's name and whether the pooling includes a prompt's tokens.
 
-    Pooling with ``include_prompt`` false leaves a prompt's tokens out of the pooling, which the graph (pooling
-    every token) cannot do. Even an empty prompt counts there: sentence-transformers then leaves out the first
-    token ([CLS]). So a default prompt is refused, and the other prompts are left out with a warning (a
-    ``prompt_name`` naming one is then refused at run time as unknown).
+    These are checked here for a named error; the export then records what sentence-transformers itself
+    loaded (it adds empty ``query`` and ``document`` prompts, see ``pipeline.load``). Pooling with
+    ``include_prompt`` false leaves a non-empty prompt's tokens out of the pooling, which the graph (pooling
+    every token) cannot do: a non-empty default prompt is then refused here, and other prompts at run time.
     """
     st_config = folder / "config_sentence_transformers.json"
     st = _read_json(st_config) if st_config.is_file() else {}
     prompts = st.get("prompts") or {}
-    if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+    if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in prompts.items()):
         raise SourceError(f"{st_config}: prompts must be an object of strings (name -> prompt), got {prompts!r}")
+    prompts = {name: text or "" for name, text in prompts.items()}  # null is "", as sentence-transformers reads it
+    for name in DEFAULT_PROMPTS:
+        prompts.setdefault(name, "")
     default = st.get("default_prompt_name")
     if default is not None and (not isinstance(default, str) or default not in prompts):
         raise SourceError(f"{st_config}: default_prompt_name {default!r} is not one of its prompts "
                           f"({', '.join(map(repr, prompts)) or 'none'}); sentence-transformers refuses it too")
-    if pooling.get("include_prompt", True) is False and prompts:
-        if default is not None:
-            raise SourceError(
-                f"{pooling_path}: include_prompt false leaves the default prompt {prompts[default]!r} (from "
-                f"{st_config.name}) out of the pooling; embedrt's graph pools every token, so it cannot reproduce it")
-        _log.warning("%s: include_prompt false leaves a prompt's tokens out of the pooling, which embedrt's graph "
-                     "cannot do; the prompts %s are not exported", pooling_path, ", ".join(sorted(prompts)))
-        prompts = {}
-    return dict(prompts), default
+    include = pooling.get("include_prompt", True)
+    if not isinstance(include, bool):
+        raise SourceError(f"{pooling_path}: include_prompt must be true or false, got {include!r}")
+    if not include and default is not None and prompts[default]:
+        raise SourceError(
+            f"{pooling_path}: include_prompt false leaves the default prompt {prompts[default]!r} (from "
+            f"{st_config.name}) out of the pooling; embedrt's graph pools every token, so it cannot reproduce it")
+    return prompts, default, include
 
 
 def _refuse_what_embedrt_does_not_do(base: Path) -> None:

@@ -32,7 +32,7 @@ from embedrt._enums import parse_enum
 from embedrt._optional import require
 from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, resolve_prompt, write_json_atomic
-from embedrt.outputs import naming_write_errors
+from embedrt.outputs import PROBE_PREFIX, naming_write_errors
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError, byte_lines, join_title, not_utf8
 from embedrt.tokenize import check_count, has_surrogates
@@ -586,8 +586,9 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     """
     state_path = out / STATE_NAME
     if not state_path.is_file():
-        # a progress file killed while first written leaves only its temporary file: the folder is still new
-        if out.is_dir() and any(not p.name.startswith(f".{STATE_NAME}.") for p in out.iterdir()):
+        # a progress file killed while first written leaves only its temporary file, and a second run's
+        # writability probe (check_output_path) may be there for a moment: the folder is still new
+        if out.is_dir() and any(not p.name.startswith((f".{STATE_NAME}.", PROBE_PREFIX)) for p in out.iterdir()):
             raise ResumeError(f"{out}: not empty and holds no {STATE_NAME}; choose a new or empty folder")
         for stale in out.glob(f".{STATE_NAME}.*") if out.is_dir() else ():
             stale.unlink()
@@ -649,8 +650,9 @@ def _did_nothing(state: JobState) -> bool:
 
 def _clean_output(out: Path, state: JobState) -> None:
     """Drop what a killed run left after its last complete part: temporary files, unrecorded parts, bad rows."""
-    for path in (*out.glob(".part-*.tmp"), *out.glob(f".{STATE_NAME}.*")):  # the latter: killed mid-rewrite
-        path.unlink()
+    # a part's and the progress file's temporary files, left by a kill mid-write; a write probe left likewise
+    for path in (*out.glob(".part-*.tmp"), *out.glob(f".{STATE_NAME}.*"), *out.glob(f"{PROBE_PREFIX}*")):
+        path.unlink(missing_ok=True)
     for path in out.glob("part-*.parquet"):
         number = path.stem.split("-", 1)[1]
         if not (number.isascii() and number.isdigit()):  # not a name this job writes (part-000000 (1).parquet)
@@ -836,6 +838,7 @@ def embed_corpus(
     part_rows = opts.part_rows or max(1, PART_BYTES // (model.dim * item))
     out = Path(output_dir)
     check_utf8_path(out)
+    resolve_prompt(model.manifest, opts.prompt_name, opts.prompt)  # a bad prompt before the folder is made
     with _exclusive(out):
         return _embed_corpus(model, file, fmt, out, opts, part_rows, on_part)
 

@@ -33,15 +33,19 @@ class ParityError(EmbedrtError):
         threshold: the minimum cosine that was required.
     """
 
-    def __init__(self, artifact: str, min_cosine: float, max_abs_diff: float, threshold: float) -> None:
+    def __init__(self, artifact: str, min_cosine: float, max_abs_diff: float, threshold: float,
+                 norm_error: float | None = None, norm_limit: float | None = None) -> None:
         self.artifact = artifact
         self.min_cosine = min_cosine
         self.max_abs_diff = max_abs_diff
         self.threshold = threshold
-        super().__init__(
-            f"{artifact} parity failed: min cosine {min_cosine:.7f} < required {threshold} "
-            f"(max abs diff {max_abs_diff:.3g}); nothing was written"
-        )
+        self.norm_error = norm_error
+        if norm_error is not None and norm_limit is not None and min_cosine >= threshold:
+            why = (f"vector lengths differ by up to {100 * norm_error:.3g}% (allowed {100 * norm_limit:.3g}%) "
+                   f"though the min cosine is {min_cosine:.7f}")
+        else:
+            why = f"min cosine {min_cosine:.7f} < required {threshold}"
+        super().__init__(f"{artifact} parity failed: {why} (max abs diff {max_abs_diff:.3g}); nothing was written")
 
 
 class QualityGateError(EmbedrtError):

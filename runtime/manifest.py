@@ -16,7 +16,11 @@ from embedrt.ops import Pooling, Similarity
 
 MANIFEST_NAME = "embedrt.json"
 FORMAT_NAME = "embedrt-model"
-FORMAT_VERSION = 1
+# 2: a folder an embedrt from before 2026-12-07 would run wrong without a word (a default prompt it would not
+# add, special-token strings it would tokenize as the tokens); every other folder is still written as 1, which
+# those runtimes read as before
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 TOKENIZER_NAME = "tokenizer.json"
 ONNX_NAME = "model.onnx"
 OPENVINO_XML = "openvino_model.xml"
@@ -69,6 +73,9 @@ class Manifest:
         prompts: the checkpoint's named prompts (``config_sentence_transformers.json``), e.g.
             ``{"query": "query: "}``: texts put after one, as sentence-transformers' ``prompt_name`` does.
         default_prompt_name: the prompt put before every text unless another (or ``prompt=""``) is asked for.
+        include_prompt: False where the checkpoint's pooling leaves a prompt's tokens out (Pooling
+            ``include_prompt``), which the graph cannot do: a non-empty prompt is then refused.
+        split_special_tokens: the tokenizer treats special-token strings in a text ("[SEP]") as text.
     """
 
     source: dict[str, Any]
@@ -88,10 +95,18 @@ class Manifest:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    include_prompt: bool = True
+    split_special_tokens: bool = False
+
+    @property
+    def format_version(self) -> int:
+        """2 where an older runtime (format 1) would compute other vectors without a word, else 1."""
+        default = self.prompts.get(self.default_prompt_name or "", "")
+        return 2 if default or self.split_special_tokens else 1
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as a JSON-ready dict."""
-        data: dict[str, Any] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}
+        data: dict[str, Any] = {"format": FORMAT_NAME, "format_version": self.format_version}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, enum.Enum):
@@ -106,11 +121,12 @@ class Manifest:
     def contract(self) -> dict[str, Any]:
         """The subset that describes the graph's behaviour (stored in the ONNX ``metadata_props`` too)."""
         keys = ("architecture", "dim", "pooling", "normalize", "similarity", "max_seq_length",
-                "do_lower_case", "inputs", "pad_token_id", "precision", "source", "prompts", "default_prompt_name")
+                "do_lower_case", "inputs", "pad_token_id", "precision", "source", "prompts", "default_prompt_name",
+                "include_prompt", "split_special_tokens")
         full = self.to_json()
         # the graph's own limits (position table, vocabulary), checked against the manifest at load
         limits = self.extra.get("limits", {})
-        return {"format_version": FORMAT_VERSION, **{k: full[k] for k in keys}, "limits": limits}
+        return {"format_version": self.format_version, **{k: full[k] for k in keys}, "limits": limits}
 
 
 def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
@@ -138,7 +154,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ModelFolderError(f"{path}: cannot read manifest: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ModelFolderError(f"{path}: not an embedrt manifest (format must be {FORMAT_NAME!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in READ_VERSIONS:
         raise ModelFolderError(
             f"{path}: format_version {data.get('format_version')!r} is not supported (this embedrt reads "
             f"{FORMAT_VERSION}); re-export the model with this version of embedrt"
@@ -198,7 +214,12 @@ def _prompts(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     if default is not None and (not isinstance(default, str) or default not in prompts):
         raise ModelFolderError(f"{path}: field 'default_prompt_name' is {default!r}, which is not one of 'prompts' "
                                f"({', '.join(map(repr, prompts)) or 'none'})")
-    return {"prompts": dict(prompts), "default_prompt_name": default}
+    flags = {}
+    for name in ("include_prompt", "split_special_tokens"):
+        if name in data and not isinstance(data[name], bool):
+            raise ModelFolderError(f"{path}: field {name!r} has the wrong type ({type(data[name]).__name__})")
+        flags[name] = data.get(name, name == "include_prompt")
+    return {"prompts": dict(prompts), "default_prompt_name": default, **flags}
 
 
 # the records the runtime reads, beyond the top-level fields: name -> the types each key may hold when present
@@ -343,15 +364,25 @@ def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: s
     if prompt is not None:
         if prompt_name is not None:
             raise ValueError(f"give prompt_name ({prompt_name!r}) or prompt ({prompt!r}), not both")
-        return prompt
-    if prompt_name is not None:
+        text = prompt
+    elif prompt_name is not None:
         if prompt_name not in manifest.prompts:
-            names = ", ".join(map(repr, manifest.prompts)) or "none"
+            names = ", ".join(map(repr, sorted(manifest.prompts))) or "none"
             raise ValueError(f"prompt_name {prompt_name!r} is not one of this model's prompts ({names})")
-        return manifest.prompts[prompt_name]
-    if manifest.default_prompt_name is not None:
-        return manifest.prompts[manifest.default_prompt_name]
-    return ""
+        text = manifest.prompts[prompt_name]
+    elif manifest.default_prompt_name is not None:
+        text = manifest.prompts[manifest.default_prompt_name]
+    else:
+        text = ""
+    if text and not manifest.include_prompt:
+        raise ValueError(f"this model's pooling leaves a prompt's tokens out (include_prompt false), which "
+                         f"embedrt's graph cannot do; the prompt {text!r} cannot be used (prompt='' for none)")
+    if not text.isascii():  # a lone surrogate (a bad byte in argv, a JSON escape) is repaired as in a text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 # sentence-transformers' encode_document tries these prompt names, in this order

@@ -12,6 +12,9 @@ from typing import IO, Any
 
 from embedrt.errors import OutputPathError
 
+# the name of the file check_output_path creates (and removes) to learn whether a folder is writable
+PROBE_PREFIX = ".embedrt-write-probe-"
+
 
 def check_output_path(path: str | os.PathLike[str], *, folder: bool = False,
                       inputs: Iterable[str | os.PathLike[str] | None] = (),
@@ -77,13 +80,22 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) 
 
 def check_replaceable(out: Path, source: str | os.PathLike[str] | None) -> None:
     """Refuse to replace an existing output folder that lies inside the ``source`` folder (``--overwrite``
-    would delete part of it) or that holds the current directory (it cannot be renamed away)."""
+    would delete part of it), that holds a file a link in ``source`` points to, or that holds the current
+    directory (it cannot be renamed away)."""
     if not out.exists():
         return
     real = Path(os.path.realpath(out))
     if source is not None and Path(source).is_dir() and Path(os.path.realpath(source)) in real.parents:
         raise OutputPathError(f"{out}: is inside the input {source}; replacing it would delete part of the "
                               "input, choose another output")
+    if source is not None and Path(source).is_dir():
+        # the input's files may be links into the output (the Hugging Face cache links snapshots to blobs/)
+        for root, _, names in os.walk(source):
+            for name in names:
+                target = Path(os.path.realpath(Path(root) / name))
+                if real in target.parents:
+                    raise OutputPathError(f"{out}: holds {target}, which the input's {Path(root) / name} links "
+                                          "to; replacing it would delete the input's file, choose another output")
     cwd = Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
         raise OutputPathError(f"{out}: is the current folder or holds it, which cannot be replaced; choose "
@@ -139,11 +151,12 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb", encoding: str | 
 def _probe_writable(out: Path, folder: Path) -> None:
     # os.access answers yes to root even where the kernel refuses (/proc, some mounts); only a write tells
     try:
-        fd, probe = tempfile.mkstemp(prefix=".embedrt-write-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=folder)
     except OSError as exc:
         raise OutputPathError(f"{out}: cannot create files in {folder} ({exc.strerror or exc})") from exc
     os.close(fd)
-    os.unlink(probe)
+    with contextlib.suppress(FileNotFoundError):  # a bulk job cleaning its folder may have removed it already
+        os.unlink(probe)
 
 
 @contextlib.contextmanager

@@ -127,6 +127,18 @@ def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndar
     return out
 
 
+def _split_special_tokens(config: Path) -> bool:
+    if not config.is_file():
+        return False
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("split_special_tokens", False)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelFolderError(f"{config}: cannot read: {exc}") from exc
+    if not isinstance(value, bool):
+        raise ModelFolderError(f"{config}: split_special_tokens must be true or false, got {value!r}")
+    return value
+
+
 class TextTokenizer:
     """Turns texts into padded int64 feeds for the graph's inputs."""
 
@@ -140,6 +152,9 @@ class TextTokenizer:
         # says 128 and pads to 128, its checkpoint says 256); padding is done per batch below
         self._tok.no_padding()
         self._tok.no_truncation()  # the probe of the special tokens must not be cut
+        # transformers' split_special_tokens (tokenizer_config.json, not kept in tokenizer.json): "[SEP]" in a
+        # text is tokenized as the text it is, not as the special token
+        self._tok.encode_special_tokens = _split_special_tokens(path.parent / "tokenizer_config.json")
         self.prefix, self.suffix = self._special_template()
         if max_length < len(self.prefix) + len(self.suffix) + 1:
             raise ModelFolderError(f"{path.parent / MANIFEST_NAME}: field 'max_seq_length' is {max_length}, which "

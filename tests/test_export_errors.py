@@ -262,3 +262,92 @@ def test_a_checkpoint_without_its_vocabulary_is_refused(tiny_bert, tmp_path) -> 
     with pytest.raises(SourceError, match="its vocabulary is missing"):
         export_model(ckpt, tmp_path / "out", formats="onnx")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("file", "changes", "why"), [
+    ("2_Normalize/config.json", {"module_output_name": "normalized"},
+     r"2_Normalize/config\.json: module_output_name 'normalized' is not supported"),
+    ("config_sentence_transformers.json", {"model_type": "SparseEncoder"},
+     r"config_sentence_transformers\.json: model_type 'SparseEncoder' is not supported"),
+    ("config_sentence_transformers.json", {"truncate_dim": 16},
+     r"config_sentence_transformers\.json: truncate_dim 16 is not supported"),
+    ("sentence_bert_config.json", {"processor_kwargs": {"padding_side": "left"}},
+     r"sentence_bert_config\.json: processor_kwargs .* is not supported"),
+    ("1_Pooling/config.json", {"pooling_mode": {"mean": True}},
+     r"1_Pooling/config\.json: pooling_mode must be a string \(or a list of one\)"),
+])
+def test_settings_the_graph_does_not_follow_are_refused_by_name(checkpoint, tmp_path, file, changes, why) -> None:  # type: ignore[no-untyped-def]
+    """Each was exported before: a renamed Normalize output (sentence-transformers then returns the
+    unnormalised vector) and a SparseEncoder passed parity at min cosine 1.0 with other vector lengths."""
+    _edit_json(checkpoint / file, **changes)
+    with pytest.raises(SourceError, match=why):
+        export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_module_names_and_tokenizer_misfits_are_refused(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    modules = json.loads((checkpoint / "modules.json").read_text())
+    original = json.dumps(modules)
+    modules[-1]["name"] = modules[-2]["name"]
+    (checkpoint / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(SourceError, match=r"modules\.json: module name '1' is used twice"):
+        export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    (checkpoint / "modules.json").write_text(original)
+    from transformers import AutoTokenizer
+
+    table = json.loads((checkpoint / "config.json").read_text())["vocab_size"]
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+    tokenizer.add_tokens(["a-new-word"])  # its id is past the model's embedding table
+    tokenizer.save_pretrained(str(checkpoint))
+    with pytest.raises(SourceError, match=rf"ckpt: the tokenizer has {table + 1} tokens .* embedding table has "
+                                          rf"{table} "):
+        export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_vector_of_another_length_fails_parity_at_cosine_one() -> None:
+    import numpy as np
+
+    from embedrt.export.validate import check_parity
+
+    ref = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    assert check_parity("onnx", ref, ref * 1.001, 0.99999)["max_norm_error"] == pytest.approx(0.001, rel=1e-3)
+    why = r"onnx parity failed: vector lengths differ by up to 1% \(allowed 0\.447%\) though the min cosine is 1"
+    with pytest.raises(ParityError, match=why):
+        check_parity("onnx", ref, ref * 1.01, 0.99999)
+
+
+def test_split_special_tokens_is_followed(tmp_path) -> None:
+    """transformers applies split_special_tokens at call time; tokenizer.json does not keep it. A text holding
+    "<s>" or "[SEP]" then came out as the special token here (cosine 0.93 to sentence-transformers)."""
+    from sentence_transformers import SentenceTransformer
+
+    import embedrt
+    from embedrt.export.synthetic import StandIn, make_checkpoint
+    from embedrt.export.validate import parity_figures
+
+    ckpt = make_checkpoint(tmp_path / "ck", StandIn(architecture="roberta", max_seq_length=64))
+    _edit_json(ckpt / "tokenizer_config.json", split_special_tokens=True)
+    out = export_model(str(ckpt), tmp_path / "out", formats="onnx")
+    texts = ["<s>hi</s> <pad> <mask>", "x <unk> y", "plain text"]
+    model = embedrt.load(out, device="cpu")
+    assert parity_figures(SentenceTransformer(str(ckpt), device="cpu").encode(texts),
+                          model.encode(texts))["min_cosine"] >= 0.99999
+    assert 2 not in model.tokenize(["a </s> b"])[0][1:-1]  # "</s>" stayed text
+    assert model.manifest.split_special_tokens and json.loads((out / "embedrt.json").read_text())["format_version"] == 2
+    plain = export_model(str(make_checkpoint(tmp_path / "ck2", StandIn(architecture="roberta", max_seq_length=64))),
+                         tmp_path / "out2", formats="onnx")
+    assert 2 in embedrt.load(plain, device="cpu").tokenize(["a </s> b"])[0][1:-1]  # by default it is the token
+
+
+def test_overwrite_never_deletes_a_file_the_checkpoint_links_to(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The Hugging Face cache's snapshot files are links into blobs/: --overwrite of that folder deleted the
+    checkpoint's weights."""
+    store = tmp_path / "store"
+    store.mkdir()
+    weights = checkpoint / "model.safetensors"
+    shutil.move(weights, store / "model.safetensors")
+    weights.symlink_to(store / "model.safetensors")
+    with pytest.raises(OutputPathError, match=r"store: holds .*model\.safetensors, which the input's .* links to"):
+        export_model(str(checkpoint), store, formats="onnx", overwrite=True)
+    assert (store / "model.safetensors").is_file() and weights.resolve().is_file()

@@ -97,6 +97,8 @@ def test_other_bert_family_architectures(architecture: str, stand_in_factory) ->
     manifest = embedrt.read_manifest(folder)
     assert manifest.architecture == architecture
     assert ("token_type_ids" in manifest.inputs) is (architecture in ("albert", "electra"))
+    # 512 positions (BERT-style) or 514 counted from the pad id (RoBERTa-style): 512 tokens either way
+    assert manifest.extra["limits"]["max_positions"] == 512
     hf = AutoTokenizer.from_pretrained(str(checkpoint))
     for text in TOKENIZER_PROBES:
         want = hf(text, truncation=True, max_length=manifest.max_seq_length)["input_ids"]
@@ -143,7 +145,8 @@ def test_recorded_parity_is_what_sentence_transformers_gives(tiny_bert) -> None:
         got = embedrt.load(folder, device=device).encode(list(PROBE_TEXTS), batch_size=16)
         figures = parity_figures(ref, got)
         assert figures["min_cosine"] >= 0.99999, (fmt, figures)
-        assert recorded[fmt]["n_texts"] == len(PROBE_TEXTS) and recorded[fmt]["device"] == model_device(device)
+        # the probe texts and one holding the tokenizer's special-token strings
+        assert recorded[fmt]["n_texts"] == len(PROBE_TEXTS) + 1 and recorded[fmt]["device"] == model_device(device)
         assert recorded[fmt]["min_cosine"] == pytest.approx(figures["min_cosine"], abs=1e-6), fmt
 
 

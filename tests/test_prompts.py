@@ -5,7 +5,6 @@ sentence-transformers applies them."""
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -121,7 +120,38 @@ def _pooling_without_prompt(checkpoint: Path) -> None:
     config.write_text(json.dumps({**data, "include_prompt": False}))
 
 
-def test_include_prompt_false_refuses_a_default_prompt_and_drops_the_others(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def _set_prompts(checkpoint: Path, prompts: dict[str, str], default: str | None) -> None:
+    """Prompts as older sentence-transformers saved them: without its empty query / document ones."""
+    path = checkpoint / "config_sentence_transformers.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prompts": prompts, "default_prompt_name": default}))
+
+
+def _all_ways(st: Any, model: Any, texts: list[str]) -> None:
+    for name in ("encode", "encode_query", "encode_document"):
+        for kwargs in ({}, {"prompt": ""}, *({"prompt_name": n} for n in st.prompts)):
+            want, got = getattr(st, name)(texts, **kwargs), getattr(model, name)(texts, **kwargs)
+            assert parity_figures(want, got)["min_cosine"] >= 0.99999, (name, kwargs)
+            assert parity_figures(want, got)["max_norm_error"] <= 1e-4, (name, kwargs)
+
+
+@pytest.mark.parametrize(("prompts", "default"), [
+    ({"query": "query: ", "passage": "passage: "}, None),  # encode_document: "document" (empty), not passage
+    ({"passage": "passage: "}, "passage"),  # encode_query: "query" (empty), not the default
+    ({}, "query"),  # the default names the prompt sentence-transformers adds
+    ({"document": "doc: ", "query": None}, None),  # null reads as ""
+])
+def test_prompts_saved_without_the_empty_ones_match_sentence_transformers(tmp_path, prompts, default) -> None:  # type: ignore[no-untyped-def]
+    checkpoint = make_checkpoint(tmp_path / "ck", StandIn(architecture="bert", max_seq_length=64))
+    _set_prompts(checkpoint, prompts, default)
+    folder = export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    model = embedrt.load(folder, device="cpu")
+    assert {"query", "document"} <= set(model.prompts)
+    _all_ways(_reference(checkpoint), model, TEXTS)
+    version = json.loads((folder / "embedrt.json").read_text())["format_version"]
+    assert version == (2 if default and model.prompts[default] else 1)  # older runtimes refuse what they'd miss
+
+
+def test_include_prompt_false_keeps_prompts_it_can_refuse(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     with_default = make_checkpoint(tmp_path / "d", StandIn(architecture="bert", prompts=PROMPTS,
                                                            default_prompt_name="query"))
     _pooling_without_prompt(with_default)
@@ -131,13 +161,56 @@ def test_include_prompt_false_refuses_a_default_prompt_and_drops_the_others(tmp_
     assert not (tmp_path / "out-d").exists()
     named = make_checkpoint(tmp_path / "n", StandIn(architecture="bert", prompts=PROMPTS))
     _pooling_without_prompt(named)
-    with caplog.at_level(logging.WARNING, logger="embedrt"):
-        out = export_model(str(named), tmp_path / "out-n", formats="onnx")
-    assert any("the prompts document, passage, query are not exported" in r.getMessage() for r in caplog.records)
-    model = embedrt.load(out, device="cpu")
-    assert model.prompts == {}
-    with pytest.raises(ValueError, match=r"prompt_name 'query' is not one of this model's prompts \(none\)"):
-        model.encode_query(["a"], prompt_name="query")
+    model = embedrt.load(export_model(str(named), tmp_path / "out-n", formats="onnx"), device="cpu")
+    st = _reference(named)
+    assert model.prompts["query"] == "query: " and model.manifest.include_prompt is False
+    for kwargs in ({}, {"prompt": ""}, {"prompt_name": "document"}):  # empty prompts: nothing left out
+        assert parity_figures(st.encode(TEXTS, **kwargs), model.encode(TEXTS, **kwargs))["min_cosine"] >= 0.99999
+    assert parity_figures(st.encode_document(TEXTS), model.encode_document(TEXTS))["min_cosine"] >= 0.99999
+    for call in (lambda: model.encode_query(["a"]), lambda: model.encode(["a"], prompt="x: ")):
+        with pytest.raises(ValueError, match=r"include_prompt false.* the prompt '(query|x): ' cannot be used"):
+            call()
+    # an empty default prompt leaves nothing out (sentence-transformers counts a prompt's tokens only if any)
+    empty = make_checkpoint(tmp_path / "e", StandIn(architecture="bert", prompts=(("query", ""),),
+                                                    default_prompt_name="query"))
+    _pooling_without_prompt(empty)
+    model = embedrt.load(export_model(str(empty), tmp_path / "out-e", formats="onnx"), device="cpu")
+    assert parity_figures(_reference(empty).encode(TEXTS), model.encode(TEXTS))["min_cosine"] >= 0.99999
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_repaired_as_a_text_is(prompted) -> None:  # type: ignore[no-untyped-def]
+    model = embedrt.load(prompted[1], device="cpu")
+    np.testing.assert_array_equal(model.encode(["a", "b"], prompt="\udcff: "),
+                                  model.encode(["a", "b"], prompt="\ufffd: "))
+
+
+def test_eval_and_search_embed_queries_and_documents_as_sentence_transformers_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from embedrt.beir import evaluate, load_beir, score_embeddings
+
+    checkpoint = make_checkpoint(tmp_path / "ck", StandIn(architecture="bert", max_seq_length=64))
+    _set_prompts(checkpoint, {"query": "query: ", "passage": "passage: "}, None)
+    model = embedrt.load(export_model(str(checkpoint), tmp_path / "out", formats="onnx"), device="cpu")
+    st = _reference(checkpoint)
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    docs = [f"topic {i % 5} document {i} about {'retrieval' if i % 2 else 'ranking'}" for i in range(30)]
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": d}) + "\n"
+                                               for i, d in enumerate(docs)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"topic {i} documents"}) + "\n"
+                                                for i in range(5)))
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"q{i % 5}\td{i}\t1\n" for i in range(30)))
+    data = load_beir(beir)
+    got = evaluate(model, data)
+    want = score_embeddings(data, st.encode_query(data.query_texts), st.encode_document(data.corpus_texts),
+                            model.similarity_metric)
+    assert got["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-6)
+    # the query prompt changed the query vectors (so evaluate with plain encode would not pass above)
+    assert parity_figures(st.encode_query(data.query_texts), st.encode(data.query_texts))["min_cosine"] < 0.9999
+    idx, _ = model.search(data.query_texts, model.encode_document(data.corpus_texts), k=5)
+    want_idx = embedrt.top_k(st.encode_query(data.query_texts), st.encode_document(data.corpus_texts), 5,
+                             model.similarity_metric)[0]
+    np.testing.assert_array_equal(idx, want_idx)
 
 
 def test_cli_encode_and_embed_take_a_prompt(prompted, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]

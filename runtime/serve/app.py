@@ -408,7 +408,7 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     model = served.model
     info.update(model=served.name, inputs=parsed.count)
     if parsed.prompt_name is not None and parsed.prompt_name not in model.prompts:
-        names = ", ".join(map(repr, model.prompts)) or "none"
+        names = ", ".join(map(repr, sorted(model.prompts))) or "none"
         raise protocol.bad_request(f"'prompt_name' {parsed.prompt_name!r} is not one of the prompts of "
                                    f"'{served.name}' ({names}).", "prompt_name")
     if parsed.dimensions is not None and parsed.dimensions != model.dim:
