@@ -194,54 +194,41 @@ def test_resume_after_failure_between_part_and_progress(model, tmp_path, monkeyp
     assert_equals_encode(out, model, rows)
 
 
-def test_resume_after_sigkill(tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _embed_until_parts(model_dir: Path, src: Path, out: Path, parts: int) -> subprocess.Popen[str]:
+    """``embedrt embed`` in a child process (250 rows a part), returned once ``parts`` parts are recorded."""
+    cmd = [sys.executable, "-m", "embedrt.cli", "embed", str(model_dir), str(src), "-o", str(out),
+           "--part-rows", "250", "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = out / bulk.STATE_NAME
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["progress"]["parts"] >= parts:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"the job ended before it could be stopped: {proc.stderr.read()!r}"  # type: ignore[union-attr]
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_resume_after_a_kill(tiny_bert, model, tmp_path, sig: int) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL leaves what a rerun drops; SIGTERM (docker stop, Kubernetes, Slurm) cleans up as Ctrl-C does:
+    the unfinished part's temporary file goes, exit 143. Either way the rerun completes the job."""
     rows = make_rows(6000, seed=4)
     src = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "embedrt.cli", "embed", str(tiny_bert[1]), str(src), "-o", str(out),
-           "--part-rows", "250", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = _embed_until_parts(tiny_bert[1], src, out, 3)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and "embed: terminated (SIGTERM)" in err, (proc.returncode, err)
+        assert not list(out.glob(".*")), list(out.glob(".*"))  # no temporary part or progress file left
     state = out / bulk.STATE_NAME
-    deadline = time.monotonic() + 120
-    parts = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file():
-            parts = json.loads(state.read_text())["progress"]["parts"]
-            if parts >= 3:
-                break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the job ended before it could be killed: {proc.stderr.read()!r}"  # type: ignore[union-attr]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
     done = json.loads(state.read_text())["progress"]
     assert not done["complete"] and 3 <= done["parts"] < 24
     assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(out), "--part-rows", "250"]) == 0
     final = json.loads(state.read_text())["progress"]
     assert final["complete"] and final["texts"] == 6000 and final["resumed_texts"] == done["texts"]
     assert not list(out.glob(".*.tmp"))
-    assert_equals_encode(out, model, rows)
-
-
-def test_sigterm_cleans_up_as_ctrl_c_does(tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """docker stop / Kubernetes / Slurm send SIGTERM: the unfinished part's temporary file goes, exit 143."""
-    rows = make_rows(6000, seed=5)
-    src = write_jsonl(tmp_path / "c.jsonl", rows)
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "embedrt.cli", "embed", str(tiny_bert[1]), str(src), "-o", str(out),
-           "--part-rows", "250", "--threads", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = out / bulk.STATE_NAME
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["progress"]["parts"] >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, f"the job ended before it could be stopped: {proc.stderr.read()!r}"  # type: ignore[union-attr]
-    os.kill(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "embed: terminated (SIGTERM)" in err, (proc.returncode, err)
-    assert not list(out.glob(".*")), list(out.glob(".*"))  # no temporary part or progress file left
-    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(out), "--part-rows", "250"]) == 0
     assert_equals_encode(out, model, rows)
 
 
