@@ -350,7 +350,7 @@ def _prompts(folder: Path, pooling_path: Path, pooling: dict[str, Any]) -> tuple
     default = st.get("default_prompt_name")
     if default is not None and (not isinstance(default, str) or default not in prompts):
         raise SourceError(f"{st_config}: default_prompt_name {default!r} is not one of its prompts "
-                          f"({', '.join(map(repr, prompts)) or 'none'}); sentence-transformers refuses it too")
+                          f"({', '.join(map(repr, sorted(prompts))) or 'none'}); sentence-transformers refuses it too")
     include = pooling.get("include_prompt", True)
     if not isinstance(include, bool):
         raise SourceError(f"{pooling_path}: include_prompt must be true or false, got {include!r}")

@@ -55,7 +55,7 @@ def test_what_embedrt_would_compute_differently_is_refused_by_name(checkpoint, t
     elif case == "unknown prompt":
         _edit_json(checkpoint / "config_sentence_transformers.json", prompts={"query": "query: "},
                    default_prompt_name="search")
-        why = "default_prompt_name 'search' is not one of its prompts \\('query'\\)"
+        why = "default_prompt_name 'search' is not one of its prompts \\('document', 'query'\\)"
     elif case == "truncation_side":
         _edit_json(checkpoint / "tokenizer_config.json", truncation_side="left")
         why = "truncation_side 'left' is not supported"
