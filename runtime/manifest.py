@@ -377,12 +377,9 @@ def resolve_prompt(manifest: Manifest, prompt_name: str | None = None, prompt: s
     if text and not manifest.include_prompt:
         raise ValueError(f"this model's pooling leaves a prompt's tokens out (include_prompt false), which "
                          f"embedrt's graph cannot do; the prompt {text!r} cannot be used (prompt='' for none)")
-    if not text.isascii():  # a lone surrogate (a bad byte in argv, a JSON escape) is repaired as in a text
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    return text
+    from embedrt.tokenize import repaired  # (tokenize reads this module's names)
+
+    return repaired(text)  # a lone surrogate (a bad byte in argv, a JSON escape) is repaired as in a text
 
 
 # sentence-transformers' encode_document tries these prompt names, in this order

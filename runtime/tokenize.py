@@ -57,8 +57,15 @@ def check_texts(texts: Any) -> list[str]:
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")
         if not text.isascii() and has_surrogates(text):
-            items[i] = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            items[i] = repaired(text)
     return items
+
+
+def repaired(text: str) -> str:
+    """``text`` with each lone UTF-16 surrogate made U+FFFD (a valid pair becomes its character)."""
+    if text.isascii() or not has_surrogates(text):
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def has_surrogates(text: str) -> bool:
