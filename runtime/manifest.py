@@ -157,7 +157,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
     if data.get("format_version") not in READ_VERSIONS:
         raise ModelFolderError(
             f"{path}: format_version {data.get('format_version')!r} is not supported (this embedrt reads "
-            f"{FORMAT_VERSION}); re-export the model with this version of embedrt"
+            f"{' and '.join(map(str, READ_VERSIONS))}); re-export the model with this version of embedrt"
         )
     return _parse_manifest(data, path)
 
@@ -213,7 +213,7 @@ def _prompts(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     default = data.get("default_prompt_name")
     if default is not None and (not isinstance(default, str) or default not in prompts):
         raise ModelFolderError(f"{path}: field 'default_prompt_name' is {default!r}, which is not one of 'prompts' "
-                               f"({', '.join(map(repr, prompts)) or 'none'})")
+                               f"({', '.join(map(repr, sorted(prompts))) or 'none'})")
     flags = {}
     for name in ("include_prompt", "split_special_tokens"):
         if name in data and not isinstance(data[name], bool):
