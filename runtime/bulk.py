@@ -34,7 +34,7 @@ from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, resolve_prompt, write_json_atomic
 from embedrt.outputs import PROBE_PREFIX, naming_write_errors
 from embedrt.providers import parse_device
-from embedrt.textio import InputFileError, byte_lines, join_title, not_utf8
+from embedrt.textio import BOM, InputFileError, byte_lines, join_title, not_utf8
 from embedrt.tokenize import check_count, has_surrogates
 
 if TYPE_CHECKING:
@@ -49,6 +49,8 @@ STATE_VERSION = 1
 CHUNK = 1024
 # embeddings per part by default: 16 MiB of them (10,922 rows of 384 float32), a bounded part and RSS
 PART_BYTES = 16 << 20
+# with --skip-bad, a job whose first this many rows all lack the id or text field stops: a wrong field name
+WRONG_FIELD_ROWS = 1000
 
 
 class InputFormat(str, enum.Enum):
@@ -217,7 +219,9 @@ def iter_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> Iterat
         return _iter_jsonl(file, id_field, field)
     if fmt is InputFormat.PARQUET:
         return _iter_parquet(file, id_field, field)
-    return _iter_csv(file, id_field, field, "\t" if fmt is InputFormat.TSV else ",")
+    if fmt is InputFormat.TSV:
+        return _iter_tsv(file, id_field, field)
+    return _iter_csv(file, id_field, field)
 
 
 def _iter_jsonl(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
@@ -289,27 +293,39 @@ def jsonl_ranges(file: Path, size: int = 32 << 20, block_size: int = 1 << 20) ->
     return ranges
 
 
-def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator[RawRow]:
-    """CSV rows as RFC 4180 reads them (a quote opens a field that may hold commas and newlines, and must
-    close: an unclosed one stops the read, named by its line); TSV rows a line each, quotes as they are (the
-    BEIR / MS MARCO convention: ``"Hello" he said`` is text). A row with more fields than the header is bad."""
+def _check_header(file: Path, header: list[str] | None, id_field: str, field: str) -> list[str]:
+    """The header row of a CSV or TSV file, or InputFileError naming what it lacks."""
+    if header is None:
+        raise InputFileError(f"{file}: empty; a header row naming {id_field!r} and {field!r} comes first")
+    if id_field not in header or field not in header:
+        raise InputFileError(f"{file}:1: header {header} lacks {id_field!r} or {field!r}")
+    twice = sorted({name for name in header if header.count(name) > 1} & {id_field, field, "title"})
+    if twice:  # which of the columns is meant? (a dict of the row kept the last one, silently)
+        raise InputFileError(f"{file}:1: the header names column {twice[0]!r} more than once")
+    return header
+
+
+def _row(where: str, header: list[str], values: list[str], id_field: str, field: str, tsv: bool) -> RawRow:
+    """A CSV or TSV row's id, text and title by the header's names; a row of more fields than it is bad."""
+    if len(values) > len(header):
+        return RawRow(where, MISSING, MISSING, problem=f"{len(values)} fields, the header has {len(header)} (a "
+                      f"{'tab' if tsv else 'comma'} in a text{'' if tsv else ' must be inside quotes'})")
+    record = dict(zip(header, values))
+    text = record.get(field)
+    return RawRow(where, record.get(id_field), MISSING if text is None else text, record.get("title") or None)
+
+
+def _iter_csv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
+    """CSV rows as RFC 4180 reads them: a quote opens a field that may hold commas and newlines, and must
+    close (an unclosed one stops the read, named by its line). A row with more fields than the header is bad."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than the 128 KiB default
-    tsv = delimiter == "\t"
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark; a bad byte becomes a lone surrogate
     # (surrogateescape), which a CSV cannot otherwise hold, and makes its row bad
     with _open_text(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-        reader = csv.reader(fh, delimiter=delimiter, strict=not tsv,
-                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        reader = csv.reader(fh, strict=True)
         line = 1
         try:
-            header = next(reader, None)
-            if header is None:
-                raise InputFileError(f"{file}: empty; a header row naming {id_field!r} and {field!r} comes first")
-            if id_field not in header or field not in header:
-                raise InputFileError(f"{file}:1: header {header} lacks {id_field!r} or {field!r}")
-            twice = sorted({name for name in header if header.count(name) > 1} & {id_field, field, "title"})
-            if twice:  # which of the columns is meant? (a dict of the row kept the last one, silently)
-                raise InputFileError(f"{file}:1: the header names column {twice[0]!r} more than once")
+            header = _check_header(file, next(reader, None), id_field, field)
             while True:
                 line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
                 try:
@@ -323,24 +339,45 @@ def _iter_csv(file: Path, id_field: str, field: str, delimiter: str) -> Iterator
                     continue
                 if values is None:
                     return
-                where = f"{file}:{line}"
                 if not values:  # a blank line is no row
                     continue
-                if len(values) > len(header):
-                    yield RawRow(where, MISSING, MISSING, problem=f"{len(values)} fields, the header has "
-                                 f"{len(header)} (a {'tab' if tsv else 'comma'} in a text"
-                                 f"{'' if tsv else ' must be inside quotes'})")
-                    continue
                 if any(has_surrogates(v) for v in values):
-                    yield RawRow(where, MISSING, MISSING, problem="not UTF-8")
+                    yield RawRow(f"{file}:{line}", MISSING, MISSING, problem="not UTF-8")
                     continue
-                record = dict(zip(header, values))
-                text = record.get(field)
-                yield RawRow(where, record.get(id_field), MISSING if text is None else text,
-                             record.get("title") or None)
+                yield _row(f"{file}:{line}", header, values, id_field, field, tsv=False)
         except csv.Error as exc:
             raise InputFileError(f"{file}:{line}: not a valid CSV row: {exc} (a quote that opens a field must "
                                  "close it; every row after it was read as part of that field)") from None
+
+
+def _iter_tsv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
+    """TSV rows, one a line (ended by ``\n`` or ``\r\n``), fields split at tabs, quotes as they are (the BEIR /
+    MS MARCO convention: ``"Hello" he said`` is text). A lone ``\r`` is text, not a line end: a row is never
+    cut in two, its first half embedded (the csv module's reading) and its second half a bad row."""
+    with _open_bytes(file) as fh:
+        first = fh.readline()
+        if first.startswith(BOM):
+            first = first[len(BOM):]
+        if not first:
+            _check_header(file, None, id_field, field)
+        try:
+            header_line = first.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputFileError(f"{file}:1: header {not_utf8(first, exc)}") from None
+        header = _check_header(file, _strip_line_end(header_line).split("\t"), id_field, field)
+        for number, raw in enumerate(fh, start=2):
+            where = f"{file}:{number}"
+            try:
+                line = _strip_line_end(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield RawRow(where, MISSING, MISSING, problem=not_utf8(raw, exc))
+                continue
+            if line:  # a blank line is no row
+                yield _row(where, header, line.split("\t"), id_field, field, tsv=True)
+
+
+def _strip_line_end(line: str) -> str:
+    return line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
 
 
 def _iter_parquet(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
@@ -533,7 +570,8 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
     """What a resumed run must share with the run that started the job: model, input and options.
 
     ``batch_size``, ``max_tokens`` and threads are not part of it: they change how texts are grouped
-    into calls, not the embeddings (beyond fp32 rounding, see ``EmbeddingModel.encode``).
+    into calls, not the embeddings (beyond fp32 rounding, see ``EmbeddingModel.encode``). Nor is
+    ``skip_bad``: a job stopped at a bad row goes on past it when rerun with it (the rows before were good).
     """
     files = hashlib.sha256()
     for name, entry in sorted(model.manifest.files.items()):
@@ -546,8 +584,7 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
         "input": {"path": path_text(file.resolve()), "format": fmt.value, "bytes": stat.st_size,
                   "mtime_ns": stat.st_mtime_ns},
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
-                    "skip_bad": options.skip_bad, "part_rows": part_rows, "device": model.device,
-                    "precision": model.precision},
+                    "part_rows": part_rows, "device": model.device, "precision": model.precision},
     }
     # the text put before each row; recorded only when there is one, so jobs from before prompts still resume
     prompt = resolve_prompt(model.manifest, options.prompt_name, options.prompt)
@@ -603,6 +640,7 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
         raise ResumeError(f"{state_path}: unreadable progress file ({exc}); start in a new folder") from exc
     if _did_nothing(state):  # it stopped before its first part (a bad option, a bad first row): start over
         _clean_output(out, state)
+        (out / BAD_ROWS_NAME).unlink(missing_ok=True)  # the bad rows of a run that recorded none
         state = JobState(identity, BulkSummary())
         _write_state(state_path, state)
         return state
@@ -610,6 +648,8 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     if isinstance(recorded, dict) and "manifest_sha256" not in recorded:  # states before 2026-12-02
         recorded["manifest_sha256"] = identity["model"]["manifest_sha256"]
     options = state.identity.get("options")
+    if isinstance(options, dict):  # states before 2026-12-07 recorded skip_bad, which no longer binds a job
+        options.pop("skip_bad", None)
     if isinstance(options, dict) and "precision" not in options and legacy_precision is not None:
         options["precision"] = legacy_precision
     if (isinstance(options, dict) and legacy_device is not None and options.get("device") == legacy_device
@@ -711,6 +751,8 @@ class _Job:
         self.buffer = np.empty((min(part_rows, CHUNK), model.dim), dtype=np.float32)
         self.ids: list[str] = []
         self.bad_file: Any = None
+        self.first_bad: str | None = None
+        self.bad_problems: set[str] = set()  # the first few kinds of bad row: a wrong field name is one kind
         self.started = time.perf_counter()
         self.seconds_before = self.summary.seconds
         self.run_texts = self.run_tokens = 0
@@ -727,6 +769,8 @@ class _Job:
                 checked = f"duplicate id {checked[0]!r}"
             if isinstance(checked, str):
                 self._bad(raw, checked)
+                if self.summary.bad == WRONG_FIELD_ROWS and self._only_missing_fields():
+                    raise BadRowError(self._nothing_good(f"the first {WRONG_FIELD_ROWS} rows all lack a field"))
                 continue
             ids.append(checked[0])
             texts.append(checked[1])
@@ -736,7 +780,22 @@ class _Job:
             if len(self.ids) == self.part_rows:
                 self._write_part(position)
         self._embed(ids, texts, position)
+        if self.summary.texts + len(self.ids) == 0 and self.summary.bad:
+            raise BadRowError(self._nothing_good(f"all {self.summary.bad} rows are bad"))
         self._write_part(position, last=True)
+
+    def _only_missing_fields(self) -> bool:
+        """Whether no row has been embedded yet and every bad one so far lacks the id or the text field."""
+        return self.summary.texts + len(self.ids) == 0 and self.bad_problems <= {
+            f"missing id field {self.options.id_field!r}", f"missing text field {self.options.field!r}"}
+
+    def _nothing_good(self, what: str) -> str:
+        """The error of a --skip-bad job that finds nothing to embed (most likely a wrong field name)."""
+        fields = (f"check --id-field {self.options.id_field!r} and --field {self.options.field!r} against the "
+                  "input; " if self._only_missing_fields() else "")
+        return (f"{what} and none could be embedded (the first: {self.first_bad or 'in an earlier run'}); "
+                f"--skip-bad goes on past bad rows, not past a whole input of them: {fields}every bad row is in "
+                f"{self.out / BAD_ROWS_NAME}")
 
     def _embed(self, ids: list[str], texts: list[str], position: int) -> None:
         if texts:
@@ -768,6 +827,10 @@ class _Job:
             self.bad_file = (self.out / BAD_ROWS_NAME).open("a", encoding="utf-8")
         rid = raw.id if isinstance(raw.id, (str, int)) and not isinstance(raw.id, bool) else None
         record = {"row": raw.where, "id": rid, "problem": problem}
+        if self.first_bad is None:
+            self.first_bad = f"{raw.where}: {problem}"
+        if len(self.bad_problems) < 3:
+            self.bad_problems.add(problem)
         line = json.dumps(record, ensure_ascii=False)
         if has_surrogates(line):  # an id holding a lone surrogate: kept as its JSON escape
             line = json.dumps(record)

@@ -531,3 +531,65 @@ def test_resume_over_a_damaged_part_or_a_full_disk_names_the_file(model, tmp_pat
     monkeypatch.setattr(bulk, "write_json_atomic", disk_full)
     with pytest.raises(OutputPathError, match=r"_embedrt_bulk\.json: cannot write: No space left on device"):
         embed_corpus(model, src, out, BulkOptions(part_rows=300))
+
+
+def test_a_job_stopped_at_a_bad_row_goes_on_past_it_with_skip_bad(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    rows = make_rows(60)
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows[:45]) + '{"_id": "bad", "text": 7}\n'
+                   + "".join(json.dumps(r) + "\n" for r in rows[45:]))
+    out = tmp_path / "out"
+    with pytest.raises(BadRowError, match=r"c\.jsonl:46: text field 'text' is int"):
+        embed_corpus(model, src, out, BulkOptions(part_rows=20))
+    state = json.loads((out / bulk.STATE_NAME).read_text())
+    assert state["progress"]["parts"] == 2 and state["progress"]["input_rows"] == 40
+    state["job"]["options"]["skip_bad"] = False  # as job states before 2026-12-07 recorded it
+    (out / bulk.STATE_NAME).write_text(json.dumps(state))
+    summary = embed_corpus(model, src, out, BulkOptions(part_rows=20, skip_bad=True))
+    assert summary.complete and summary.texts == 60 and summary.bad == 1 and summary.resumed_texts == 40
+    assert_equals_encode(out, model, rows)
+    assert [json.loads(line)["row"] for line in (out / bulk.BAD_ROWS_NAME).read_text().splitlines()] == [f"{src}:46"]
+
+
+def test_a_skip_bad_job_with_nothing_to_embed_fails(model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A wrong --id-field makes every row bad: with --skip-bad that was a 'successful' empty dataset (exit 0)."""
+    rows = [{"id": r["_id"], "text": r["text"]} for r in make_rows(bulk.WRONG_FIELD_ROWS + 300)]
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    out = tmp_path / "out"
+    assert main(["embed", str(model.path), str(src), "-o", str(out), "--skip-bad"]) == 2
+    err = capsys.readouterr().err
+    assert f"the first {bulk.WRONG_FIELD_ROWS} rows all lack a field and none could be embedded" in err
+    assert "check --id-field '_id' and --field 'text'" in err
+    # it stopped there, not after writing a bad row for each of the input's rows
+    assert len((out / bulk.BAD_ROWS_NAME).read_text().splitlines()) == bulk.WRONG_FIELD_ROWS
+    assert not list(out.glob("part-*"))
+    # nothing was recorded: the rerun with the right field starts afresh, and leaves no bad-rows file
+    summary = embed_corpus(model, src, out, BulkOptions(id_field="id", skip_bad=True))
+    assert summary.texts == len(rows) and summary.bad == 0 and not (out / bulk.BAD_ROWS_NAME).exists()
+    # a short input of nothing but bad rows (of any kind) fails at its end; no field is blamed
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"_id": "a", "text": 1}\n{"_id": "b", "text": null}\n')
+    with pytest.raises(BadRowError, match=r"all 2 rows are bad and none could be embedded \(the first: "
+                       r".*short\.jsonl:1: text field 'text' is int, not a string\)") as info:
+        embed_corpus(model, short, tmp_path / "o2", BulkOptions(skip_bad=True))
+    assert "--id-field" not in str(info.value)
+    # one good row among them is a job
+    short.write_text('{"_id": "a", "text": 1}\n{"_id": "b", "text": "fine"}\n')
+    assert embed_corpus(model, short, tmp_path / "o3", BulkOptions(skip_bad=True)).texts == 1
+
+
+def test_a_lone_cr_in_a_tsv_text_is_text(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The csv module ends a row at a lone \\r: the text's first half was embedded, its second half a bad row."""
+    src = tmp_path / "c.tsv"
+    src.write_bytes(b"\xef\xbb\xbf_id\ttext\r\na\tone\rtwo\r\nb\tthree\n\nc\tbe\xfft\n")
+    out = tmp_path / "out"
+    summary = embed_corpus(model, src, out, BulkOptions(skip_bad=True))
+    assert summary.texts == 2 and summary.bad == 1
+    ids, emb, _ = read_output(out)
+    assert ids == ["a", "b"]
+    assert float(np.abs(emb - model.encode(["one\rtwo", "three"])).max()) <= 1e-6
+    bad = json.loads((out / bulk.BAD_ROWS_NAME).read_text())
+    assert bad == {"row": f"{src}:5", "id": None, "problem": "not UTF-8 (byte 0xff at column 5)"}
+    (tmp_path / "h.tsv").write_bytes(b"_id\tte\xffxt\n1\tx\n")
+    with pytest.raises(InputFileError, match=r"h\.tsv:1: header not UTF-8 \(byte 0xff"):
+        embed_corpus(model, tmp_path / "h.tsv", tmp_path / "o2")
