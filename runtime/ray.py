@@ -10,10 +10,13 @@ Python lists, so the object store holds ``dim x 4`` bytes per row plus the id.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import uuid
 import warnings
@@ -317,8 +320,15 @@ def embed_with_ray(
     check_utf8_path(out)
     _check_ray_output(out)
     started = not ray.is_initialized()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
     if started:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        # ray.init makes SIGTERM sys.exit(15); a handler already there (the CLI's, which cleans up and exits
+        # 143) keeps it. Under the default one, Ray's SystemExit still runs the clean-up below.
+        if callable(previous) and main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    staging = out / f".ray-{uuid.uuid4().hex}"
     try:
         start = time.perf_counter()
         from embedrt.model import load
@@ -336,27 +346,36 @@ def embed_with_ray(
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32", prompt_name=opts.prompt_name,
             prompt=opts.prompt)
-        staging = out / f".ray-{uuid.uuid4().hex}"
-        try:
-            with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
-                warnings.simplefilter("ignore", DeprecationWarning)
-                # like the reads, writes take no CPU slot: the actor pool holds them all
-                dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
-            summary = _publish(staging, out, time.perf_counter() - start, model, opts.dtype)
-        except Exception as exc:
-            # the folder was empty before the job: whatever parts are in it now, this job moved there
-            shutil.rmtree(staging, ignore_errors=True)
-            for part in out.glob("part-*.parquet"):
-                part.unlink(missing_ok=True)
-            cause = _embedrt_cause(exc)
-            if cause is not None and cause is not exc:
-                raise cause from None  # the bad row, not Ray's wrapping of it
-            raise
+        with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # like the reads, writes take no CPU slot: the actor pool holds them all
+            dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
+        summary = _publish(staging, out, time.perf_counter() - start, model, opts.dtype)
         write_json_atomic(out / STATE_NAME, JobState(identity, summary).to_json())
         return summary
+    except BaseException as exc:  # a bad row, Ctrl-C, SIGTERM: the folder is left as the job found it
+        if started:  # first, so that no write task of the job puts a file in the staging folder after it goes
+            started = False
+            _shutdown(ray)
+        # the folder was empty before the job: whatever parts are in it now, this job moved there
+        shutil.rmtree(staging, ignore_errors=True)
+        for part in out.glob("part-*.parquet"):
+            part.unlink(missing_ok=True)
+        cause = _embedrt_cause(exc) if isinstance(exc, Exception) else None
+        if cause is not None and cause is not exc:
+            raise cause from None  # the bad row, not Ray's wrapping of it
+        raise
     finally:
         if started:
-            ray.shutdown()
+            _shutdown(ray)
+        if previous is not None and main_thread and signal.getsignal(signal.SIGTERM) is not previous:
+            signal.signal(signal.SIGTERM, previous)  # not Ray's sys.exit after the job
+
+
+def _shutdown(ray: Any) -> None:
+    """Stop the local Ray this job started; a second Ctrl-C meanwhile does not leave it half stopped."""
+    with contextlib.suppress(KeyboardInterrupt):
+        ray.shutdown()
 
 
 def _publish(staging: Path, out: Path, seconds: float, model: Any, dtype: EmbedDtype) -> BulkSummary:

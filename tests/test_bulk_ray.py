@@ -217,3 +217,46 @@ def test_killed_actor_still_gives_complete_output(cluster, tiny_bert, model, tmp
     assert killed, "no actor was killed before the job ended"
     assert summary.texts == 16000
     assert_equals_encode(out, model, rows)
+
+
+SIGTERM_DURING_PUBLISH = """
+import sys, time
+from pathlib import Path
+import embedrt.ray
+from embedrt.cli import main
+
+def publish_slowly(staging, *args):
+    assert any(staging.iterdir())  # Ray's files are in the staging folder
+    Path(sys.argv[1]).write_text("publishing")
+    time.sleep(120)
+
+embedrt.ray._publish = publish_slowly
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_during_a_ray_job_it_started_cleans_up(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ray.init makes SIGTERM sys.exit(15): the job's staging folder was left behind, and the exit code was Ray's."""
+    import subprocess
+    import sys
+
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(40))
+    ready, out = tmp_path / "ready", tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_DURING_PUBLISH, str(ready), "embed", str(tiny_bert[1]),
+                             str(src), "-o", str(out), "--ray", "--actors", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ready.exists(), proc.communicate(timeout=60)
+        assert [p.name for p in out.iterdir() if p.name.startswith(".ray-")]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "embedrt embed: terminated (SIGTERM)" in err
+    assert not list(out.iterdir())  # no staging folder, no part: a rerun may use the folder
