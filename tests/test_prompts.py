@@ -174,6 +174,19 @@ def test_include_prompt_false_keeps_prompts_it_can_refuse(tmp_path, caplog) -> N
     for call in (lambda: model.encode_query(["a"]), lambda: model.encode(["a"], prompt="x: ")):
         with pytest.raises(ValueError, match=r"include_prompt false.* the prompt '(query|x): ' cannot be used"):
             call()
+    # the server refuses them too, naming the parameter (it named "input", where the tokenizer raised)
+    from embedrt.serve import ServeConfig, create_app
+
+    from .test_serve import LiveServer
+
+    with LiveServer(create_app([model], ServeConfig())) as server:
+        for extra, param in (({"prompt_name": "query"}, "prompt_name"), ({"prompt": "x: "}, "prompt")):
+            status, _, body = server.request("POST", "/v1/embeddings", {"model": "out-n", "input": ["a"], **extra})
+            error = json.loads(body)["error"]
+            assert status == 400 and error["param"] == param and "include_prompt false" in error["message"], body
+        status, _, body = server.request("POST", "/v1/embeddings", {"model": "out-n", "input": ["a"],
+                                                                     "prompt_name": "document"})
+        assert status == 200, body
     # an empty default prompt leaves nothing out (sentence-transformers counts a prompt's tokens only if any)
     empty = make_checkpoint(tmp_path / "e", StandIn(architecture="bert", prompts=(("query", ""),),
                                                     default_prompt_name="query"))

@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from embedrt.manifest import resolve_prompt
 from embedrt.serve import protocol
 from embedrt.serve.config import ServeConfig
 from embedrt.serve.metrics import CONTENT_TYPE, Metrics
@@ -411,6 +412,11 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         names = ", ".join(map(repr, sorted(model.prompts))) or "none"
         raise protocol.bad_request(f"'prompt_name' {parsed.prompt_name!r} is not one of the prompts of "
                                    f"'{served.name}' ({names}).", "prompt_name")
+    try:  # what else the model refuses of a prompt (one its pooling would leave out), named by its parameter
+        resolve_prompt(model.manifest, parsed.prompt_name, parsed.prompt)
+    except ValueError as exc:
+        raise protocol.bad_request(f"'{served.name}': {exc}.", "prompt" if parsed.prompt is not None
+                                   else "prompt_name") from None
     if parsed.dimensions is not None and parsed.dimensions != model.dim:
         raise protocol.bad_request(f"'{served.name}' does not support 'dimensions' (it was not trained for "
                                    f"shortened embeddings; its dimension is {model.dim}).", "dimensions")
