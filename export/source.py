@@ -371,8 +371,14 @@ def _refuse_what_embedrt_does_not_do(base: Path) -> None:
 
 
 def _tokenizer_max_length(base: Path, positions: int) -> int:
+    """What sentence-transformers runs without a max_seq_length: the tokenizer's ``model_max_length`` capped by
+    the model's positions; a tokenizer without one (transformers' "unset", 1e30, saved as it is) takes the
+    positions."""
     tok_config = base / "tokenizer_config.json"
     limit = _read_json(tok_config).get("model_max_length") if tok_config.is_file() else None
-    if isinstance(limit, int) and 0 < limit < 10**6:
+    if limit is None or (isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= 10**6):
+        return positions
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         return min(limit, positions)
-    raise SourceError(f"{base}: no max_seq_length in sentence_bert_config.json and no usable model_max_length")
+    raise SourceError(f"{tok_config}: model_max_length {limit!r} is not a positive integer, and "
+                      f"{base / 'sentence_bert_config.json'} gives no max_seq_length")

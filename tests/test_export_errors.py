@@ -351,3 +351,27 @@ def test_overwrite_never_deletes_a_file_the_checkpoint_links_to(checkpoint, tmp_
     with pytest.raises(OutputPathError, match=r"store: holds .*model\.safetensors, which the input's .* links to"):
         export_model(str(checkpoint), store, formats="onnx", overwrite=True)
     assert (store / "model.safetensors").is_file() and weights.resolve().is_file()
+
+
+def test_without_any_max_length_the_model_s_positions_are_the_limit(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sentence-transformers then runs max_position_embeddings (512); embedrt refused such a checkpoint."""
+    import embedrt
+    from embedrt.export.source import read_checkpoint
+
+    positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    st_config = json.loads((checkpoint / "sentence_bert_config.json").read_text())
+    st_config.pop("max_seq_length", None)  # sentence-transformers 6 saves it as model_max_length only
+    (checkpoint / "sentence_bert_config.json").write_text(json.dumps(st_config))
+    tok_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    for limit in (None, 10**30):  # absent, or transformers' "unset" saved as it is
+        if limit is None:
+            tok_config.pop("model_max_length", None)
+        else:
+            tok_config["model_max_length"] = limit
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        assert read_checkpoint(checkpoint).max_seq_length == positions
+    model = embedrt.load(export_model(str(checkpoint), tmp_path / "out", formats="onnx"), device="cpu")
+    assert model.manifest.max_seq_length == positions  # and the export's parity check passed
+    _edit_json(checkpoint / "tokenizer_config.json", model_max_length="512")
+    with pytest.raises(SourceError, match=r"tokenizer_config\.json: model_max_length '512' is not a positive integer"):
+        read_checkpoint(checkpoint)
