@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", choices=["cosine", "dot", "euclidean"], help="override the checkpoint's")
     p.add_argument("--revision", help="hub revision (hub ids only)")
     p.add_argument("--parity-texts", help=".txt or .jsonl of extra texts to check parity on")
-    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder if it is a model folder (or empty)")
     p.add_argument("--quantize", choices=["dynamic", "static"], help="int8: dynamic, or static (batch-invariant)")
     p.add_argument("--target", default="auto",
                    help="int8 target CPU: auto (this one), avx2, avx512, avx_vnni, avx512_vnni, amx, arm64_dotprod")

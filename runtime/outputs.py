@@ -80,8 +80,8 @@ def check_not_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) 
 
 def check_replaceable(out: Path, source: str | os.PathLike[str] | None) -> None:
     """Refuse to replace an existing output folder that lies inside the ``source`` folder (``--overwrite``
-    would delete part of it), that holds a file a link in ``source`` points to, or that holds the current
-    directory (it cannot be renamed away)."""
+    would delete part of it), that holds a file a link in ``source`` points to, that holds the current
+    directory (it cannot be renamed away), or that is not empty and not a model folder (no ``embedrt.json``)."""
     if not out.exists():
         return
     real = Path(os.path.realpath(out))
@@ -100,6 +100,10 @@ def check_replaceable(out: Path, source: str | os.PathLike[str] | None) -> None:
     if real == cwd or real in cwd.parents:
         raise OutputPathError(f"{out}: is the current folder or holds it, which cannot be replaced; choose "
                               "another output")
+    # what --overwrite replaces is a model folder (an earlier export): a typo must not delete a home folder
+    if out.is_dir() and not (out / "embedrt.json").is_file() and any(out.iterdir()):
+        raise OutputPathError(f"{out}: holds files but no embedrt.json, so it is not an embedrt model folder, the "
+                              "only kind --overwrite replaces; choose another output, or empty it first")
 
 
 def _umask() -> int:

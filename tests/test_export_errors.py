@@ -375,3 +375,21 @@ def test_without_any_max_length_the_model_s_positions_are_the_limit(checkpoint, 
     _edit_json(checkpoint / "tokenizer_config.json", model_max_length="512")
     with pytest.raises(SourceError, match=r"tokenizer_config\.json: model_max_length '512' is not a positive integer"):
         read_checkpoint(checkpoint)
+
+
+def test_overwrite_replaces_a_model_folder_only(checkpoint, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--overwrite renamed any folder away and deleted it: `-o ~ --overwrite` took a home folder with it."""
+    from embedrt.cli import main
+
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "todo.txt").write_text("keep me")
+    assert main(["export", str(checkpoint), "-o", str(home), "--overwrite", "--format", "onnx"]) == 2
+    assert "holds files but no embedrt.json, so it is not an embedrt model folder" in capsys.readouterr().err
+    assert (home / "notes" / "todo.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_model(str(checkpoint), empty, formats="onnx", overwrite=True)  # an empty folder is taken
+    first = json.loads((empty / "embedrt.json").read_text())
+    export_model(str(checkpoint), empty, formats="onnx", overwrite=True, similarity="dot")  # a model folder is replaced
+    assert first["similarity"] != json.loads((empty / "embedrt.json").read_text())["similarity"] == "dot"
