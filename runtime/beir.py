@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,14 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     # a document twice would count its relevance twice (NDCG@10 above 100)
     corpus_ids, corpus_texts = read_records(root / "corpus.jsonl", unique=True)
     all_query_ids, all_query_texts = read_records(root / "queries.jsonl", unique=True)
+    if not corpus_ids:  # every judged document missing: NDCG@10 0.00, which reads as a model's score
+        raise InputFileError(f"{root / 'corpus.jsonl'}: no documents")
     qrels = _read_qrels(root / "qrels" / f"{split}.tsv")
+    relevant = {doc for judged in qrels.values() for doc, score in judged.items() if score > 0}
+    if relevant and relevant.isdisjoint(corpus_ids):
+        example = ", ".join(map(repr, sorted(relevant)[:3]))
+        raise InputFileError(f"{root / 'corpus.jsonl'}: none of the {len(relevant)} documents the qrels judge "
+                             f"relevant is in the corpus ({example}, ...); the ids of the two files do not match")
     by_id = dict(zip(all_query_ids, all_query_texts, strict=False))
     missing = [q for q in qrels if q not in by_id]
     if missing:
@@ -46,18 +53,31 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """BEIR's ``qrels/<split>.tsv``: ``query-id``, ``corpus-id``, ``score`` a line, tab-separated, after an
+    optional header (a first row whose score is not an integer). A row is one line and its quotes are
+    text, as BEIR writes it; any other column count is an error, not a guess at which column is which."""
     qrels: dict[str, dict[str, int]] = {}
     where: dict[tuple[str, str], int] = {}
-    rows = list(csv.reader(read_lines(path), delimiter="\t"))
-    for number, row in enumerate(rows[1:], start=2):  # the first row is the header
-        if not any(cell.strip() for cell in row):  # a blank line (a trailing one, say) holds no judgement
+    first = True
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line.strip():  # a blank line (a trailing one, say) holds no judgement
             continue
-        if len(row) < 3:
-            raise InputFileError(f"{path}:{number}: expected query-id, corpus-id, score")
-        try:
-            score = int(row[2])
-        except ValueError as exc:
-            raise InputFileError(f"{path}:{number}: score {row[2]!r} is not an integer") from exc
+        row = [cell.strip() for cell in line.split("\t")]
+        while len(row) > 3 and not row[-1]:  # a tab at the end of the line
+            row.pop()
+        if len(row) != 3:
+            hint = (" (TREC qrels have 4: query, iteration, document, score; drop the iteration column)"
+                    if len(row) == 4 else " (the columns are separated by tabs)" if len(row) == 1 else "")
+            raise InputFileError(f"{path}:{number}: {len(row)} columns; expected 3 tab-separated ones, query-id, "
+                                 f"corpus-id and score{hint}")
+        header, first = first and not _INTEGER.fullmatch(row[2]), False
+        if header:  # query-id, corpus-id, score
+            continue
+        if not _INTEGER.fullmatch(row[2]):
+            raise InputFileError(f"{path}:{number}: score {row[2]!r} is not an integer")
+        if not row[0] or not row[1]:
+            raise InputFileError(f"{path}:{number}: empty {'query-id' if not row[0] else 'corpus-id'}")
+        score = int(row[2])
         judged = qrels.setdefault(row[0], {})
         if row[1] in judged and judged[row[1]] != score:  # which one counts would be a guess
             raise InputFileError(f"{path}:{number}: query {row[0]!r}, document {row[1]!r} judged {score} here and "
@@ -67,6 +87,9 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not qrels:  # nothing to score: NDCG@10 would be the mean of nothing (NaN)
         raise InputFileError(f"{path}: no judgements (only a header, or empty)")
     return qrels
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # as written, not int()'s reading: "1_0" is no score of 10
 
 
 def ndcg_at_k(ranked: list[str], relevant: dict[str, int], k: int) -> float:

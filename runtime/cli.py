@@ -408,9 +408,11 @@ def _log_part(summary: Any) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from embedrt.textio import read_records
+    from embedrt.textio import InputFileError, read_records
 
     ids, texts = read_records(args.corpus, args.field)
+    if not texts:  # no hits, exit 0, read as "nothing matched" when the wrong file was given
+        raise InputFileError(f"{args.corpus}: no texts to search")
     model = _load(args)
     _search_and_print(model, ids, texts, args.query, args.k, _encode_options(args))
     return 0

@@ -74,7 +74,8 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
         text = join_title(record.get("title"), record[field], field)
-        key = str(record.get("_id", record.get("id", number)))
+        name = "_id" if "_id" in record else "id" if "id" in record else None
+        key = str(number) if name is None else _checked_id(record[name], name, f"{file}:{number}")
         if unique and key in where:
             raise InputFileError(f"{file}:{number}: id {key!r} again (first on line {where[key]}); ids must be "
                                  "unique")
@@ -82,6 +83,17 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
         ids.append(key)
         texts.append(text)
     return ids, texts
+
+
+def _checked_id(rid: Any, name: str, where: str) -> str:
+    """A JSONL record's id as ``embedrt embed`` takes it (a string, or an int as its decimal string), or
+    InputFileError: ``str()`` of ``1.0``, ``null`` or ``true`` never matched a qrels id, and scored as a miss."""
+    from embedrt.bulk import RawRow, check_row
+
+    checked = check_row(RawRow(where, rid, ""), "text", name)
+    if isinstance(checked, str):
+        raise InputFileError(f"{where}: {checked}")
+    return checked[0]
 
 
 def _read_table_records(file: Path, field: str, unique: bool) -> tuple[list[str], list[str]]:

@@ -345,6 +345,10 @@ def test_search_checks_k_before_embedding_and_prints_control_characters_escaped(
     out = capsys.readouterr().out
     assert "\u001b" not in out and "\r" not in out and "\nfake: line" not in out  # no escape reaches the terminal
     assert "query: q\\x1b]0;t\\x07" in out and "1. [" in out and "x\\x1b[2Jy\\nfake: line: alpha\\rbeta" in out
+    for name in ("empty.txt", "empty.jsonl"):  # no hits and exit 0 read as "nothing matched"
+        (tmp_path / name).write_text("")
+        assert main(["search", str(tiny_bert[1]), "--corpus", str(tmp_path / name), "--query", "q"]) == 2
+        assert f"embedrt search: error: {tmp_path / name}: no texts to search" in capsys.readouterr().err
 
 
 def test_export_of_a_damaged_weights_file_names_it(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
