@@ -113,6 +113,8 @@ def _as_matrix(x: npt.ArrayLike, name: str, convert: bool = True) -> npt.NDArray
         arr = arr[None, :]
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a vector or a [n, dim] matrix, got shape {arr.shape}")
+    if arr.shape[1] == 0:  # [] is one vector of no numbers: a product of it is 0, not a similarity
+        raise ValueError(f"{name} has no columns (shape {arr.shape}); embeddings have dim >= 1")
     return _float32(arr, name, 0) if convert else arr
 
 
@@ -148,21 +150,34 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
         raise ValueError(f"dimension mismatch: a has {qa.shape[1]} columns, b has {qb.shape[1]}")
     if metric is Similarity.COSINE:
         return (l2_normalize(qa) @ l2_normalize(qb).T).astype(np.float32)
+    if metric is Similarity.EUCLIDEAN:
+        return _euclidean(qa, qb)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
-        scores = _scores(qa, qb, metric)
+        scores = np.asarray(qa @ qb.T, dtype=np.float32)
     if not np.isfinite(scores).all() and np.isfinite(qa).all() and np.isfinite(qb).all():
         # finite vectors whose products overflow float32 (inf - inf gave NaN): computed again in float64; a
-        # dot product beyond float32's range is then +-inf, not NaN, and a distance is exact
+        # dot product beyond float32's range is then +-inf, not NaN
         with np.errstate(over="ignore"):
-            scores = _scores(qa.astype(np.float64), qb.astype(np.float64), metric).astype(np.float32)
+            scores = (qa.astype(np.float64) @ qb.astype(np.float64).T).astype(np.float32)
     return scores
 
 
-def _scores(qa: npt.NDArray[Any], qb: npt.NDArray[Any], metric: Similarity) -> FloatArray:
-    if metric is Similarity.DOT:
-        return np.asarray(qa @ qb.T, dtype=np.float32)
-    # clipped at 0 against rounding
-    return np.asarray(-np.sqrt(np.maximum(_squared_distances(qa, qb), 0.0)), dtype=np.float32)
+def _euclidean(qa: FloatArray, qb: FloatArray) -> FloatArray:
+    """Minus the distance of every pair, to float32 precision, as ``top_k`` scores it.
+
+    ``|a|^2 + |b|^2 - 2ab`` in float32 cancels for close vectors (a vector's distance to itself came out
+    as -6e-4, and varied with the other rows): it is formed in float64 (where float32 values cannot
+    overflow either), and pairs where it still cancelled most digits are computed from their differences.
+    """
+    a, b = qa.astype(np.float64), qb.astype(np.float64)
+    norms = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
+    squared = norms - 2.0 * (a @ b.T)
+    qi, cj = np.nonzero(squared <= 1e-6 * norms)
+    step = max(1, (1 << 21) // a.shape[1])  # 16 MB of float64 differences at a time
+    for s in range(0, qi.size, step):
+        d = a[qi[s : s + step]] - b[cj[s : s + step]]
+        squared[qi[s : s + step], cj[s : s + step]] = (d * d).sum(1)
+    return np.asarray(0.0 - np.sqrt(np.maximum(squared, 0.0)), dtype=np.float32)  # 0.0 -: no -0.0
 
 
 def _squared_distances(qa: npt.NDArray[Any], qb: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -195,7 +210,9 @@ def top_k(
 
     Returns:
         ``(indices, scores)``, int64 and float32, each ``[n, min(k, m)]``: the first ``k`` rows ordered by
-        score descending, then by index ascending (equal rows: the lowest index first).
+        their float64 score descending, then by index ascending (equal rows: the lowest index first; rows
+        that differ, such as multiples of one vector under cosine, may round to one float32 score and still
+        be ordered by their float64 scores).
 
     Raises:
         ValueError: ``k`` or ``chunk_size`` below 1, mismatched dimensions, a query or corpus row with
@@ -325,7 +342,7 @@ class _Exact:
 
     def scores(self, keys: npt.NDArray[np.float64], idx: IntArray) -> FloatArray:
         """The returned scores of the hits ``idx``: their keys (minus the distance for euclidean) in float32."""
-        values = -np.sqrt(-np.minimum(keys, 0.0)) if self.metric is Similarity.EUCLIDEAN else keys
+        values = 0.0 - np.sqrt(-np.minimum(keys, 0.0)) if self.metric is Similarity.EUCLIDEAN else keys
         if (np.abs(values) > np.finfo(np.float32).max).any():  # finite vectors, a product beyond float32
             i, j = (int(v[0]) for v in np.nonzero(np.abs(values) > np.finfo(np.float32).max))
             raise ValueError(f"the {self.metric.value} score of query row {i} and corpus row {int(idx[i, j])} is "
