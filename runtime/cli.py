@@ -383,6 +383,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                           max_tokens=args.max_tokens, device=args.device, show_progress=_progress(),
                           inference_precision=args.inference_precision, prompt_name=args.prompt_name,
                           prompt=args.prompt)
+    if args.ray is None and args.actors is not None:  # taken and ignored, it said the job ran on that many
+        raise ValueError("--actors applies to --ray only (a local job runs one model, on --threads threads)")
     if args.ray is not None:
         from embedrt.ray import embed_with_ray
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import re
 import shutil
@@ -55,6 +56,8 @@ from embedrt.bulk import (
 from embedrt.manifest import read_manifest, resolve_prompt, write_json_atomic
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError
+
+log = logging.getLogger(__name__)
 
 # rows per Ray batch: a quarter of the model's planning window (embedrt.model.WINDOW), which keeps most of its
 # padding savings, while batches of a few seconds spread evenly over the actors (SciFact-length passages take
@@ -315,6 +318,9 @@ def embed_with_ray(
     opts = options or BulkOptions()
     if opts.skip_bad:
         raise ValueError("--skip-bad is not supported with --ray: a bad row stops the job (run without --ray)")
+    if opts.part_rows is not None:  # Ray writes a file per block; taking the option and ignoring it misled
+        raise ValueError("--part-rows is not supported with --ray: Ray Data writes a part per block of rows "
+                         "(run without --ray for parts of a set size)")
     file, fmt = resolve_input(input_path)
     out = Path(output_dir)
     check_utf8_path(out)
@@ -330,6 +336,7 @@ def embed_with_ray(
             signal.signal(signal.SIGTERM, previous)
     staging = out / f".ray-{uuid.uuid4().hex}"
     try:
+        _check_actor_fits(ray, cpus_per_actor, local=started and not address)
         start = time.perf_counter()
         from embedrt.model import load
 
@@ -370,6 +377,21 @@ def embed_with_ray(
             _shutdown(ray)
         if previous is not None and main_thread and signal.getsignal(signal.SIGTERM) is not previous:
             signal.signal(signal.SIGTERM, previous)  # not Ray's sys.exit after the job
+
+
+def _check_actor_fits(ray: Any, cpus_per_actor: int, local: bool) -> None:
+    """Refuse actors of more CPUs than any node of the local Ray has: none could start, and Ray Data waits for
+    one forever. On a cluster an autoscaler may still add such a node: there it is a warning."""
+    largest = max((float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")),
+                  default=0.0)
+    if cpus_per_actor <= largest:
+        return
+    message = (f"--threads {cpus_per_actor}: each actor reserves that many CPUs, and the largest node of this Ray "
+               f"has {largest:g}")
+    if local:
+        raise ValueError(f"{message}; no actor could start (the job would wait forever): use --threads "
+                         f"{max(1, int(largest))} or fewer")
+    log.warning("%s now; the job waits until a node that large joins (an autoscaler's)", message)
 
 
 def _shutdown(ray: Any) -> None:

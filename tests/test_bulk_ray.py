@@ -92,6 +92,23 @@ def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -
         embed_with_ray(tiny_bert[1], src, tmp_path / "out3", BulkOptions(skip_bad=True))
 
 
+def test_ray_refuses_what_it_would_ignore_or_never_schedule(cluster, tiny_bert, tmp_path, capsys, caplog) -> None:  # type: ignore[no-untyped-def]
+    """--part-rows on Ray and --actors without it were taken and ignored; --threads above every node's CPUs
+    gave an actor Ray could never place, and a job that waited forever."""
+    from embedrt.ray import _check_actor_fits, embed_with_ray
+
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(5))
+    with pytest.raises(ValueError, match="--part-rows is not supported with --ray"):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "o1", BulkOptions(part_rows=100))
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "o2"), "--actors", "2"]) == 2
+    assert "--actors applies to --ray only" in capsys.readouterr().err
+    _check_actor_fits(ray, 2, local=True)  # this module's Ray has 2 CPUs
+    with pytest.raises(ValueError, match=r"--threads 3: .* the largest node of this Ray has 2; no actor could start"):
+        _check_actor_fits(ray, 3, local=True)
+    _check_actor_fits(ray, 3, local=False)  # a cluster's autoscaler may add a node that large: a warning
+    assert "waits until a node that large joins" in caplog.text
+
+
 def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Ray's read_json (pandas) made the id "007" 7 and dropped the title "2020"; a BOM failed the job."""
     from embedrt.ray import embed_with_ray
