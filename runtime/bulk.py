@@ -308,7 +308,12 @@ def _check_header(file: Path, header: list[str] | None, id_field: str, field: st
 def _row(where: str, header: list[str], values: list[str], id_field: str, field: str, tsv: bool) -> RawRow:
     """A CSV or TSV row's id, text and title by the header's names; a row of more fields than it is bad."""
     if len(values) > len(header):
-        return RawRow(where, MISSING, MISSING, problem=f"{len(values)} fields, the header has {len(header)} (a "
+        # the id is still known when its column comes before the text (and title) ones, where the extra
+        # separator is: the bad-rows file then names it
+        at = header.index(id_field)
+        known = at < min(header.index(name) for name in (field, "title") if name in header)
+        return RawRow(where, values[at] if known else MISSING, MISSING,
+                      problem=f"{len(values)} fields, the header has {len(header)} (a "
                       f"{'tab' if tsv else 'comma'} in a text{'' if tsv else ' must be inside quotes'})")
     record = dict(zip(header, values))
     text = record.get(field)

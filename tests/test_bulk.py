@@ -124,6 +124,12 @@ def test_a_csv_quote_that_never_closes_stops_the_job_and_extra_fields_are_bad_ro
         out = tmp_path / f"skip-{name}"
         assert embed_corpus(model, tmp_path / name, out, BulkOptions(skip_bad=True)).texts == 1
         assert read_output(out)[0] == ["2"]  # the row's text is not cut at the extra field and embedded
+        # its id comes before the extra separator: the bad-rows file names it (it held null)
+        assert json.loads((out / bulk.BAD_ROWS_NAME).read_text())["id"] == "1"
+    (tmp_path / "late.csv").write_text("text,_id\na,b,1\n2,ok\n")  # an id after the text: not known
+    out = tmp_path / "skip-late"
+    assert embed_corpus(model, tmp_path / "late.csv", out, BulkOptions(skip_bad=True)).texts == 1
+    assert json.loads((out / bulk.BAD_ROWS_NAME).read_text())["id"] is None
 
 
 def test_jsonl_ranges_cut_whole_lines_and_count_them_as_local_mode_does(tmp_path) -> None:
