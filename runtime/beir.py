@@ -34,8 +34,8 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
     """
     root = Path(folder)
     # a document twice would count its relevance twice (NDCG@10 above 100)
-    corpus_ids, corpus_texts = read_records(root / "corpus.jsonl", unique=True)
-    all_query_ids, all_query_texts = read_records(root / "queries.jsonl", unique=True)
+    corpus_ids, corpus_texts = read_records(root / "corpus.jsonl", unique=True, check_ids=True)
+    all_query_ids, all_query_texts = read_records(root / "queries.jsonl", unique=True, check_ids=True)
     if not corpus_ids:  # every judged document missing: NDCG@10 0.00, which reads as a model's score
         raise InputFileError(f"{root / 'corpus.jsonl'}: no documents")
     qrels = _read_qrels(root / "qrels" / f"{split}.tsv")
@@ -54,15 +54,16 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     """BEIR's ``qrels/<split>.tsv``: ``query-id``, ``corpus-id``, ``score`` a line, tab-separated, after an
-    optional header (a first row whose score is not an integer). A row is one line and its quotes are
-    text, as BEIR writes it; any other column count is an error, not a guess at which column is which."""
+    optional header (a first row whose score is not an integer). A row is one line: a cell in double quotes
+    is unquoted, as BEIR's csv reader does, but an unclosed quote is text, never the start of a field that
+    swallows the following lines. Any other column count is an error, not a guess at which is which."""
     qrels: dict[str, dict[str, int]] = {}
     where: dict[tuple[str, str], int] = {}
     first = True
     for number, line in enumerate(read_lines(path), start=1):
         if not line.strip():  # a blank line (a trailing one, say) holds no judgement
             continue
-        row = [cell.strip() for cell in line.split("\t")]
+        row = [_unquote(cell.strip()) for cell in line.split("\t")]
         while len(row) > 3 and not row[-1]:  # a tab at the end of the line
             row.pop()
         if len(row) != 3:
@@ -87,6 +88,13 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not qrels:  # nothing to score: NDCG@10 would be the mean of nothing (NaN)
         raise InputFileError(f"{path}: no judgements (only a header, or empty)")
     return qrels
+
+
+def _unquote(cell: str) -> str:
+    """``"d1"`` -> ``d1`` (and ``""`` inside -> ``"``), as the csv module reads a quoted cell."""
+    if len(cell) >= 2 and cell[0] == cell[-1] == '"':
+        return cell[1:-1].replace('""', '"')
+    return cell
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")  # as written, not int()'s reading: "1_0" is no score of 10

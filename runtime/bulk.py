@@ -49,7 +49,7 @@ STATE_VERSION = 1
 CHUNK = 1024
 # embeddings per part by default: 16 MiB of them (10,922 rows of 384 float32), a bounded part and RSS
 PART_BYTES = 16 << 20
-# with --skip-bad, a job whose first this many rows all lack the id or text field stops: a wrong field name
+# with --skip-bad, a job whose first this many rows all lack the id field stops: a wrong --id-field
 WRONG_FIELD_ROWS = 1000
 
 
@@ -365,10 +365,9 @@ def _iter_tsv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
             first = first[len(BOM):]
         if not first:
             _check_header(file, None, id_field, field)
-        try:
-            header_line = first.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputFileError(f"{file}:1: header {not_utf8(first, exc)}") from None
+        # a bad byte in a column name is kept (surrogateescape, as the CSV reader does): only the names of the
+        # id, text and title columns are looked up, and a column of another name is not read
+        header_line = first.decode("utf-8", "surrogateescape")
         header = _check_header(file, _strip_line_end(header_line).split("\t"), id_field, field)
         for number, raw in enumerate(fh, start=2):
             where = f"{file}:{number}"
@@ -591,6 +590,8 @@ def job_identity(model: EmbeddingModel, file: Path, fmt: InputFormat, options: B
         "options": {"id_field": options.id_field, "field": options.field, "dtype": options.dtype.value,
                     "part_rows": part_rows, "device": model.device, "precision": model.precision},
     }
+    if fmt is InputFormat.TSV:  # rows are lines (\n or \r\n) since 2026-12-07; before, a lone \r ended one too
+        identity["input"]["rows"] = "lines"
     # the text put before each row; recorded only when there is one, so jobs from before prompts still resume
     prompt = resolve_prompt(model.manifest, options.prompt_name, options.prompt)
     if prompt:
@@ -652,6 +653,7 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
     recorded = state.identity.get("model")
     if isinstance(recorded, dict) and "manifest_sha256" not in recorded:  # states before 2026-12-02
         recorded["manifest_sha256"] = identity["model"]["manifest_sha256"]
+    _tsv_counted_alike(state, identity)
     options = state.identity.get("options")
     if isinstance(options, dict):  # states before 2026-12-07 recorded skip_bad, which no longer binds a job
         options.pop("skip_bad", None)
@@ -670,6 +672,37 @@ def _open_output(out: Path, identity: dict[str, Any], legacy_precision: str | No
                           f"{hint})")
     _clean_output(out, state)
     return state
+
+
+def _tsv_counted_alike(state: JobState, identity: dict[str, Any]) -> None:
+    """Let a TSV job started before 2026-12-07 resume where its rows were counted as they are now.
+
+    Its runs read a lone ``\r`` as the end of a row (Python's csv module); now it is text. The rows done
+    are skipped by count, so where the file holds a lone ``\r`` the counts differ and a row would be lost
+    unnoticed: that job is refused. Elsewhere the two readings give the same rows.
+    """
+    recorded, now = state.identity.get("input"), identity["input"]
+    if not (isinstance(recorded, dict) and now.get("rows") == "lines" and "rows" not in recorded):
+        return
+    if _has_lone_cr(Path(now["path"])):
+        raise ResumeError(f"{now['path']}: this TSV job was started by an embedrt that ended a row at a lone "
+                          "\\r, which this file holds, so its rows were counted differently; start it again in a "
+                          "new folder")
+    recorded["rows"] = "lines"
+
+
+def _has_lone_cr(file: Path) -> bool:
+    """Whether ``file`` holds a ``\r`` that is not the start of a ``\r\n``."""
+    with _open_bytes(file) as fh:
+        last = b""
+        while block := fh.read(1 << 20):
+            data = last + block
+            # a \r at the block's end waits for the next block's first byte
+            body = data[:-1] if data.endswith(b"\r") else data
+            if body.count(b"\r") != body.count(b"\r\n"):
+                return True
+            last = data[len(body):]
+        return bool(last)
 
 
 def _write_state(path: Path, state: JobState) -> None:
@@ -774,8 +807,9 @@ class _Job:
                 checked = f"duplicate id {checked[0]!r}"
             if isinstance(checked, str):
                 self._bad(raw, checked)
-                if self.summary.bad == WRONG_FIELD_ROWS and self._only_missing_fields():
-                    raise BadRowError(self._nothing_good(f"the first {WRONG_FIELD_ROWS} rows all lack a field"))
+                if self.summary.bad == WRONG_FIELD_ROWS and self._all_bad_lack({"id"}):
+                    raise BadRowError(self._nothing_good(f"the first {WRONG_FIELD_ROWS} rows all lack the id field "
+                                                         f"{self.options.id_field!r}"))
                 continue
             ids.append(checked[0])
             texts.append(checked[1])
@@ -789,15 +823,18 @@ class _Job:
             raise BadRowError(self._nothing_good(f"all {self.summary.bad} rows are bad"))
         self._write_part(position, last=True)
 
-    def _only_missing_fields(self) -> bool:
-        """Whether no row has been embedded yet and every bad one so far lacks the id or the text field."""
-        return self.summary.texts + len(self.ids) == 0 and self.bad_problems <= {
-            f"missing id field {self.options.id_field!r}", f"missing text field {self.options.field!r}"}
+    def _all_bad_lack(self, kinds: set[str]) -> bool:
+        """Whether no row has been embedded yet and every bad one so far lacks one of these fields ("id",
+        "text"). The early stop asks for the id field only: a text field may be left out of rows whose text
+        is null (Spark writes JSON so), an id field is not."""
+        names = {"id": self.options.id_field, "text": self.options.field}
+        return self.summary.texts + len(self.ids) == 0 and bool(self.bad_problems) and self.bad_problems <= {
+            f"missing {kind} field {names[kind]!r}" for kind in kinds}
 
     def _nothing_good(self, what: str) -> str:
         """The error of a --skip-bad job that finds nothing to embed (most likely a wrong field name)."""
         fields = (f"check --id-field {self.options.id_field!r} and --field {self.options.field!r} against the "
-                  "input; " if self._only_missing_fields() else "")
+                  "input; " if self._all_bad_lack({"id", "text"}) else "")
         return (f"{what} and none could be embedded (the first: {self.first_bad or 'in an earlier run'}); "
                 f"--skip-bad goes on past bad rows, not past a whole input of them: {fields}every bad row is in "
                 f"{self.out / BAD_ROWS_NAME}")

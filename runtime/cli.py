@@ -412,7 +412,7 @@ def _log_part(summary: Any) -> None:
 def cmd_search(args: argparse.Namespace) -> int:
     from embedrt.textio import InputFileError, read_records
 
-    ids, texts = read_records(args.corpus, args.field)
+    ids, texts = read_records(args.corpus, args.field, check_ids=True)
     if not texts:  # no hits, exit 0, read as "nothing matched" when the wrong file was given
         raise InputFileError(f"{args.corpus}: no texts to search")
     model = _load(args)

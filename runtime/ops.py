@@ -163,21 +163,35 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
 
 
 def _euclidean(qa: FloatArray, qb: FloatArray) -> FloatArray:
-    """Minus the distance of every pair, to float32 precision, as ``top_k`` scores it.
+    """Minus the distance of every pair: one float32 product, and close pairs again in float64.
 
-    ``|a|^2 + |b|^2 - 2ab`` in float32 cancels for close vectors (a vector's distance to itself came out
-    as -6e-4, and varied with the other rows): it is formed in float64 (where float32 values cannot
-    overflow either), and pairs where it still cancelled most digits are computed from their differences.
+    ``|a|^2 + |b|^2 - 2ab`` cancels for close vectors (a vector's distance to itself came out as -6e-4 in
+    float32, and varied with the other rows): pairs whose squared distance is within ``_CLOSE`` of their
+    squared norms are computed again from their differences in float64, as ``top_k`` scores them, so near
+    and exact duplicates score as it does. Where float32 overflows, everything is formed in float64.
     """
-    a, b = qa.astype(np.float64), qb.astype(np.float64)
-    norms = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :]
-    squared = norms - 2.0 * (a @ b.T)
-    qi, cj = np.nonzero(squared <= 1e-6 * norms)
-    step = max(1, (1 << 21) // a.shape[1])  # 16 MB of float64 differences at a time
+    with np.errstate(over="ignore", invalid="ignore"):
+        na, nb = np.einsum("ij,ij->i", qa, qa), np.einsum("ij,ij->i", qb, qb)
+        squared = qa @ qb.T
+        squared *= -2.0
+        squared += na[:, None]
+        squared += nb[None, :]
+    if not (np.isfinite(na).all() and np.isfinite(nb).all() and np.isfinite(squared).all()):
+        a, b = qa.astype(np.float64), qb.astype(np.float64)  # float32 values cannot overflow float64 here
+        na, nb = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b)
+        squared = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
+    qi, cj = np.nonzero(squared <= _CLOSE * (na[:, None] + nb[None, :]))
+    step = max(1, (1 << 21) // qa.shape[1])  # 16 MB of float64 differences at a time
     for s in range(0, qi.size, step):
-        d = a[qi[s : s + step]] - b[cj[s : s + step]]
+        d = qa[qi[s : s + step]].astype(np.float64) - qb[cj[s : s + step]].astype(np.float64)
         squared[qi[s : s + step], cj[s : s + step]] = (d * d).sum(1)
-    return np.asarray(0.0 - np.sqrt(np.maximum(squared, 0.0)), dtype=np.float32)  # 0.0 -: no -0.0
+    distance = np.sqrt(np.maximum(squared, 0.0))
+    return np.asarray(0.0 - distance, dtype=np.float32)  # 0.0 -: no -0.0
+
+
+# pairs closer than this share of their squared norms are scored exactly (cosine above ~0.9 for unit vectors):
+# the float32 product's error, ~1e-7 x sqrt(dim) of the squared norms, is then over ~1e-5 of the distance
+_CLOSE = 0.1
 
 
 def _squared_distances(qa: npt.NDArray[Any], qb: npt.NDArray[Any]) -> npt.NDArray[Any]:

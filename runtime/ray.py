@@ -336,7 +336,7 @@ def embed_with_ray(
             signal.signal(signal.SIGTERM, previous)
     staging = out / f".ray-{uuid.uuid4().hex}"
     try:
-        _check_actor_fits(ray, cpus_per_actor, local=started and not address)
+        _check_actor_fits(ray, cpus_per_actor, local=started and address in (None, "", "local"))
         start = time.perf_counter()
         from embedrt.model import load
 
@@ -395,7 +395,8 @@ def _check_actor_fits(ray: Any, cpus_per_actor: int, local: bool) -> None:
 
 
 def _shutdown(ray: Any) -> None:
-    """Stop the local Ray this job started; a second Ctrl-C meanwhile does not leave it half stopped."""
+    """Stop the Ray this job started; a second Ctrl-C meanwhile cuts the shutdown short, not the clean-up
+    that follows it (the staging folder and parts are still removed)."""
     with contextlib.suppress(KeyboardInterrupt):
         ray.shutdown()
 

@@ -32,7 +32,8 @@ def read_package_records(package: str, name: str, field: str = "text") -> tuple[
         return read_records(path, field)
 
 
-def read_records(path: str | Path, field: str = "text", unique: bool = False) -> tuple[list[str], list[str]]:
+def read_records(path: str | Path, field: str = "text", unique: bool = False,
+                 check_ids: bool = False) -> tuple[list[str], list[str]]:
     """Read ``(ids, texts)`` from a text file.
 
     ``.csv``, ``.tsv``, ``.parquet``: rows as ``embedrt embed`` reads them (an ``_id`` column and ``field``).
@@ -40,9 +41,11 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
     ``.jsonl``: one JSON object per line; the text is ``field``, and BEIR-style records with a ``title``
     get ``title + " " + text`` (as BEIR and MTEB embed them); the id is ``_id`` or ``id`` or the line
     number; blank lines are not records. Any other suffix: one text per line (blank lines are texts too:
-    nothing is dropped). ``unique``: two records with the same id are an error. Lines end at ``\n``,
-    ``\r\n`` or ``\r`` only (a U+2028 or a form feed inside a text is part of it); a UTF-8 byte order mark
-    at the start is not part of the first line.
+    nothing is dropped). ``unique``: two records with the same id are an error. ``check_ids`` (where the ids
+    are used: search prints them, eval matches them to qrels): a JSONL id that is not a string or an int
+    (``1.0``, ``null``, ``true``), or is empty, is an error, as ``embedrt embed`` has it; else it is ``str()``.
+    Lines end at ``\n``, ``\r\n`` or ``\r`` only (a U+2028 or a form feed inside a text is part of it); a
+    UTF-8 byte order mark at the start is not part of the first line.
 
     Raises:
         InputFileError: the file is missing or unreadable, not UTF-8, or a line is not a usable record
@@ -75,7 +78,10 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False) ->
             raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
         text = join_title(record.get("title"), record[field], field)
         name = "_id" if "_id" in record else "id" if "id" in record else None
-        key = str(number) if name is None else _checked_id(record[name], name, f"{file}:{number}")
+        if name is None:
+            key = str(number)
+        else:
+            key = _checked_id(record[name], name, f"{file}:{number}") if check_ids else str(record[name])
         if unique and key in where:
             raise InputFileError(f"{file}:{number}: id {key!r} again (first on line {where[key]}); ids must be "
                                  "unique")

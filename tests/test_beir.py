@@ -47,15 +47,16 @@ def test_qrels_are_read_by_line_and_column_count(tmp_path) -> None:  # type: ign
         ("query-id\tcorpus-id\tscore\nq1 d0 1\n", r"test\.tsv:2: 1 columns.*separated by tabs"),
         ("query-id\tcorpus-id\tscore\nq1\td0\t1_0\n", r"test\.tsv:2: score '1_0' is not an integer"),
         ("query-id\tcorpus-id\tscore\nq1\t\"d0\t1\nq2\td1\"\t1\nq2\td2\t1.5\n",
-         r"test\.tsv:4: score '1\.5' is not an integer"),  # named by its line; quotes are text
+         r"test\.tsv:4: score '1\.5' is not an integer"),  # named by its line; an unclosed quote is text
         ("query-id\tcorpus-id\tscore\nq1\t\t1\n", r"test\.tsv:2: empty corpus-id"),
     ]
     for text, error in cases:
         with pytest.raises(InputFileError, match=error):
             load_beir(_beir(tmp_path, text))
-    # no header: the first row is a judgement; quotes are part of an id; a trailing tab is no column
+    # no header: the first row is a judgement; a quoted cell is unquoted (BEIR's csv reader does it); a
+    # trailing tab is no column
     data = load_beir(_beir(tmp_path, 'q1\td0\t1\nq2\t"d1"\t0\nq2\td2\t2\t\n'))
-    assert data.qrels == {"q1": {"d0": 1}, "q2": {'"d1"': 0, "d2": 2}} and data.query_ids == ["q1", "q2"]
+    assert data.qrels == {"q1": {"d0": 1}, "q2": {"d1": 0, "d2": 2}} and data.query_ids == ["q1", "q2"]
     data = load_beir(_beir(tmp_path, "query-id\tcorpus-id\tscore\r\nq1\td0\t1\r\n\r\n"))
     assert data.qrels == {"q1": {"d0": 1}} and data.query_ids == ["q1"]
 
@@ -74,5 +75,9 @@ def test_a_corpus_the_qrels_do_not_match_is_refused(tmp_path) -> None:  # type: 
         load_beir(_beir(tmp_path, "q1\td0\t1\n", corpus='{"_id": "d0", "text": "a"}\n{"_id": 1.0, "text": "b"}\n'))
     with pytest.raises(InputFileError, match=r"corpus\.jsonl:1: id field '_id' is null"):
         load_beir(_beir(tmp_path, "q1\td0\t1\n", corpus='{"_id": null, "text": "a"}\n'))
+    from embedrt.textio import read_records
+
+    (tmp_path / "enc.jsonl").write_text('{"id": 1.0, "text": "hello"}\n')  # pandas writes int ids so, beside NaN
+    assert read_records(tmp_path / "enc.jsonl") == (["1.0"], ["hello"])  # encode uses no id: not refused there
     # a judged document missing from a corpus that holds others is fine (BEIR subsets do this)
     assert load_beir(_beir(tmp_path, "q1\td0\t1\nq1\tx9\t1\n")).qrels == {"q1": {"d0": 1, "x9": 1}}

