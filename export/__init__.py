@@ -6,7 +6,15 @@ This package needs the ``export`` extra (torch, transformers, sentence-transform
 
 from __future__ import annotations
 
-from embedrt.export.options import ExportOptions, Format, parse_formats
-from embedrt.export.pipeline import export_model
+import sys
+
+# No usage data leaves an export: NNCF and OpenVINO's converter send it to Google Analytics through
+# openvino_telemetry (a process forked from a worker thread, which also hung a Ctrl-C'd export in its DNS
+# lookup). Both fall back to their own no-op stubs when it cannot be imported; None in sys.modules makes the
+# import fail. A process that imported it before keeps it.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
+
+from embedrt.export.options import ExportOptions, Format, parse_formats  # noqa: E402
+from embedrt.export.pipeline import export_model  # noqa: E402
 
 __all__ = ["ExportOptions", "Format", "export_model", "parse_formats"]

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -156,15 +154,13 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
         QualityGateError: no candidate passed its gate (the message gives each one's reason).
         FileExistsError: ``output`` exists and ``overwrite`` is False.
     """
-    from embedrt.cpu import NO_BF16_UNITS, OPENVINO_WITHOUT_BF16, bf16_units, cpu_flags, cpu_name, detect_target
-    from embedrt.errors import EmbedrtError, QualityGateError
-    from embedrt.export.artifacts import write_manifest
     from embedrt.export.options import ExportOptions
-    from embedrt.export.pipeline import export_model
-    from embedrt.manifest import read_manifest
+    from embedrt.export.workdir import claim_work_dir
 
     output = Path(output)
-    check_not_input(output, [source])  # a local checkpoint folder that --overwrite would delete
+    # a local checkpoint folder, or an --eval set, that --overwrite would delete
+    evals = gate.get("eval_dir") or ()
+    check_not_input(output, [source, *([evals] if isinstance(evals, (str, Path)) else evals)])
     if overwrite:
         check_replaceable(output, source if Path(source).is_dir() else None)
     if output.exists() and not overwrite:
@@ -174,61 +170,68 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
                          "on its own with --quantize static --format openvino --smooth-quant")
     # the user's settings are checked once, here: a bad --eval path is an error, not every candidate's rejection
     ExportOptions.parse(quantize="static", **{k: v for k, v in gate.items() if k != "formats"})
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.auto-", dir=output.parent))
-    try:
-        units = bf16_units()
-        report: dict[str, Any] = {"cpu": cpu_name(), "bf16_units": units, "int8_target": detect_target(),
-                                  "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
-        if units is None:  # said, not silently left out: a reader of the record asks where bf16 went
-            report["candidates"]["bf16"] = {
-                "not_tried": f"this CPU has {NO_BF16_UNITS}, so bf16 cannot be checked or run here: "
-                             f"{OPENVINO_WITHOUT_BF16}"}
-        passed: dict[str, Candidate] = {}
-        for cand in candidates(units is not None):
-            settings = {**gate, **cand.settings}  # the candidate's own settings win
-            if "quantize" not in cand.settings:  # the int8 settings are for the int8 candidates only
-                settings = {k: v for k, v in settings.items() if k not in _INT8_ONLY}
-            try:
-                export_model(source, scratch / cand.name, overwrite=True, **settings)
-            except EmbedrtError as exc:  # parity or gate failed: recorded, never chosen
-                log.warning("auto: %s rejected: %s", cand.name, exc)
-                report["candidates"][cand.name] = {"rejected": str(exc)}
-                continue
-            passed[cand.name] = cand
-        if not passed:
-            reasons = "; ".join(f"{k}: {v['rejected']}" for k, v in report["candidates"].items())
-            raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
-        runs = [(name, device) for name, cand in passed.items() for device in cand.devices]
-        passages, queries = timing_texts()
-        best: dict[tuple[str, str], dict[str, Any]] = {}
-        for r in range(rounds):
-            for name, device in runs[r % len(runs):] + runs[: r % len(runs)]:
-                got = measure(scratch / name, device, passages, queries)
-                old = best.get((name, device))
-                if old is None or got["passages_per_s"] > old["passages_per_s"]:
-                    best[(name, device)] = got
-        # chosen from the figures as recorded (2 decimals), so that the record bears out its own choice
-        best = {key: {k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}
-                for key, got in best.items()}
-        for (name, device), got in best.items():
-            report["candidates"].setdefault(name, {})[device] = got
-        chosen = choose(best)
-        report.update(chosen=chosen[0], device=chosen[1], rounds=rounds,
-                      timing=f"{len(passages)} passages at batch 32, {len(queries)} single queries",
-                      rule=f"fastest in passages/s (within {TIE:.0%}: lowest single-query p50) among the most exact "
-                           f"runs; a less exact one (bf16, then int8) only at >= {LESS_EXACT_GAIN:.2f}x the best "
-                           "passages/s of the more exact level")
-        folder = scratch / chosen[0]
-        manifest = read_manifest(folder)
-        write_manifest(folder, dataclasses.replace(manifest, extra={**manifest.extra, "auto": report}))
-        if output.exists():
-            old_dir = scratch / "previous"
-            output.rename(old_dir)
-        folder.rename(output)
-        log.info("auto: chose %s on %s (%.1f passages/s, %.1f ms per query)", chosen[0], chosen[1],
-                 best[chosen]["passages_per_s"], best[chosen]["query_p50_ms"])
-        return output
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # a locked work folder beside the output, as a plain export's: one a killed run left is swept by the next
+    with claim_work_dir(output) as scratch:
+        return _export_auto(source, output, rounds, scratch, gate)
+
+
+def _export_auto(source: str, output: Path, rounds: int, scratch: Path, gate: dict[str, Any]) -> Path:
+    from embedrt.cpu import NO_BF16_UNITS, OPENVINO_WITHOUT_BF16, bf16_units, cpu_flags, cpu_name, detect_target
+    from embedrt.errors import EmbedrtError, QualityGateError
+    from embedrt.export.artifacts import write_manifest
+    from embedrt.export.pipeline import export_model
+    from embedrt.manifest import read_manifest
+
+    units = bf16_units()
+    report: dict[str, Any] = {"cpu": cpu_name(), "bf16_units": units, "int8_target": detect_target(),
+                              "amx": any(f.startswith("amx") for f in cpu_flags()), "candidates": {}}
+    if units is None:  # said, not silently left out: a reader of the record asks where bf16 went
+        report["candidates"]["bf16"] = {
+            "not_tried": f"this CPU has {NO_BF16_UNITS}, so bf16 cannot be checked or run here: "
+                         f"{OPENVINO_WITHOUT_BF16}"}
+    passed: dict[str, Candidate] = {}
+    for cand in candidates(units is not None):
+        settings = {**gate, **cand.settings}  # the candidate's own settings win
+        if "quantize" not in cand.settings:  # the int8 settings are for the int8 candidates only
+            settings = {k: v for k, v in settings.items() if k not in _INT8_ONLY}
+        try:
+            export_model(source, scratch / cand.name, overwrite=True, **settings)
+        except EmbedrtError as exc:  # parity or gate failed: recorded, never chosen
+            log.warning("auto: %s rejected: %s", cand.name, exc)
+            report["candidates"][cand.name] = {"rejected": str(exc)}
+            continue
+        passed[cand.name] = cand
+    if not passed:
+        reasons = "; ".join(f"{k}: {v['rejected']}" for k, v in report["candidates"].items())
+        raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
+    runs = [(name, device) for name, cand in passed.items() for device in cand.devices]
+    passages, queries = timing_texts()
+    best: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in range(rounds):
+        for name, device in runs[r % len(runs):] + runs[: r % len(runs)]:
+            got = measure(scratch / name, device, passages, queries)
+            old = best.get((name, device))
+            if old is None or got["passages_per_s"] > old["passages_per_s"]:
+                best[(name, device)] = got
+    # chosen from the figures as recorded (2 decimals), so that the record bears out its own choice
+    best = {key: {k: round(v, 2) if isinstance(v, float) else v for k, v in got.items()}
+            for key, got in best.items()}
+    for (name, device), got in best.items():
+        report["candidates"].setdefault(name, {})[device] = got
+    chosen = choose(best)
+    report.update(chosen=chosen[0], device=chosen[1], rounds=rounds,
+                  timing=f"{len(passages)} passages at batch 32, {len(queries)} single queries",
+                  rule=f"fastest in passages/s (within {TIE:.0%}: lowest single-query p50) among the most exact "
+                       f"runs; a less exact one (bf16, then int8) only at >= {LESS_EXACT_GAIN:.2f}x the best "
+                       "passages/s of the more exact level")
+    folder = scratch / chosen[0]
+    manifest = read_manifest(folder)
+    write_manifest(folder, dataclasses.replace(manifest, extra={**manifest.extra, "auto": report}))
+    if output.exists():
+        old_dir = scratch / "previous"
+        output.rename(old_dir)
+    folder.rename(output)
+    log.info("auto: chose %s on %s (%.1f passages/s, %.1f ms per query)", chosen[0], chosen[1],
+             best[chosen]["passages_per_s"], best[chosen]["query_p50_ms"])
+    return output
 

@@ -68,12 +68,34 @@ def dataset_kind(path: Path) -> str:
                          "qrels/test.tsv) or an STS Benchmark file (or a folder holding sts-test.csv)")
 
 
-def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
-    from embedrt.beir import load_beir, score_embeddings
+def load_eval_set(path: Path) -> Any:
+    """An evaluation set, read whole and checked that it can judge int8: a BEIR split with a judged query and a
+    relevant document, or an STS file of two or more pairs whose gold scores differ.
 
-    data = load_beir(path)
-    if not data.query_ids or not data.corpus_ids:
-        raise InputFileError(f"{path}: no judged queries or no documents: this set cannot judge int8")
+    Raises:
+        InputFileError: the set cannot be read, or cannot judge (names it and why).
+    """
+    from embedrt.beir import load_beir
+    from embedrt.sts import load_sts
+
+    if dataset_kind(path) == "beir":
+        data = load_beir(path)
+        if not data.query_ids or not data.corpus_ids:
+            raise InputFileError(f"{path}: no judged queries or no documents: this set cannot judge int8")
+        if not any(score > 0 for judged in data.qrels.values() for score in judged.values()):
+            raise InputFileError(f"{path}: the qrels judge no document relevant (every score <= 0), so NDCG@10 is 0 "
+                                 "for any model: this set cannot judge int8")
+        return data
+    data = load_sts(path)
+    if len(data.scores) < 2 or float(np.ptp(data.scores)) == 0.0:
+        raise InputFileError(f"{path}: needs at least two pairs with different gold scores to judge int8")
+    return data
+
+
+def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
+    from embedrt.beir import score_embeddings
+
+    data = load_eval_set(path)
     out: dict[str, Any] = {"dataset": path.name, "kind": "beir", "metric": "ndcg@10"}
     cos = []
     for name, model in (("fp32", fp32), ("int8", int8)):
@@ -89,11 +111,9 @@ def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
 
 
 def _sts(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
-    from embedrt.sts import load_sts, spearman
+    from embedrt.sts import spearman
 
-    data = load_sts(path)
-    if len(data.scores) < 2 or float(np.ptp(data.scores)) == 0.0:
-        raise InputFileError(f"{path}: needs at least two pairs with different gold scores to judge int8")
+    data = load_eval_set(path)
     out: dict[str, Any] = {"dataset": path.name if path.is_dir() else path.stem, "kind": "sts", "metric": "spearman"}
     emb = {}
     for name, model in (("fp32", fp32), ("int8", int8)):
@@ -102,6 +122,23 @@ def _sts(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
         emb[name] = (a, b)
     per_text = np.concatenate([row_cosine(emb["fp32"][0], emb["int8"][0]), row_cosine(emb["fp32"][1], emb["int8"][1])])
     return {**out, **_per_text(per_text)}
+
+
+class GateFailure(QualityGateError):
+    """The gate's shortfalls on one graph; ``failures`` lists them (the export names every graph's)."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures = failures
+        super().__init__("int8 fails the quality gate: " + "; ".join(failures) + "; nothing was written")
+
+
+def _below(value: float, threshold: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals, or more where those do not show it below ``threshold`` (0.99998
+    under 0.99999 was printed as 1.0000)."""
+    for shown in range(digits, 10):
+        if round(value, shown) < threshold:
+            return f"{value:.{shown}f}"
+    return repr(value)
 
 
 def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retained: float,
@@ -122,9 +159,10 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
         if built["top10_agreement"] < min_agreement:
             failures.append(f"built-in check: top-10 agreement {built['top10_agreement']:.3f} (needs {min_agreement})")
         if built["mean_cosine"] < min_mean_cosine:
-            failures.append(f"built-in check: mean cosine {built['mean_cosine']:.5f} (needs {min_mean_cosine})")
+            failures.append(f"built-in check: mean cosine {_below(built['mean_cosine'], min_mean_cosine, 5)} (needs "
+                            f"{min_mean_cosine})")
         if built["p1_cosine"] < min_p1_cosine:
-            failures.append(f"built-in check: 1st-percentile cosine {built['p1_cosine']:.4f} over "
+            failures.append(f"built-in check: 1st-percentile cosine {_below(built['p1_cosine'], min_p1_cosine)} over "
                             f"{built['texts']} texts (needs {min_p1_cosine})")
     datasets = []
     short = [d.name if d.is_dir() else d.stem for d in dirs]
@@ -143,7 +181,7 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
             failures.append(f"{got['dataset']}: int8 keeps {got['retained_percent']:.2f}% of the fp32 {got['metric']} "
                             f"({got['int8']:.2f} vs {got['fp32']:.2f}; needs {min_retained}%)")
         if got["p1_cosine"] < min_p1_cosine:
-            failures.append(f"{where}: 1st-percentile cosine to fp32 {got['p1_cosine']:.4f} over "
+            failures.append(f"{where}: 1st-percentile cosine to fp32 {_below(got['p1_cosine'], min_p1_cosine)} over "
                             f"{got['texts']} texts (needs {min_p1_cosine})")
     if dirs:
         figures.update(datasets=datasets, min_retained=min_retained)
@@ -153,6 +191,6 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
     else:
         figures.update(min_agreement=min_agreement, min_mean_cosine=min_mean_cosine)
     if failures:
-        raise QualityGateError("int8 fails the quality gate: " + "; ".join(failures) + "; nothing was written")
+        raise GateFailure(failures)
     figures["passed"] = [d["dataset"] for d in datasets] or "builtin"
     return figures

@@ -122,13 +122,11 @@ class ExportOptions:
             if value is not None and not -1.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be between -1 and 1, got {value}")
         if not 0.0 <= self.min_retained <= 1000.0:
-            raise ValueError(f"min_retained is a percentage >= 0, got {self.min_retained}")
-        from embedrt.beir import load_beir
-        from embedrt.export.gate import dataset_kind
-        from embedrt.sts import load_sts
+            raise ValueError(f"min_retained is a percentage between 0 and 1000, got {self.min_retained}")
+        from embedrt.export.gate import load_eval_set
 
-        for path in self.eval_dirs:  # a typo or a bad file fails now, not after the export and quantisation
-            (load_beir if dataset_kind(path) == "beir" else load_sts)(path)
+        for path in self.eval_dirs:  # a typo, a bad file or a set that cannot judge fails now, not after the export
+            load_eval_set(path)
         resolved = [path.resolve() for path in self.eval_dirs]
         twice = sorted({str(path) for path in self.eval_dirs if resolved.count(path.resolve()) > 1})
         if twice:
@@ -186,7 +184,8 @@ class ExportOptions:
         """
         quant = None
         if calibration_texts is not None and not calibration_texts:
-            raise ValueError("calibration_texts is empty: give at least one text, or None for the shipped sets")
+            raise ValueError("--calibration-texts (calibration_texts) holds no text: give at least one, or leave it "
+                             "out for the shipped sets")
         if not quantize and (smooth_quant or calibration_texts or keep_ffn_output_fp32 is not None):
             raise ValueError("--smooth-quant, --calibration-texts and --keep-ffn-fp32/--no-keep-ffn-fp32 set up int8: "
                              "they need --quantize dynamic|static")
@@ -200,6 +199,20 @@ class ExportOptions:
             if given:
                 raise ValueError(f"{', '.join(given)} set up or judge int8: they need --quantize dynamic|static "
                                  "(or --precision auto)")
+        if quantize:  # gate settings that the gate asked for would not read: refused, not silently ignored
+            if not eval_dir and min_retained != 99.0:
+                raise ValueError("--min-retained judges the --eval sets, and none was given: the built-in check "
+                                 "uses --min-agreement, --min-mean-cosine and --min-p1-cosine")
+            if eval_dir and (min_agreement != 0.85 or min_mean_cosine != 0.99):
+                raise ValueError("--min-agreement and --min-mean-cosine judge the built-in check, which --eval "
+                                 "replaces: use --min-retained and --min-p1-cosine")
+            if min_cosine is not None:
+                raise ValueError("--min-cosine bounds an fp32, fp16 or bf16 graph against sentence-transformers; "
+                                 "int8 is judged by its gate: use --min-p1-cosine (and --min-mean-cosine or "
+                                 "--min-retained)")
+        if 0.0 < min_retained <= 1.0:  # 0.99 for 99% would keep the gate from ever failing
+            raise ValueError(f"--min-retained is a percentage of the fp32 figure (99 for 99%), got {min_retained}; "
+                             "0 turns the check off")
         if quantize == "dynamic" and calibration_texts:
             raise ValueError("--calibration-texts calibrate static int8; --quantize dynamic computes its scales per "
                              "call and would ignore them")

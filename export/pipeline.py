@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from embedrt._optional import require
-from embedrt.errors import ProviderUnavailableError, SourceError
+from embedrt.errors import ProviderUnavailableError, QualityGateError, SourceError
 from embedrt.export.artifacts import (
     check_folder,
     embedding_dim,
@@ -23,7 +23,7 @@ from embedrt.export.artifacts import (
     write_onnx,
     write_tokenizer,
 )
-from embedrt.export.gate import run_gate
+from embedrt.export.gate import GateFailure, run_gate
 from embedrt.export.graph import build_pipeline, export_onnx, graph_limits
 from embedrt.export.openvino_ir import convert_to_ir
 from embedrt.export.options import ExportOptions, Format
@@ -123,7 +123,8 @@ def export_model(
     _check_precision_runs_here(options.precision)
     resolved = resolve_source(source, options.revision)
     target_dir = Path(output) if output else Path("models") / _default_name(resolved, options.quantize)
-    check_not_input(target_dir, [resolved.path])  # --overwrite would delete the checkpoint it reads
+    # --overwrite would delete the checkpoint it reads, or an --eval set
+    check_not_input(target_dir, [resolved.path, *options.eval_dirs])
     if options.overwrite:
         check_replaceable(target_dir, resolved.path)
     if target_dir.exists() and not options.overwrite:
@@ -274,7 +275,8 @@ def build_int8(build: Build, folder: Path) -> Manifest:
     write_manifest(base, base_manifest)  # a folder the runtime loads: the gate's fp32 side
     tokenizer = TextTokenizer(base / TOKENIZER_NAME, base_manifest.max_seq_length, base_manifest.pad_token_id,
                               base_manifest.inputs)
-    manifest = _skeleton(build, Precision.INT8, build.options.formats, {"quantization": quant.describe()})
+    manifest = _skeleton(build, Precision.INT8, build.options.formats,
+                         {"quantization": quant.describe(build.options.formats)})
     write_tokenizer(build.reference, folder, build.resolved.path)
     fusion = build.fusion
     if Format.ONNX in build.options.formats:
@@ -339,13 +341,18 @@ def gate(build: Build, base: Path, folder: Path, manifest: Manifest) -> Manifest
 
     opts = build.options
     checked = build.check_dir(folder)  # validate laid it out
-    gates = {}
+    gates, failures = {}, []
     for fmt in manifest.graphs:
         device = "openvino" if fmt == "openvino" else "cpu"
         # the reference is exactly fp32 (an fp32 folder may run bf16 by default on AMX CPUs)
-        gates[fmt] = run_gate(load_model(base, device=device, inference_precision="f32"),
-                              load_model(checked, device=device), opts.eval_dirs,
-                              opts.min_retained, opts.min_agreement, opts.min_mean_cosine, opts.min_p1_cosine)
+        try:
+            gates[fmt] = run_gate(load_model(base, device=device, inference_precision="f32"),
+                                  load_model(checked, device=device), opts.eval_dirs,
+                                  opts.min_retained, opts.min_agreement, opts.min_mean_cosine, opts.min_p1_cosine)
+        except GateFailure as exc:  # every graph is judged, and each shortfall named with its graph
+            failures += [f"{fmt} graph: {failure}" for failure in exc.failures]
+    if failures:
+        raise QualityGateError("int8 fails the quality gate: " + "; ".join(failures) + "; nothing was written")
     quantization = {**manifest.extra["quantization"], "gate": gates}
     return dataclasses.replace(manifest, extra={**manifest.extra, "quantization": quantization})
 

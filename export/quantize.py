@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,11 +71,13 @@ class QuantConfig:
         """7-bit weights where the target's u8 x s8 kernels saturate (x86 without VNNI/AMX)."""
         return self.target in SATURATING_TARGETS
 
-    def describe(self) -> dict[str, Any]:
-        """What goes into the manifest."""
+    def describe(self, formats: Sequence[str] = ("onnx",)) -> dict[str, Any]:
+        """What goes into the manifest for a folder of these graph ``formats`` (``reduce_range`` is ONNX
+        Runtime's: NNCF builds one IR for every target, so an OpenVINO-only folder never has it)."""
         return {
             "method": self.method.value, "target": self.target, "required_features": list(TARGETS[self.target]),
-            "reduce_range": self.reduce_range, "per_channel": self.per_channel, "weights": "int8 symmetric",
+            "reduce_range": self.reduce_range and "onnx" in [str(getattr(f, "value", f)) for f in formats],
+            "per_channel": self.per_channel, "weights": "int8 symmetric",
             "activations": "uint8",
             "ops": "MatMul inputs, with constant weights (activation x activation stays fp32; outputs and the "
                    "residual stream are fp32; so is a factorized embedding projection, as in ALBERT and ELECTRA)",

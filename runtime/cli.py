@@ -299,7 +299,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embedrt._optional import require
 
     if args.output:  # the default, models/<name>, is only known once the source is resolved
-        out = check_output_path(args.output, folder=True, inputs=[args.source])
+        # every file the export reads: --overwrite of a folder holding one deleted it
+        inputs = [args.source, args.parity_texts, args.calibration_texts, *(args.eval_dir or [])]
+        out = check_output_path(args.output, folder=True, inputs=inputs)
         if args.overwrite:
             check_replaceable(out, args.source)
     require("torch", "export")

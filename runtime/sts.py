@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ def load_sts(path: str | Path) -> StsData:
 
     Raises:
         InputFileError: the file is missing, or a line has fewer than 7 fields or a score that is not a
-            number (names file:line).
+            finite number (names file:line).
     """
     file = Path(path)
     if file.is_dir():
@@ -41,9 +42,12 @@ def load_sts(path: str | Path) -> StsData:
                 if len(row) < 7:
                     raise InputFileError(f"{file}:{number}: expected 7 tab-separated fields, got {len(row)}")
                 try:
-                    scores.append(float(row[4]))
+                    score = float(row[4])
                 except ValueError as exc:
                     raise InputFileError(f"{file}:{number}: score {row[4]!r} is not a number") from exc
+                if not math.isfinite(score):  # NaN ranks above every score: a Spearman of it is no figure
+                    raise InputFileError(f"{file}:{number}: score {row[4]!r} is not a finite number")
+                scores.append(score)
                 first.append(row[5])
                 second.append(row[6])
     except (OSError, UnicodeDecodeError) as exc:

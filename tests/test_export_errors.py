@@ -393,3 +393,33 @@ def test_overwrite_replaces_a_model_folder_only(checkpoint, tmp_path, capsys) ->
     first = json.loads((empty / "embedrt.json").read_text())
     export_model(str(checkpoint), empty, formats="onnx", overwrite=True, similarity="dot")  # a model folder is replaced
     assert first["similarity"] != json.loads((empty / "embedrt.json").read_text())["similarity"] == "dot"
+
+
+def test_an_export_sends_no_usage_data() -> None:
+    """NNCF and OpenVINO's converter sent telemetry to Google Analytics from a forked process (which also hung an
+    interrupted export in its DNS lookup); embedrt.export makes both take their no-op stubs."""
+    pytest.importorskip("nncf")
+    code = ("import sys, embedrt.export, nncf.telemetry.wrapper as w, openvino.tools.ovc.convert_impl as c; "
+            "print(type(w.telemetry).__name__, c.tm.__name__, sys.modules.get('openvino_telemetry'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["MagicMock", "openvino.tools.ovc.telemetry_stub", "None"], out  # pytest itself stubs NNCF's
+
+
+def test_overwrite_never_deletes_a_file_the_export_reads(checkpoint, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--overwrite of a model folder holding the --calibration-texts, --parity-texts or --eval file deleted it."""
+    from embedrt.cli import main
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "embedrt.json").write_text("{}")  # an earlier export's folder, as far as --overwrite can tell
+    texts = out / "mine.txt"
+    texts.write_text("a text of mine\nanother one\n")
+    sts = out / "mine-sts.csv"
+    sts.write_text("".join(f"g\tf\t2012\t{i:04d}\t{i % 5}.0\tfirst {i}\tsecond {i}\n" for i in range(6)))
+    for flags in (["--calibration-texts", str(texts), "--quantize", "static"], ["--parity-texts", str(texts)],
+                  ["--eval", str(sts), "--quantize", "static"]):
+        assert main(["export", str(checkpoint), "-o", str(out), "--overwrite", *flags]) == 2
+        assert f"{out}: is a folder holding the input {flags[1]}" in capsys.readouterr().err
+    assert texts.is_file() and sts.is_file()
+    with pytest.raises(OutputPathError, match="is a folder holding the input"):  # the Python API too
+        export_model(str(checkpoint), out, overwrite=True, quantize="static", eval_dir=str(sts))

@@ -64,7 +64,7 @@ def test_int8_settings_the_formats_would_ignore_are_refused(settings: dict[str, 
     ({"keep_ffn_output_fp32": False}, "they need --quantize"),
     ({"calibration_texts": ["a text"]}, "they need --quantize"),
     ({"quantize": "dynamic", "calibration_texts": ["a text"]}, "--quantize dynamic computes its scales per call"),
-    ({"quantize": "static", "calibration_texts": []}, "calibration_texts is empty"),
+    ({"quantize": "static", "calibration_texts": []}, "--calibration-texts \\(calibration_texts\\) holds no text"),
 ])
 def test_int8_settings_without_their_int8_are_refused(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -213,8 +213,45 @@ def test_sets_that_cannot_judge_are_refused_by_name(tmp_path) -> None:  # type: 
         run_gate(Hashed(), Hashed(), [flat], 99.0, 0.85, 0.99, 0.95)
     beir, _ = _eval_sets(tmp_path)  # retrieval where fp32 finds nothing relevant: 0 NDCG@10
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\tnot-a-doc\t1\n")
-    with pytest.raises(QualityGateError, match=r"tiny-beir: the fp32 model scores 0\.00 ndcg@10 .*cannot judge"):
+    with pytest.raises(InputFileError, match=r"corpus\.jsonl: none of the 1 documents the qrels judge relevant"):
         run_gate(Hashed(), Hashed(), [beir], 99.0, 0.85, 0.99, 0.95)
     # a path that is no evaluation set fails when the options are made, before any export work
     with pytest.raises(InputFileError, match=r"nowhere: not an evaluation set"):
         ExportOptions.parse(quantize="static", eval_dir=str(tmp_path / "nowhere"))
+
+
+def test_gate_settings_it_would_not_read_and_sets_that_cannot_judge_are_refused_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each of these exported with exit 0: the threshold ignored, or the set found unable to judge only after the
+    export (with --precision auto, every int8 candidate 'rejected' and fp32 published)."""
+    from embedrt.export.gate import _below
+    from embedrt.textio import InputFileError
+
+    _, sts = _eval_sets(tmp_path)
+    refused = [
+        ({"min_retained": 99.5}, "--min-retained judges the --eval sets, and none was given"),
+        ({"eval_dir": str(sts), "min_agreement": 0.9}, "--min-agreement and --min-mean-cosine judge the built-in"),
+        ({"eval_dir": str(sts), "min_mean_cosine": 0.999}, "--min-agreement and --min-mean-cosine judge the built-in"),
+        ({"min_cosine": 0.9999}, "--min-cosine bounds an fp32, fp16 or bf16 graph"),
+        ({"eval_dir": str(sts), "min_retained": 0.99}, r"--min-retained is a percentage of the fp32 figure \(99 for"),
+    ]
+    for settings, error in refused:
+        with pytest.raises(ValueError, match=error):
+            ExportOptions.parse(quantize="static", **settings)
+    assert ExportOptions.parse(quantize="static", eval_dir=str(sts), min_retained=0).min_retained == 0  # gate off
+    lines = sts.read_text().splitlines()
+    bad = tmp_path / "nan.csv"
+    fields = lines[2].split("\t")
+    fields[4] = "nan"  # NaN ranked above every gold score, and the gate passed on the figure it gave
+    bad.write_text("\n".join([*lines[:2], "\t".join(fields), *lines[3:]]) + "\n")
+    with pytest.raises(InputFileError, match=r"nan\.csv:3: score 'nan' is not a finite number"):
+        ExportOptions.parse(quantize="static", eval_dir=str(bad))
+    flat = tmp_path / "flat.csv"
+    flat.write_text("".join(f"g\tf\t2012\t{i:04d}\t3.0\tsentence {i}\tother {i}\n" for i in range(5)))
+    with pytest.raises(InputFileError, match=r"flat\.csv: needs at least two pairs with different gold scores"):
+        ExportOptions.parse(quantize="static", eval_dir=str(flat))
+    beir, _ = _eval_sets(tmp_path / "b")
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t0\n")
+    with pytest.raises(InputFileError, match=r"the qrels judge no document relevant"):
+        ExportOptions.parse(quantize="static", eval_dir=str(beir))
+    # a figure is printed with the digits that show it below its threshold (0.99998 read 1.0000, a pass)
+    assert _below(0.9999796, 0.99999) == "0.99998" and _below(0.8123456, 0.95) == "0.8123"

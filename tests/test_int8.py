@@ -82,6 +82,12 @@ def test_gate_failure_writes_nothing(tiny_bert, tmp_path) -> None:  # type: igno
     with pytest.raises(QualityGateError, match=r"mean cosine [\d.]+ \(needs 1\.0\)"):
         export_model(str(tiny_bert[0]), tmp_path / "out", quantize="dynamic", min_mean_cosine=1.0)
     assert list(tmp_path.iterdir()) == []
+    # every graph is judged and named: only the first graph's shortfall was reported, and not which graph
+    with pytest.raises(QualityGateError, match=r"onnx graph: built-in check: mean cosine [\d.]+ \(needs 1\.0\).*; "
+                                               r"openvino graph: built-in check: mean cosine [\d.]+ \(needs 1\.0\)"):
+        export_model(str(tiny_bert[0]), tmp_path / "out", quantize="static", formats="onnx,openvino",
+                     min_mean_cosine=1.0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_targets() -> None:
