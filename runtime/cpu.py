@@ -56,7 +56,8 @@ def detect_target(flags: frozenset[str] | None = None) -> str:
 
 
 def parse_target(value: str) -> str:
-    """Validate a target name (``auto`` means this CPU); the error lists the valid ones."""
+    """Validate a target name, in any case (``auto`` means this CPU); the error lists the valid ones."""
+    value = value.lower() if isinstance(value, str) else value  # --format takes ONNX too
     if value == "auto":
         return detect_target()
     if value not in TARGETS:

@@ -91,7 +91,7 @@ def test_gate_failure_writes_nothing(tiny_bert, tmp_path) -> None:  # type: igno
 
 
 def test_targets() -> None:
-    assert parse_target("avx2") == "avx2"
+    assert parse_target("avx2") == "avx2" and parse_target("AVX2") == "avx2"  # as --format takes ONNX
     with pytest.raises(ValueError, match="valid: auto, amx"):
         parse_target("sse2")
     assert detect_target(frozenset({"avx2", "fma"})) == "avx2"
