@@ -86,10 +86,10 @@ def load_eval_set(path: Path) -> Any:
             raise InputFileError(f"{path}: the qrels judge no document relevant (every score <= 0), so NDCG@10 is 0 "
                                  "for any model: this set cannot judge int8")
         return data
-    data = load_sts(path)
-    if len(data.scores) < 2 or float(np.ptp(data.scores)) == 0.0:
+    sts = load_sts(path)
+    if len(sts.scores) < 2 or float(np.ptp(sts.scores)) == 0.0:
         raise InputFileError(f"{path}: needs at least two pairs with different gold scores to judge int8")
-    return data
+    return sts
 
 
 def _beir(fp32: Any, int8: Any, path: Path) -> dict[str, Any]:
