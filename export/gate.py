@@ -178,7 +178,8 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
             failures.append(f"{got['dataset']}: the fp32 model scores {got['fp32']:.2f} {got['metric']} and int8 "
                             f"{got['int8']:.2f}: this set cannot judge int8 (it needs a positive fp32 figure)")
         elif got["retained_percent"] < min_retained:
-            failures.append(f"{got['dataset']}: int8 keeps {got['retained_percent']:.2f}% of the fp32 {got['metric']} "
+            failures.append(f"{got['dataset']}: int8 keeps {_below(got['retained_percent'], min_retained, 2)}% of "
+                            f"the fp32 {got['metric']} "
                             f"({got['int8']:.2f} vs {got['fp32']:.2f}; needs {min_retained}%)")
         if got["p1_cosine"] < min_p1_cosine:
             failures.append(f"{where}: 1st-percentile cosine to fp32 {_below(got['p1_cosine'], min_p1_cosine)} over "

@@ -123,6 +123,9 @@ class ExportOptions:
                 raise ValueError(f"{name} must be between -1 and 1, got {value}")
         if not 0.0 <= self.min_retained <= 1000.0:
             raise ValueError(f"min_retained is a percentage between 0 and 1000, got {self.min_retained}")
+        if 0.0 < self.min_retained <= 1.0:  # 0.99 for 99% would keep the gate from ever failing
+            raise ValueError(f"--min-retained is a percentage of the fp32 figure (99 for 99%), got "
+                             f"{self.min_retained}; 0 turns the check off")
         from embedrt.export.gate import load_eval_set
 
         for path in self.eval_dirs:  # a typo, a bad file or a set that cannot judge fails now, not after the export
@@ -192,7 +195,7 @@ class ExportOptions:
         parse_target(target)  # an unknown target is an error with or without --quantize
         if not quantize:  # int8 settings that an export without int8 would silently ignore
             given = [flag for flag, value, default in (
-                ("--target", target, "auto"), ("--calibration-method", calibration_method, "minmax"),
+                ("--target", str(target).lower(), "auto"), ("--calibration-method", calibration_method, "minmax"),
                 ("--eval", eval_dir or None, None), ("--min-retained", min_retained, 99.0),
                 ("--min-agreement", min_agreement, 0.85), ("--min-mean-cosine", min_mean_cosine, 0.99),
                 ("--min-p1-cosine", min_p1_cosine, 0.95)) if value != default]
@@ -206,13 +209,6 @@ class ExportOptions:
             if eval_dir and (min_agreement != 0.85 or min_mean_cosine != 0.99):
                 raise ValueError("--min-agreement and --min-mean-cosine judge the built-in check, which --eval "
                                  "replaces: use --min-retained and --min-p1-cosine")
-            if min_cosine is not None:
-                raise ValueError("--min-cosine bounds an fp32, fp16 or bf16 graph against sentence-transformers; "
-                                 "int8 is judged by its gate: use --min-p1-cosine (and --min-mean-cosine or "
-                                 "--min-retained)")
-        if 0.0 < min_retained <= 1.0:  # 0.99 for 99% would keep the gate from ever failing
-            raise ValueError(f"--min-retained is a percentage of the fp32 figure (99 for 99%), got {min_retained}; "
-                             "0 turns the check off")
         if quantize == "dynamic" and calibration_texts:
             raise ValueError("--calibration-texts calibrate static int8; --quantize dynamic computes its scales per "
                              "call and would ignore them")

@@ -101,7 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="replace the output folder if it is a model folder (or empty)")
     p.add_argument("--quantize", choices=["dynamic", "static"], help="int8: dynamic, or static (batch-invariant)")
     p.add_argument("--target", default="auto",
-                   help="int8 target CPU: auto (this one), avx2, avx512, avx_vnni, avx512_vnni, amx, arm64_dotprod")
+                   help="int8 target CPU: auto (this one), avx2, avx512, avx_vnni, avx512_vnni, amx, "
+                        "arm64_dotprod, arm64, generic")
     p.add_argument("--calibration-texts", help=".txt/.jsonl calibration texts, used as given (default: the shipped "
                    "set, plus its casual texts for OpenVINO)")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax"],
@@ -298,13 +299,15 @@ def _progress() -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     from embedrt._optional import require
 
-    if args.output:  # the default, models/<name>, is only known once the source is resolved
+    require("torch", "export")
+    if not args.output and args.overwrite:  # the default folder, models/<name>, is replaced as one named with -o
+        args.output = str(_default_output(args))
+    if args.output:
         # every file the export reads: --overwrite of a folder holding one deleted it
         inputs = [args.source, args.parity_texts, args.calibration_texts, *(args.eval_dir or [])]
         out = check_output_path(args.output, folder=True, inputs=inputs)
         if args.overwrite:
             check_replaceable(out, args.source)
-    require("torch", "export")
     from embedrt.export import ExportOptions, export_model
     from embedrt.textio import read_records
 
@@ -578,6 +581,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_output(args: argparse.Namespace) -> Path:
+    """Where ``export`` writes without ``-o``: ``models/<name>``, ``-int8-<method>`` or ``-auto`` appended."""
+    from embedrt.export.pipeline import _default_name
+    from embedrt.export.source import resolve_source
+
+    name = _default_name(resolve_source(args.source, args.revision), None)
+    if args.precision == "auto":
+        return Path("models") / f"{name}-auto"
+    return Path("models") / (f"{name}-int8-{args.quantize}" if args.quantize else name)
+
+
 def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[str] | None) -> int:
     from embedrt.export.auto import export_auto
     from embedrt.manifest import read_manifest
@@ -585,12 +599,7 @@ def _export_auto(args: argparse.Namespace, extra: list[str], calibration: list[s
     if args.format is not None or args.quantize or args.min_cosine is not None:
         raise ValueError("--precision auto picks the formats, the quantisation and each one's parity threshold "
                          "itself: drop --format, --quantize and --min-cosine")
-    output = Path(args.output) if args.output else None
-    if output is None:
-        from embedrt.export.pipeline import _default_name
-        from embedrt.export.source import resolve_source
-
-        output = Path("models") / f"{_default_name(resolve_source(args.source, args.revision), None)}-auto"
+    output = Path(args.output) if args.output else _default_output(args)
     out = export_auto(args.source, output, args.overwrite, similarity=args.similarity, revision=args.revision,
                       parity_texts=extra, target=args.target, calibration_texts=calibration,
                       calibration_method=args.calibration_method, keep_ffn_output_fp32=args.keep_ffn_fp32,

@@ -405,7 +405,7 @@ def test_an_export_sends_no_usage_data() -> None:
     assert out == ["MagicMock", "openvino.tools.ovc.telemetry_stub", "None"], out  # pytest itself stubs NNCF's
 
 
-def test_overwrite_never_deletes_a_file_the_export_reads(checkpoint, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_overwrite_never_deletes_a_file_the_export_reads(checkpoint, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """--overwrite of a model folder holding the --calibration-texts, --parity-texts or --eval file deleted it."""
     from embedrt.cli import main
 
@@ -423,3 +423,12 @@ def test_overwrite_never_deletes_a_file_the_export_reads(checkpoint, tmp_path, c
     assert texts.is_file() and sts.is_file()
     with pytest.raises(OutputPathError, match="is a folder holding the input"):  # the Python API too
         export_model(str(checkpoint), out, overwrite=True, quantize="static", eval_dir=str(sts))
+    # without -o: the default folder, models/<name>, is checked as one named with -o
+    monkeypatch.chdir(tmp_path)
+    default = Path("models") / checkpoint.name
+    default.mkdir(parents=True)
+    (default / "embedrt.json").write_text("{}")
+    (default / "mine.txt").write_text("a text of mine\n")
+    assert main(["export", str(checkpoint), "--overwrite", "--parity-texts", str(default / "mine.txt")]) == 2
+    assert f"{default}: is a folder holding the input" in capsys.readouterr().err
+    assert (default / "mine.txt").is_file()

@@ -231,13 +231,17 @@ def test_gate_settings_it_would_not_read_and_sets_that_cannot_judge_are_refused_
         ({"min_retained": 99.5}, "--min-retained judges the --eval sets, and none was given"),
         ({"eval_dir": str(sts), "min_agreement": 0.9}, "--min-agreement and --min-mean-cosine judge the built-in"),
         ({"eval_dir": str(sts), "min_mean_cosine": 0.999}, "--min-agreement and --min-mean-cosine judge the built-in"),
-        ({"min_cosine": 0.9999}, "--min-cosine bounds an fp32, fp16 or bf16 graph"),
         ({"eval_dir": str(sts), "min_retained": 0.99}, r"--min-retained is a percentage of the fp32 figure \(99 for"),
     ]
     for settings, error in refused:
         with pytest.raises(ValueError, match=error):
             ExportOptions.parse(quantize="static", **settings)
     assert ExportOptions.parse(quantize="static", eval_dir=str(sts), min_retained=0).min_retained == 0  # gate off
+    with pytest.raises(ValueError, match=r"--min-retained is a percentage"):  # the constructor checks it too
+        ExportOptions(eval_dirs=(sts,), min_retained=0.99)
+    # --min-cosine bounds the fp32 graph an int8 export is quantised from: taken with --quantize
+    assert ExportOptions.parse(quantize="dynamic", min_cosine=0.9999).parity_threshold == 0.9999
+    assert ExportOptions.parse(target="AUTO").quantize is None  # the default target, in any case
     lines = sts.read_text().splitlines()
     bad = tmp_path / "nan.csv"
     fields = lines[2].split("\t")
