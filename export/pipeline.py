@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from embedrt._optional import require
-from embedrt.errors import ProviderUnavailableError, QualityGateError, SourceError
+from embedrt.errors import ProviderUnavailableError, SourceError
 from embedrt.export.artifacts import (
     check_folder,
     embedding_dim,
@@ -352,7 +352,7 @@ def gate(build: Build, base: Path, folder: Path, manifest: Manifest) -> Manifest
         except GateFailure as exc:  # every graph is judged, and each shortfall named with its graph
             failures += [f"{fmt} graph: {failure}" for failure in exc.failures]
     if failures:
-        raise QualityGateError("int8 fails the quality gate: " + "; ".join(failures) + "; nothing was written")
+        raise GateFailure(failures)
     quantization = {**manifest.extra["quantization"], "gate": gates}
     return dataclasses.replace(manifest, extra={**manifest.extra, "quantization": quantization})
 

@@ -76,7 +76,7 @@ class QuantConfig:
         Runtime's: NNCF builds one IR for every target, so an OpenVINO-only folder never has it)."""
         return {
             "method": self.method.value, "target": self.target, "required_features": list(TARGETS[self.target]),
-            "reduce_range": self.reduce_range and "onnx" in [str(getattr(f, "value", f)) for f in formats],
+            "reduce_range": self.reduce_range and "onnx" in formats,  # Format is a str enum
             "per_channel": self.per_channel, "weights": "int8 symmetric",
             "activations": "uint8",
             "ops": "MatMul inputs, with constant weights (activation x activation stays fp32; outputs and the "

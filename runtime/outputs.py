@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from embedrt.errors import OutputPathError
+from embedrt.manifest import MANIFEST_NAME
 
 # the name of the file check_output_path creates (and removes) to learn whether a folder is writable
 PROBE_PREFIX = ".embedrt-write-probe-"
@@ -101,7 +102,7 @@ def check_replaceable(out: Path, source: str | os.PathLike[str] | None) -> None:
         raise OutputPathError(f"{out}: is the current folder or holds it, which cannot be replaced; choose "
                               "another output")
     # what --overwrite replaces is a model folder (an earlier export): a typo must not delete a home folder
-    if out.is_dir() and not (out / "embedrt.json").is_file() and any(out.iterdir()):
+    if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
         raise OutputPathError(f"{out}: holds files but no embedrt.json, so it is not an embedrt model folder, the "
                               "only kind --overwrite replaces; choose another output, or empty it first")
 
