@@ -190,3 +190,51 @@ def test_texts_without_a_word_before_a_space_are_still_cut_where_spaces_are_no_t
     for text in ("_ " * 40_000, ", ".join(str(i) for i in range(20_000)), "\x00 " * 40_000 + "a b " * 10):
         assert tok._cut([text]), text[:20]
         assert tok.encode([text]) == [tok._tok.encode(text).ids]
+
+
+# JSON the server's request parser must read exactly as json.loads: objects whose lists hold runs of numbers,
+# strings, literals and nested lists, written with any JSON whitespace, then possibly mangled
+_SCALAR = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False), st.booleans(),
+                    st.none(), st.text(_CHARS, max_size=6))
+_JSON = st.recursive(_SCALAR, lambda inner: st.one_of(
+    st.lists(inner, max_size=6), st.lists(st.integers(0, 99), max_size=40),
+    st.dictionaries(st.text(_CHARS, max_size=4), inner, max_size=4)), max_leaves=40)
+
+
+def _write(value: Any, space: str) -> str:
+    import json
+
+    if isinstance(value, list):
+        return "[" + space + ("," + space).join(_write(x, space) for x in value) + space + "]"
+    if isinstance(value, dict):
+        pairs = (f"{json.dumps(k)}{space}:{space}{_write(v, space)}" for k, v in value.items())
+        return "{" + space + ",".join(pairs) + "}"
+    return json.dumps(value)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=st.dictionaries(st.sampled_from(["model", "input", "user", "x"]), _JSON, max_size=4),
+       space=st.sampled_from(["", " ", "\n\t ", "\r"]), cut=st.integers(0, 2**16),
+       mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x')))
+def test_the_request_parser_reads_json_as_json_loads_does(
+    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str
+) -> None:
+    """The server decodes large bodies in pieces (so one parse does not hold the GIL for long); whatever it
+    is given, its result or its error must be json.loads' own."""
+    import json
+
+    from embedrt.serve.protocol import loads
+
+    text = _write(body, space)
+    if mangle is not None:
+        at = cut % (len(text) + 1)
+        text = text[:at] + ("" if mangle == "drop" else char) + text[at + (mangle == "drop"):]
+    try:
+        expected: Any = json.loads(text)
+    except ValueError as exc:
+        expected = (type(exc), str(exc))
+    try:
+        got: Any = loads(text.encode())
+    except ValueError as exc:
+        got = (type(exc), str(exc))
+    assert got == expected and type(got) is type(expected)

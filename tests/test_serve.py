@@ -905,6 +905,28 @@ def test_a_large_float_response_does_not_hold_the_gil_for_long() -> None:
     assert worst < 0.4, f"the serializing thread held the GIL for {worst:.2f} s at once"  # old: 0.85-1.2 s
 
 
+def test_a_large_token_id_request_does_not_hold_the_gil_for_long() -> None:
+    """One json.loads of 2,048 x 512 token ids held the GIL ~0.2 s (one C call), so the event loop waited
+    behind an edge thread's parse. Now it is decoded a piece at a time, to json.loads' own result."""
+    from embedrt.serve.protocol import parse_embedding_request
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, 30000, (2048, 1024)).tolist()  # 13 MiB: rows past max_seq_length are cut, not refused
+    for ids in (rows, rows[0] * 2048):  # 2,048 inputs; one input of 2M ids
+        body = json.dumps({"model": "m", "input": ids}).encode()
+        got: list[Any] = []
+        worker = threading.Thread(target=lambda body=body, got=got: got.append(parse_embedding_request(body, 2048)))
+        worst, last = 0.0, time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+        worker.join()
+        assert got and got[0].token_ids == (ids if isinstance(ids[0], list) else [ids])
+        assert worst < 0.15, f"the parsing thread held the GIL for {worst:.2f} s at once"  # old: 0.45-0.6 s
+
+
 def test_a_wrong_method_is_405_with_allow(live: LiveServer) -> None:
     status, headers, body = live.request("GET", "/v1/embeddings")
     assert status == 405 and headers.get("allow") == "POST", headers  # RFC 9110: a 405 names what is allowed
