@@ -275,8 +275,12 @@ def build_int8(build: Build, folder: Path) -> Manifest:
     write_manifest(base, base_manifest)  # a folder the runtime loads: the gate's fp32 side
     tokenizer = TextTokenizer(base / TOKENIZER_NAME, base_manifest.max_seq_length, base_manifest.pad_token_id,
                               base_manifest.inputs)
+    # the fp32 graphs int8 is built from passed their own parity check (--min-cosine bounds that one); the
+    # int8 graphs' parity entries carry threshold 0, since the gate judges them
+    base_parity = {fmt: {k: record[k] for k in ("min_cosine", "threshold") if k in record}
+                   for fmt, record in base_manifest.parity.items()}
     manifest = _skeleton(build, Precision.INT8, build.options.formats,
-                         {"quantization": quant.describe(build.options.formats)})
+                         {"quantization": {**quant.describe(build.options.formats), "fp32_parity": base_parity}})
     write_tokenizer(build.reference, folder, build.resolved.path)
     fusion = build.fusion
     if Format.ONNX in build.options.formats:

@@ -29,7 +29,7 @@ def static_int8_writes(tiny_bert, tmp_path_factory):  # type: ignore[no-untyped-
     root = tmp_path_factory.mktemp("int8")
     with pytest.MonkeyPatch.context() as monkeypatch, recording(root, monkeypatch) as log:
         out = export_model(str(tiny_bert[0]), root / "static", quantize="static", formats="onnx,openvino",
-                           min_agreement=0.5)
+                           min_agreement=0.5, min_cosine=0.99995)
     return out, log
 
 
@@ -52,6 +52,10 @@ def test_static_int8_manifest_and_size(static_int8, tiny_bert) -> None:  # type:
     assert quant["calibration"]["texts"] == len(default_calibration_texts())
     assert quant["calibration"]["openvino_texts"] == len(default_calibration_texts()) + len(casual_calibration_texts())
     assert set(quant["gate"]) == {"onnx", "openvino"}
+    # --min-cosine bounded the fp32 graphs int8 was built from, and says so; int8's own parity has no bar
+    for fmt in ("onnx", "openvino"):
+        assert quant["fp32_parity"][fmt]["threshold"] == 0.99995 <= quant["fp32_parity"][fmt]["min_cosine"]
+        assert manifest["parity"][fmt]["threshold"] == 0.0
     # the recorded gate figure, recomputed here from the two folders with the runtime's own top-k
     fp32, int8 = embedrt.load(tiny_bert[1], device="cpu"), embedrt.load(static_int8, device="cpu")  # gate["onnx"]
     corpus, queries = builtin_texts()
