@@ -171,7 +171,10 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
     # the user's settings are checked once, here: a bad --eval path is an error, not every candidate's rejection
     ExportOptions.parse(quantize="static", **{k: v for k, v in gate.items() if k != "formats"})
     # a locked work folder beside the output, as a plain export's: one a killed run left is swept by the next
-    with claim_work_dir(output) as scratch:
+    from embedrt.model import without_speed_advice
+
+    # and no advice on which int8 runs faster here while candidates are exported and timed: this measures it
+    with claim_work_dir(output) as scratch, without_speed_advice():
         return _export_auto(source, output, rounds, scratch, gate)
 
 
@@ -202,7 +205,9 @@ def _export_auto(source: str, output: Path, rounds: int, scratch: Path, gate: di
             continue
         passed[cand.name] = cand
     if not passed:
-        reasons = "; ".join(f"{k}: {v['rejected']}" for k, v in report["candidates"].items())
+        # a bf16 this CPU cannot run is in the record as not tried, with its reason
+        reasons = "; ".join(f"{k}: {v.get('rejected') or 'not tried: ' + v['not_tried']}"
+                            for k, v in report["candidates"].items())
         raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
     runs = [(name, device) for name, cand in passed.items() for device in cand.devices]
     passages, queries = timing_texts()

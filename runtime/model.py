@@ -443,11 +443,12 @@ def without_speed_advice() -> Iterator[None]:
 
 
 def openvino_int8_advice(root: Path | str) -> str | None:
-    """The warning for an OpenVINO int8 folder at ``root`` on this CPU, or None where its int8 pays (VNNI, AMX)."""
+    """The warning for an OpenVINO int8 folder at ``root`` on this CPU, or None where its int8 pays (VNNI, AMX)
+    and inside ``without_speed_advice``."""
     from embedrt.cpu import SATURATING_TARGETS, detect_target
 
     target = detect_target()
-    if target not in SATURATING_TARGETS:
+    if target not in SATURATING_TARGETS or not _SPEED_ADVICE.get():
         return None
     # measured (AMD EPYC Zen 2, AVX2 only, 2026-12-01): OpenVINO's NNCF int8 at 0.64-0.81x its fp32 IR's
     # speed, while ONNX Runtime's int8 of the same model ran 1.1-1.2x its fp32 (README, Devices)
@@ -470,7 +471,7 @@ def _warn_if_cpu_lacks_int8_target(root: Path, manifest: Manifest, plan: DeviceP
             root, target, ", ".join(missing),
             " and may lose accuracy (u8 x s8 products saturate without VNNI)" if saturate else "",
         )
-    elif plan.request.kind == "openvino" and plan.on_host and _SPEED_ADVICE.get():
+    elif plan.request.kind == "openvino" and plan.on_host:
         advice = openvino_int8_advice(root)
         if advice:
             log.warning("%s", advice)

@@ -89,6 +89,31 @@ def test_auto_refuses_smooth_quant(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_auto_gives_no_speed_advice_about_its_own_candidates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """On a CPU without VNNI each passing OpenVINO int8 candidate warned "runs slower than fp32" naming its
+    scratch folder (`.out.tmp-.../int8-ov-static`): advice to run the measurement auto is making."""
+    from embedrt.errors import ParityError
+    from embedrt.model import openvino_int8_advice
+
+    monkeypatch.setattr("embedrt.cpu.detect_target", lambda: "avx2")
+    assert openvino_int8_advice(tmp_path) is not None  # outside auto it is given
+    seen: list[str | None] = []
+
+    def candidate(source: str, output: Path, **settings: object) -> Path:
+        seen.append(openvino_int8_advice(output))
+        raise ParityError("onnx", 0.5, 1.0, 0.99999)
+
+    monkeypatch.setattr("embedrt.export.pipeline.export_model", candidate)
+    with pytest.raises(embedrt.errors.QualityGateError, match="no candidate passed") as info:
+        export_auto("unused", tmp_path / "x", overwrite=False, rounds=1)
+    assert len(seen) >= 3 and seen == [None] * len(seen)
+    # every candidate's reason is in the error; a bf16 this CPU lacks units for is "not tried" (was a KeyError)
+    assert str(info.value).count("parity failed: min cosine 0.5000000") == len(seen)
+    assert ("bf16: not tried" in str(info.value)) is (bf16_units() is None)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_auto_refuses_settings_it_chooses_itself(tiny_bert: tuple[Path, Path], tmp_path: Path) -> None:
     for extra in (["--quantize", "static"], ["--format", "openvino"], ["--min-cosine", "0.99"]):
         proc = subprocess.run([sys.executable, "-m", "embedrt.cli", "export", str(tiny_bert[0]), "-o",
