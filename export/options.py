@@ -109,14 +109,15 @@ class ExportOptions:
     def __post_init__(self) -> None:
         if self.precision is Precision.INT8:
             raise ValueError("int8 comes from quantisation, not precision; use --quantize dynamic|static")
-        if not self.formats:
+        chosen = bool(self.formats)  # by the caller, or below from the other settings
+        if not chosen:
             object.__setattr__(self, "formats", default_formats(self.precision, self.quantize))
         if self.quantize is not None and self.precision in (Precision.FP16, Precision.BF16):
             raise ValueError(f"--quantize and --precision {self.precision.value} exclude each other")
         if self.precision is Precision.BF16 and self.formats != (Format.OPENVINO,):
             raise ValueError("--precision bf16 runs on OpenVINO only (ONNX Runtime has no bf16 kernels for x86 CPUs): "
                              "use --format openvino")
-        self._check_quantize()
+        self._check_quantize(chosen)
         for name in ("min_cosine", "min_agreement", "min_mean_cosine", "min_p1_cosine"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
@@ -135,12 +136,16 @@ class ExportOptions:
         if twice:
             raise ValueError(f"--eval names the same set more than once: {', '.join(twice)}")
 
-    def _check_quantize(self) -> None:
+    def _check_quantize(self, formats_given: bool) -> None:
         """Refuse int8 settings the chosen formats would not honour, rather than ignore them."""
         quant = self.quantize
         if quant is None:
             return
         if Format.OPENVINO in self.formats:
+            if quant.method is Method.DYNAMIC and quant.smooth_quant and not formats_given:
+                raise ValueError("--smooth-quant is NNCF's, for the OpenVINO IR, whose int8 is calibrated; --quantize "
+                                 "dynamic is ONNX Runtime's (scales per call): use --quantize static --smooth-quant, "
+                                 "or --quantize dynamic without --smooth-quant")
             if quant.method is Method.DYNAMIC:
                 raise ValueError("--quantize dynamic is ONNX Runtime's (scales per call); the OpenVINO IR's int8 is "
                                  "calibrated by NNCF: use --quantize static, or --format onnx")

@@ -51,6 +51,9 @@ def test_min_cosine_is_settable_and_checked() -> None:
 @pytest.mark.parametrize(("settings", "message"), [
     ({"quantize": "dynamic", "formats": "onnx,openvino"}, "--quantize dynamic is ONNX Runtime's"),
     ({"quantize": "static", "formats": "onnx", "smooth_quant": True}, "--smooth-quant applies to the OpenVINO IR"),
+    # no --format: --smooth-quant chose the IR, and the refusal says so (it said only "dynamic is ONNX Runtime's")
+    ({"quantize": "dynamic", "smooth_quant": True}, "--smooth-quant is NNCF's, for the OpenVINO IR"),
+    ({"quantize": "dynamic", "formats": "openvino", "smooth_quant": True}, "--quantize dynamic is ONNX Runtime's"),
 ])
 def test_int8_settings_the_formats_would_ignore_are_refused(settings: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
