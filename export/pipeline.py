@@ -9,6 +9,7 @@ after they all passed; then the folder is renamed into place.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 from pathlib import Path
 from typing import Any
@@ -133,14 +134,22 @@ def export_model(
     from embedrt.model import openvino_int8_advice, without_speed_advice
 
     # the checks load scratch folders: the speed advice is given once below, for the published folder
-    with claim_work_dir(target_dir) as work, without_speed_advice():
-        build = load(resolved, spec, options, work)
-        export(build)
-        optimise(build)
-        folder = work / "model"
-        manifest = build_int8(build, folder) if options.quantize else build_float(build, folder, options.precision)
-        write_manifest(folder, manifest)
-        _publish(work, target_dir, options.overwrite)
+    try:
+        with claim_work_dir(target_dir) as work, without_speed_advice():
+            build = load(resolved, spec, options, work)
+            export(build)
+            optimise(build)
+            folder = work / "model"
+            manifest = build_int8(build, folder) if options.quantize else build_float(build, folder, options.precision)
+            write_manifest(folder, manifest)
+            _publish(work, target_dir, options.overwrite)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or exc.filename is not None:
+            raise
+        # torch, onnx and the file writes below them say only "[Errno 28] No space left on device"
+        raise OSError(exc.errno, f"{exc.strerror or 'No space left on device'} while exporting to {target_dir} (the "
+                      "export is built in a work folder beside it, on the same file system, which holds the "
+                      "intermediate graphs too)") from exc
     log.info("exported %s -> %s", resolved.source_id, target_dir)
     advice = openvino_int8_advice(target_dir) if options.quantize and Format.OPENVINO in options.formats else None
     if advice:

@@ -140,6 +140,27 @@ def test_parity_failure_leaves_nothing_behind(checkpoint, tmp_path, monkeypatch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary folder
 
 
+def test_a_full_disk_names_the_export_s_output(checkpoint, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """torch and onnx report a full disk as a bare "[Errno 28] No space left on device", naming no path."""
+    import errno
+
+    import embedrt.export.pipeline as pipeline
+
+    for error in (OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded")):
+        monkeypatch.setattr(pipeline, "export", lambda build, error=error: (_ for _ in ()).throw(error))
+        with pytest.raises(OSError) as info:
+            export_model(str(checkpoint), tmp_path / "out")
+        assert info.value.errno == error.errno and info.value.__cause__ is error
+        said = f"[Errno {error.errno}] {error.strerror} while exporting to {tmp_path / 'out'} "
+        assert str(info.value).startswith(said)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no output, no temporary folder
+    named = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))  # a path said already: as it is
+    monkeypatch.setattr(pipeline, "export", lambda build: (_ for _ in ()).throw(named))
+    with pytest.raises(OSError) as info:
+        export_model(str(checkpoint), tmp_path / "out")
+    assert info.value is named
+
+
 def test_existing_output_needs_overwrite(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
