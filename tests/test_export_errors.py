@@ -121,6 +121,13 @@ def test_missing_local_folder_is_named(tmp_path) -> None:  # type: ignore[no-unt
         export_model(str(tmp_path / "weights.safetensors"), tmp_path / "out")
 
 
+def test_a_revision_of_a_local_folder_is_refused(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # it was ignored, and the manifest recorded source.revision as though it had been checked out
+    with pytest.raises(SourceError, match=r"--revision abc picks a revision of a hub id; a local folder is used"):
+        export_model(str(checkpoint), tmp_path / "out", revision="abc")
+    assert not (tmp_path / "out").exists()
+
+
 def test_uncached_hub_id_offline_names_the_id(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

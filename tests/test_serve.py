@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -642,6 +643,43 @@ def test_no_request_is_queued_after_the_drain_cut_off(tiny: Any) -> None:
             scheduler.close(1.0)
 
     asyncio.run(run())
+
+
+def test_two_exports_of_one_checkpoint_are_served_under_their_folder_names(tiny_bert: tuple[Path, Path],
+                                                                         tmp_path: Path) -> None:
+    """An fp32 and an int8 export of one model share its catalogue name and hub id: serving both was refused
+    ("two served models answer to ..."). Now a shared name goes to the folder that bears it, else to none."""
+    import shutil
+
+    from embedrt.serve.app import served_names
+
+    folders = []
+    for name in ("tiny", "tiny-int8"):  # as `embedrt export` names them, from a catalogue model
+        folder = shutil.copytree(tiny_bert[1], tmp_path / name)
+        manifest = json.loads((folder / "embedrt.json").read_text())
+        manifest["source"] = {**manifest["source"], "id": "org/tiny", "catalogue": "tiny"}
+        (folder / "embedrt.json").write_text(json.dumps(manifest))
+        folders.append(folder)
+    with LiveServer(create_app(folders, ServeConfig(), threads=1)) as server:
+        assert sorted(server.service.models) == ["tiny", "tiny-int8"]
+        models = {m["id"]: m for m in json.loads(server.request("GET", "/v1/models")[2])["data"]}
+        assert models["tiny"]["aliases"] == ["tiny"] and models["tiny-int8"]["aliases"] == ["tiny-int8"]
+        for name in ("tiny", "tiny-int8"):
+            assert server.client().embeddings.create(model=name, input="a").model == name
+        status, _, body = server.request("POST", "/v1/embeddings", {"model": "org/tiny", "input": "a"})
+        assert status == 404  # which of the two it meant is not known
+
+    def model(folder: str, catalogue: str | None, hub_id: str) -> Any:
+        return SimpleNamespace(path=f"/m/{folder}", manifest=SimpleNamespace(source={"id": hub_id,
+                                                                                      "catalogue": catalogue}))
+
+    # one model: its catalogue name is its name, and it answers to all three
+    assert served_names([model("x", "cat", "org/cat")]) == [("cat", {"cat", "x", "org/cat"})]
+    # a catalogue name that is another folder's name stays that folder's; a local path is no name
+    got = served_names([model("cat", None, "/home/u/ckpt"), model("y", "cat", "org/cat")])
+    assert got == [("cat", {"cat"}), ("y", {"y", "org/cat"})]
+    with pytest.raises(ValueError, match="two served model folders are named m; a folder's name is how"):
+        served_names([model("m", "a", "org/a"), SimpleNamespace(path="/other/m", manifest=SimpleNamespace(source={}))])
 
 
 def test_api_keys_and_open_probes(tiny: Any) -> None:

@@ -90,23 +90,17 @@ class Service:
         """Load (if given folders) and warm up every model, start its scheduler; then ready."""
         from embedrt.model import load
 
+        models = []
         for source in self._sources:
             model = source if hasattr(source, "encode_tokens") else load(source, **self._load_options)
             _warm_up(model, self.config)
-            self._add(model)
+            models.append(model)
+        for model, (name, aliases) in zip(models, served_names(models)):
+            self._add(model, name, aliases)
         self.ready = True
         log.info("embedrt serve: ready with %s", ", ".join(self.models))
 
-    def _add(self, model: Any) -> None:
-        path = Path(model.path)
-        catalogue = (model.manifest.source or {}).get("catalogue")
-        name = catalogue or path.name
-        source_id = str((model.manifest.source or {}).get("id") or name)
-        # a hub id names the model; a local checkpoint path would only leak the exporting machine's layout
-        aliases = {name, path.name} | (set() if os.path.isabs(source_id) else {source_id})
-        clash = sorted(a for a in aliases if a in self._by_alias)
-        if clash:
-            raise ValueError(f"two served models answer to {', '.join(clash)}; serve distinct models")
+    def _add(self, model: Any, name: str, aliases: set[str]) -> None:
         quant = (model.manifest.extra or {}).get("quantization") or {}
         if quant and not quant.get("batch_invariant", quant.get("method") == "static"):
             log.warning("embedrt serve: %s is int8 with a recipe that is not batch-invariant (%s): a text's "
@@ -237,6 +231,41 @@ class Service:
             ok |= hmac.compare_digest(given, key.encode())
         if not ok:
             raise protocol.unauthorized()
+
+
+def served_names(models: list[Any]) -> list[tuple[str, set[str]]]:
+    """Each model's served name and the names it answers to.
+
+    A model answers to its folder's name, its catalogue name and its hub id (a local checkpoint path would
+    only leak the exporting machine's layout). The folder name is the one the command line gave, so it is
+    the model's own: another model's catalogue name or hub id never takes it. A catalogue name or hub id
+    that two models share (an fp32 and an int8 export of one checkpoint) is left to no one but a model
+    whose folder bears it, and the others are served under their folder names.
+
+    Raises:
+        ValueError: two folders of one name (which would leave one of them without a name of its own).
+    """
+    folders = [Path(m.path).name for m in models]
+    twice = sorted({f for f in folders if folders.count(f) > 1})
+    if twice:
+        raise ValueError(f"two served model folders are named {', '.join(twice)}; a folder's name is how a "
+                         "request picks it, so serve folders of distinct names")
+    shared: dict[str, int] = {}
+    weak = []
+    for model in models:
+        source = model.manifest.source or {}
+        catalogue = source.get("catalogue")
+        source_id = str(source.get("id") or "")
+        names = {n for n in (catalogue, source_id) if n and not os.path.isabs(n)}
+        weak.append((catalogue, names))
+        for n in names:
+            shared[n] = shared.get(n, 0) + 1
+    out = []
+    for folder, (catalogue, names) in zip(folders, weak):
+        own = {n for n in names if (shared[n] == 1 and n not in folders) or n == folder}
+        name = catalogue if catalogue in own else folder
+        out.append((name, own | {folder}))
+    return out
 
 
 def _warm_up(model: Any, config: ServeConfig) -> None:
