@@ -16,5 +16,6 @@ sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
 from embedrt.export.options import ExportOptions, Format, parse_formats  # noqa: E402
 from embedrt.export.pipeline import export_model  # noqa: E402
+from embedrt.export.quantize import Method, QuantConfig  # noqa: E402
 
-__all__ = ["ExportOptions", "Format", "export_model", "parse_formats"]
+__all__ = ["ExportOptions", "Format", "Method", "QuantConfig", "export_model", "parse_formats"]

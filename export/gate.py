@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from embedrt.errors import QualityGateError
+from embedrt.errors import QualityGateError, shown_below
 from embedrt.ops import row_cosine, top_k
 from embedrt.textio import InputFileError
 
@@ -132,15 +132,6 @@ class GateFailure(QualityGateError):
         super().__init__("int8 fails the quality gate: " + "; ".join(failures) + "; nothing was written")
 
 
-def _below(value: float, threshold: float, digits: int = 4) -> str:
-    """``value`` with ``digits`` decimals, or more where those do not show it below ``threshold`` (0.99998
-    under 0.99999 was printed as 1.0000)."""
-    for shown in range(digits, 10):
-        if round(value, shown) < threshold:
-            return f"{value:.{shown}f}"
-    return repr(value)
-
-
 def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retained: float,
              min_agreement: float, min_mean_cosine: float, min_p1_cosine: float = 0.95) -> dict[str, Any]:
     """Measure int8 against fp32 on every dataset and raise QualityGateError naming every shortfall.
@@ -159,11 +150,11 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
         if built["top10_agreement"] < min_agreement:
             failures.append(f"built-in check: top-10 agreement {built['top10_agreement']:.3f} (needs {min_agreement})")
         if built["mean_cosine"] < min_mean_cosine:
-            failures.append(f"built-in check: mean cosine {_below(built['mean_cosine'], min_mean_cosine, 5)} (needs "
-                            f"{min_mean_cosine})")
+            failures.append(f"built-in check: mean cosine {shown_below(built['mean_cosine'], min_mean_cosine, 5)} "
+                            f"(needs {min_mean_cosine})")
         if built["p1_cosine"] < min_p1_cosine:
-            failures.append(f"built-in check: 1st-percentile cosine {_below(built['p1_cosine'], min_p1_cosine)} over "
-                            f"{built['texts']} texts (needs {min_p1_cosine})")
+            failures.append(f"built-in check: 1st-percentile cosine {shown_below(built['p1_cosine'], min_p1_cosine)} "
+                            f"over {built['texts']} texts (needs {min_p1_cosine})")
     datasets = []
     short = [d.name if d.is_dir() else d.stem for d in dirs]
     for path, kind, name in zip(dirs, kinds, short, strict=True):
@@ -178,12 +169,12 @@ def run_gate(fp32: Any, int8: Any, eval_dirs: Sequence[Path] | None, min_retaine
             failures.append(f"{got['dataset']}: the fp32 model scores {got['fp32']:.2f} {got['metric']} and int8 "
                             f"{got['int8']:.2f}: this set cannot judge int8 (it needs a positive fp32 figure)")
         elif got["retained_percent"] < min_retained:
-            failures.append(f"{got['dataset']}: int8 keeps {_below(got['retained_percent'], min_retained, 2)}% of "
+            failures.append(f"{got['dataset']}: int8 keeps {shown_below(got['retained_percent'], min_retained, 2)}% of "
                             f"the fp32 {got['metric']} "
                             f"({got['int8']:.2f} vs {got['fp32']:.2f}; needs {min_retained}%)")
         if got["p1_cosine"] < min_p1_cosine:
-            failures.append(f"{where}: 1st-percentile cosine to fp32 {_below(got['p1_cosine'], min_p1_cosine)} over "
-                            f"{got['texts']} texts (needs {min_p1_cosine})")
+            failures.append(f"{where}: 1st-percentile cosine to fp32 {shown_below(got['p1_cosine'], min_p1_cosine)} "
+                            f"over {got['texts']} texts (needs {min_p1_cosine})")
     if dirs:
         figures.update(datasets=datasets, min_retained=min_retained)
         first = next((d for d in datasets if d["kind"] == "beir"), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -83,8 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedrt", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what embedrt decides")
     sub = parser.add_subparsers(dest="command", required=True)
+    # -v after the command too (`embedrt serve ... -v`); SUPPRESS keeps a -v given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log what embedrt decides")
+    add_command = functools.partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("export", help="export a sentence-transformers checkpoint into a verified model folder")
+    p = add_command("export", help="export a sentence-transformers checkpoint into a verified model folder")
     p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")
     p.add_argument("-o", "--output", help="folder to create (default: models/<name>)")
     p.add_argument("--format", default=None,
@@ -129,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="parity: least cosine to sentence-transformers on any probe text "
                         "(default: 0.99999 fp32, 0.9999 bf16, 0.999 fp16)")
 
-    p = sub.add_parser("encode", help="embed texts into a .npy file")
+    p = add_command("encode", help="embed texts into a .npy file")
     p.add_argument("model", help="model folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", action="append", help="a text to embed (repeatable)")
@@ -139,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_prompt_args(p)
     _add_runtime_args(p)
 
-    p = sub.add_parser("embed", help="embed a whole corpus into a Parquet dataset (streamed, resumable; or on Ray)")
+    p = add_command("embed", help="embed a whole corpus into a Parquet dataset (streamed, resumable; or on Ray)")
     p.add_argument("model", help="model folder")
     p.add_argument("input", help=".jsonl, .parquet, .csv or .tsv file, or a BEIR folder (its corpus.jsonl)")
     p.add_argument("-o", "--output", required=True, help="Parquet dataset folder (a rerun resumes the job in it)")
@@ -156,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_prompt_args(p)
     _add_runtime_args(p)
 
-    p = sub.add_parser("search", help="rank a corpus file for one or more queries")
+    p = add_command("search", help="rank a corpus file for one or more queries")
     p.add_argument("model", help="model folder")
     p.add_argument("--corpus", required=True, help=".txt, .jsonl, .csv, .tsv or .parquet corpus")
     p.add_argument("--query", action="append", required=True, help="a query (repeatable)")
@@ -164,18 +170,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="text")
     _add_runtime_args(p)
 
-    p = sub.add_parser("info", help="print a model folder's manifest")
+    p = add_command("info", help="print a model folder's manifest")
     p.add_argument("model", help="model folder")
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
 
-    p = sub.add_parser("eval", help="NDCG@10 and recall@100 on a BEIR-format folder")
+    p = add_command("eval", help="NDCG@10 and recall@100 on a BEIR-format folder")
     p.add_argument("model", help="model folder")
     p.add_argument("beir_dir", help="folder with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     p.add_argument("--split", default="test")
     p.add_argument("--json", help="also write the result record here")
     _add_runtime_args(p)
 
-    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API (needs embedrt[serve])")
+    p = add_command("serve", help="serve models over an OpenAI-compatible HTTP API (needs embedrt[serve])")
     p.add_argument("models", nargs="*", metavar="MODEL_DIR",
                    help=f"model folders (default: models/{DEFAULT_MODEL}, exported first if needed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -213,7 +219,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a SIGTERM/SIGINT drain may take (default: 30)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log lines")
 
-    p = sub.add_parser("demo", help="export the offline default model if needed, then search the bundled corpus")
+    p = add_command("demo", help="export the offline default model if needed, then search the bundled corpus")
     p.add_argument("--model-dir", default=f"models/{DEFAULT_MODEL}")
     _add_runtime_args(p)
     return parser
@@ -393,8 +399,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from embedrt.ray import embed_with_ray
 
+        load_options = {"allow_fallback": args.allow_fallback, "openvino_cache_dir": args.openvino_cache_dir,
+                        "performance_hint": args.hint, "huge_pages": args.huge_pages}
         summary = embed_with_ray(args.model, args.input, args.output, options, address=args.ray or None,
-                                 num_actors=args.actors, cpus_per_actor=args.threads or 1)
+                                 num_actors=args.actors, cpus_per_actor=args.threads or 1, load_options=load_options)
         print(f"embedded on Ray -> {args.output}: {summary.texts} texts, {summary.parts} parts, "
               f"{summary.seconds:.1f}s ({summary.texts / max(summary.seconds, 1e-9):.1f} texts/s)")
         return 0

@@ -23,6 +23,15 @@ class MissingDependencyError(EmbedrtError, ImportError):
     """An optional package is needed; the message names the extra that installs it."""
 
 
+def shown_below(value: float, threshold: float, digits: int = 4) -> str:
+    """``value`` with ``digits`` decimals, or more where those do not show it below ``threshold`` (0.99998
+    under 0.99999 was printed as 1.0000)."""
+    for shown in range(digits, 10):
+        if round(value, shown) < threshold:
+            return f"{value:.{shown}f}"
+    return repr(value)
+
+
 class ParityError(EmbedrtError):
     """An exported artifact does not reproduce sentence-transformers closely enough.
 
@@ -44,7 +53,7 @@ class ParityError(EmbedrtError):
             why = (f"vector lengths differ by up to {100 * norm_error:.3g}% (allowed {100 * norm_limit:.3g}%) "
                    f"though the min cosine is {min_cosine:.7f}")
         else:
-            why = f"min cosine {min_cosine:.7f} < required {threshold}"
+            why = f"min cosine {shown_below(min_cosine, threshold, 7)} < required {threshold}"
         super().__init__(f"{artifact} parity failed: {why} (max abs diff {max_abs_diff:.3g}); nothing was written")
 
 

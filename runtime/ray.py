@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 BATCH_ROWS = 256
 # bytes of whole JSONL lines per Ray read task
 JSONL_RANGE_BYTES = 32 << 20
+# load()'s settings an actor takes from the caller besides device, threads and inference precision
+ACTOR_LOAD_OPTIONS = ("allow_fallback", "openvino_cache_dir", "performance_hint", "huge_pages")
 
 
 class EmbedBatch:
@@ -72,11 +75,12 @@ class EmbedBatch:
 
     def __init__(self, model_dir: str, *, threads: int, device: str, id_field: str, field: str,
                  dtype: str, batch_size: int, max_tokens: int | None, inference_precision: str | None = None,
-                 prompt_name: str | None = None, prompt: str | None = None) -> None:
+                 prompt_name: str | None = None, prompt: str | None = None,
+                 load_options: dict[str, Any] | None = None) -> None:
         from embedrt.model import load
 
-        # one actor = cpus_per_actor cores; huge pages would move memory of every actor in the background
-        self.model = load(model_dir, device=device, threads=threads, inference_precision=inference_precision)
+        self.model = load(model_dir, device=device, threads=threads, inference_precision=inference_precision,
+                          **(load_options or {}))
         self.id_field, self.field, self.batch_size, self.max_tokens = id_field, field, batch_size, max_tokens
         self.schema = embedding_schema(self.model, EmbedDtype.parse(dtype))
         self.prompt_name, self.prompt = prompt_name, prompt
@@ -119,6 +123,7 @@ def embed_dataset(
     inference_precision: str | None = None,
     prompt_name: str | None = None,
     prompt: str | None = None,
+    load_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Add the embedding step to a Ray Dataset: rows with ``id_field`` and ``field`` -> ``id``, ``embedding``.
 
@@ -136,6 +141,8 @@ def embed_dataset(
         inference_precision: as ``load``'s; ``embed_with_ray`` passes what the driver's load chose, so every
             actor computes alike whatever CPU its node has.
         prompt_name, prompt: as ``EmbeddingModel.encode``'s (default: the model's default prompt, if any).
+        load_options: more of ``load``'s settings for every actor: ``allow_fallback``, ``openvino_cache_dir``
+            (a path on each node), ``performance_hint``, ``huge_pages``.
 
     Returns:
         The lazy ``ray.data.Dataset`` of ``id`` (string) and ``embedding`` (fixed-size list), with the
@@ -144,6 +151,10 @@ def embed_dataset(
     """
     ray = require("ray", "ray")
     EmbedDtype.parse(dtype)
+    extra = dict(load_options or {})
+    unknown = sorted(set(extra) - set(ACTOR_LOAD_OPTIONS))
+    if unknown:  # device, threads and inference_precision are this function's own arguments
+        raise ValueError(f"load_options takes {', '.join(ACTOR_LOAD_OPTIONS)}; not {', '.join(unknown)}")
     resolve_prompt(read_manifest(model_dir), prompt_name, prompt)  # a bad prompt fails here, not in every actor
     if num_actors is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -151,7 +162,7 @@ def embed_dataset(
     kwargs = {"model_dir": str(Path(model_dir).resolve()), "threads": cpus_per_actor, "device": device,
               "id_field": id_field, "field": field, "dtype": dtype, "batch_size": batch_size,
               "max_tokens": max_tokens, "inference_precision": inference_precision, "prompt_name": prompt_name,
-              "prompt": prompt}
+              "prompt": prompt, "load_options": extra}
     # Ray Data's own default is unlimited restarts; a bounded count turns an actor that dies on every
     # batch (out of memory on a huge text, a broken node) into an error instead of a job that never ends
     retries: Any = functools.partial(dict, max_restarts=max_restarts, max_task_retries=max_restarts)
@@ -293,6 +304,7 @@ def embed_with_ray(
     address: str | None = None,
     num_actors: int | None = None,
     cpus_per_actor: int = 1,
+    load_options: Mapping[str, Any] | None = None,
 ) -> BulkSummary:
     """``embedrt embed --ray``: the local command's job on a Ray cluster, same output format and folder layout.
 
@@ -304,7 +316,8 @@ def embed_with_ray(
         model_dir: the model folder (the same path on every node).
         input_path, output_dir, options: as for ``embedrt.bulk.embed_corpus``; ``skip_bad`` is refused.
         address: a Ray cluster address; None starts a local Ray for the job and stops it afterwards.
-        num_actors, cpus_per_actor: see ``embed_dataset``.
+        num_actors, cpus_per_actor, load_options: see ``embed_dataset``; ``allow_fallback`` applies to the
+            driver's load too, which resolves the device every actor runs on.
 
     Returns:
         Totals: texts, parts and seconds (tokens and truncation are not counted in Ray mode).
@@ -343,8 +356,9 @@ def embed_with_ray(
         # metadata for the job record, and the device every actor runs on: actors reserve CPUs, not GPUs, so
         # the default auto is the CPU-side auto here
         device = "auto:cpu" if parse_device(opts.device).kind == "auto" else opts.device
+        fallback = bool((load_options or {}).get("allow_fallback", False))
         model = load(model_dir, device=device, threads=1, huge_pages=False,
-                     inference_precision=opts.inference_precision)
+                     inference_precision=opts.inference_precision, allow_fallback=fallback)
         identity = job_identity(model, file, fmt, opts, 0)
         identity["options"]["mode"] = "ray"
         dataset = embed_dataset(
@@ -352,7 +366,7 @@ def embed_with_ray(
             dtype=opts.dtype.value, device=model.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32", prompt_name=opts.prompt_name,
-            prompt=opts.prompt)
+            prompt=opts.prompt, load_options=load_options)
         with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
             warnings.simplefilter("ignore", DeprecationWarning)
             # like the reads, writes take no CPU slot: the actor pool holds them all

@@ -109,6 +109,24 @@ def test_ray_refuses_what_it_would_ignore_or_never_schedule(cluster, tiny_bert, 
     assert "waits until a node that large joins" in caplog.text
 
 
+def test_ray_actors_take_the_load_settings_given(cluster, tiny_bert, model, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--openvino-cache-dir, --hint, --no-huge-pages and --allow-fallback were taken with --ray and ignored."""
+    from embedrt.ray import embed_dataset
+
+    rows = make_rows(40, seed=3)
+    src = write_jsonl(tmp_path / "c.jsonl", rows)
+    cache = tmp_path / "ov-cache"
+    args = ["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out"), "--ray", "--device", "openvino",
+            "--openvino-cache-dir", str(cache), "--hint", "throughput", "--no-huge-pages", "--allow-fallback"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert cache.is_dir() and any(cache.iterdir())  # the actors compiled into it (the driver loads without it)
+    ov = embedrt.load(tiny_bert[1], device="openvino")
+    assert_equals_encode(tmp_path / "out", ov, rows)
+    with pytest.raises(ValueError, match=r"load_options takes allow_fallback, .*; not device, threads"):
+        embed_dataset(ray.data.from_items([{"_id": "a", "text": "b"}]), tiny_bert[1],
+                      load_options={"device": "cpu", "threads": 2})
+
+
 def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Ray's read_json (pandas) made the id "007" 7 and dropped the title "2020"; a BOM failed the job."""
     from embedrt.ray import embed_with_ray

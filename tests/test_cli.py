@@ -54,6 +54,17 @@ def test_info_and_verify(tiny_bert, capsys) -> None:  # type: ignore[no-untyped-
     assert info["format"] == "embedrt-model" and info["pooling"] == "mean"
 
 
+def test_verbose_before_or_after_the_command() -> None:
+    from embedrt.cli import _parser
+
+    parser = _parser()
+    for command in (["info", "m"], ["serve", "m"], ["export", "src"], ["demo"]):
+        assert parser.parse_args(["-v", *command]).verbose is True
+        assert parser.parse_args([*command, "-v"]).verbose is True  # was "unrecognized arguments: -v"
+        assert parser.parse_args([*command, "--verbose"]).verbose is True
+        assert parser.parse_args(command).verbose is False
+
+
 def small_beir(root: Path) -> Path:
     """A three-document BEIR folder whose queries are their documents' exact texts."""
     beir = root / "beir"

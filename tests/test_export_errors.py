@@ -345,6 +345,12 @@ def test_a_vector_of_another_length_fails_parity_at_cosine_one() -> None:
         check_parity("onnx", ref, ref * 1.01, 0.99999)
 
 
+def test_a_parity_failure_shows_the_digits_that_put_it_below() -> None:
+    # --min-cosine 1.0 failed with "min cosine 1.0000000 < required 1.0"
+    assert "min cosine 0.99999996 < required 1.0" in str(ParityError("onnx", 0.99999996, 1e-7, 1.0))
+    assert "min cosine 0.9123457 < required 0.99999" in str(ParityError("onnx", 0.91234567, 0.1, 0.99999))
+
+
 def test_split_special_tokens_is_followed(tmp_path) -> None:
     """transformers applies split_special_tokens at call time; tokenizer.json does not keep it. A text holding
     "<s>" or "[SEP]" then came out as the special token here (cosine 0.93 to sentence-transformers)."""

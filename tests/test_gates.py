@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from embedrt.errors import ParityError, QualityGateError
-from embedrt.export import ExportOptions
+from embedrt.export import ExportOptions, Method, QuantConfig
 from embedrt.export.gate import run_gate
 from embedrt.export.validate import check_parity
 from embedrt.manifest import Precision
@@ -46,6 +46,12 @@ def test_min_cosine_is_settable_and_checked() -> None:
         ExportOptions(min_cosine=1.5)
     with pytest.raises(ValueError, match=r"unknown calibration method 'entropy'; valid: minmax \(entropy and"):
         ExportOptions.parse(quantize="static", calibration_method="entropy")
+
+
+def test_a_quant_config_from_embedrt_export_as_the_readme_shows() -> None:
+    options = ExportOptions(quantize=QuantConfig(Method.STATIC, "avx2", ("a text",)))
+    assert options.quantize is not None and options.quantize.method is Method.STATIC
+    assert options.formats == ("onnx",)  # int8's default format
 
 
 @pytest.mark.parametrize(("settings", "message"), [
@@ -226,7 +232,7 @@ def test_sets_that_cannot_judge_are_refused_by_name(tmp_path) -> None:  # type: 
 def test_gate_settings_it_would_not_read_and_sets_that_cannot_judge_are_refused_before_any_work(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Each of these exported with exit 0: the threshold ignored, or the set found unable to judge only after the
     export (with --precision auto, every int8 candidate 'rejected' and fp32 published)."""
-    from embedrt.export.gate import _below
+    from embedrt.errors import shown_below as _below
     from embedrt.textio import InputFileError
 
     _, sts = _eval_sets(tmp_path)

@@ -666,7 +666,7 @@ def test_two_exports_of_one_checkpoint_are_served_under_their_folder_names(tiny_
         assert models["tiny"]["aliases"] == ["tiny"] and models["tiny-int8"]["aliases"] == ["tiny-int8"]
         for name in ("tiny", "tiny-int8"):
             assert server.client().embeddings.create(model=name, input="a").model == name
-        status, _, body = server.request("POST", "/v1/embeddings", {"model": "org/tiny", "input": "a"})
+        status, _, _ = server.request("POST", "/v1/embeddings", {"model": "org/tiny", "input": "a"})
         assert status == 404  # which of the two it meant is not known
 
     def model(folder: str, catalogue: str | None, hub_id: str) -> Any:
