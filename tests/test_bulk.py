@@ -171,6 +171,45 @@ def test_float16_output(model, tmp_path) -> None:  # type: ignore[no-untyped-def
     np.testing.assert_allclose(emb.astype(np.float32), want[order].astype(np.float32), atol=1e-3)
 
 
+def test_bulk_needs_no_pandas(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """embedrt[bulk] installs pyarrow, not pandas. Before pyarrow 26, DataType.to_pandas_dtype imports pandas,
+    and every job ended in ModuleNotFoundError after embedding all its rows (seen with pyarrow 14-25)."""
+    class NoPandas:  # `import pandas` fails as where it is not installed (pyarrow's shim takes None for a module)
+        @staticmethod
+        def find_spec(name: str, *args: Any) -> None:
+            if name.partition(".")[0] == "pandas":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m.partition(".")[0] == "pandas"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NoPandas(), *sys.meta_path])
+    rows = make_rows(20, seed=4)
+    for dtype in EmbedDtype:
+        out = tmp_path / dtype.value
+        embed_corpus(model, write_jsonl(tmp_path / "c.jsonl", rows), out, BulkOptions(dtype=dtype))
+        assert read_output(out)[1].dtype == np.dtype(dtype.value)
+
+
+def test_without_pyarrow_nothing_is_loaded_or_written(tiny_bert, model, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The model was loaded and OUTPUT_DIR/_embedrt_bulk.json written before the "install embedrt[bulk]" error."""
+    class NoPyarrow:
+        @staticmethod
+        def find_spec(name: str, *args: Any) -> None:
+            if name.partition(".")[0] == "pyarrow":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m.partition(".")[0] == "pyarrow"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [NoPyarrow(), *sys.meta_path])
+    monkeypatch.setattr("embedrt.cli._load", lambda args: pytest.fail("the model was loaded"))
+    src = write_jsonl(tmp_path / "c.jsonl", make_rows(3))
+    assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out")]) == 2
+    assert "install it with: pip install 'embedrt[bulk]'" in capsys.readouterr().err
+    with pytest.raises(ImportError, match=r"embedrt\[bulk\]"):
+        embed_corpus(model, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def killed_at_progress_write(n: int, monkeypatch: Any, job: Any) -> None:
     """Run ``job`` until its ``n``-th progress-file write, which is a simulated kill (KeyboardInterrupt)."""
     real, calls = bulk.write_json_atomic, []

