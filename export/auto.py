@@ -170,6 +170,11 @@ def export_auto(source: str, output: Path, overwrite: bool, rounds: int = 3, **g
                          "on its own with --quantize static --format openvino --smooth-quant")
     # the user's settings are checked once, here: a bad --eval path is an error, not every candidate's rejection
     ExportOptions.parse(quantize="static", **{k: v for k, v in gate.items() if k != "formats"})
+    # and so is the source (a missing folder, --revision of a local one, a hub id that cannot be had): the
+    # candidates then take it from the folder or the cache
+    from embedrt.export.source import resolve_source
+
+    resolve_source(source, gate.get("revision"))
     # a locked work folder beside the output, as a plain export's: one a killed run left is swept by the next
     from embedrt.model import without_speed_advice
 
@@ -206,7 +211,7 @@ def _export_auto(source: str, output: Path, rounds: int, scratch: Path, gate: di
         passed[cand.name] = cand
     if not passed:
         # a bf16 this CPU cannot run is in the record as not tried, with its reason
-        reasons = "; ".join(f"{k}: {v.get('rejected') or 'not tried: ' + v['not_tried']}"
+        reasons = "; ".join(f"{k}: {v['rejected'] if 'rejected' in v else 'not tried: ' + v['not_tried']}"
                             for k, v in report["candidates"].items())
         raise QualityGateError(f"--precision auto: no candidate passed its gate ({reasons})")
     runs = [(name, device) for name, cand in passed.items() for device in cand.devices]

@@ -116,7 +116,8 @@ def cuda_unavailable_reason(ort: Any) -> str | None:
     if CUDA_EP not in available:
         return (
             f"onnxruntime {ort.__version__} has no CUDA provider (this build offers {', '.join(available)}); "
-            "put ONNX Runtime's GPU build in its place: pip uninstall -y onnxruntime && pip install onnxruntime-gpu"
+            "put ONNX Runtime's GPU build in its place: "
+            "pip uninstall -y onnxruntime && pip install 'onnxruntime-gpu>=1.20'"
         )
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if library.exists():

@@ -177,6 +177,21 @@ def embed_dataset(
         )
 
 
+def _drop_unused(options: dict[str, Any], model_dir: Any, asked: str, resolved: str) -> None:
+    """Take OpenVINO's settings out of ``options`` when the actors will not run OpenVINO, as ``load`` does:
+    a warning where ``auto`` or a fallback chose another device, an error where the device asked for is one."""
+    if parse_device(resolved).kind == "openvino":
+        return
+    unused = [f"{k}={options.pop(k)!r}" for k in ("openvino_cache_dir", "performance_hint")
+              if options.get(k) is not None]
+    if not unused:
+        return
+    if parse_device(asked).kind not in ("auto", "openvino"):
+        raise ValueError(f"{', '.join(unused)}: OpenVINO only, but device={asked!r} runs ONNX Runtime; leave it "
+                         "out, or use device='auto'")
+    log.warning("%s: %s not used: the job runs on %s", model_dir, ", ".join(unused), resolved)
+
+
 def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:
     """A Ray Dataset of the input file's rows; read tasks take no CPU slot, so a full actor pool cannot starve them."""
     if fmt is InputFormat.PARQUET:
@@ -356,9 +371,11 @@ def embed_with_ray(
         # metadata for the job record, and the device every actor runs on: actors reserve CPUs, not GPUs, so
         # the default auto is the CPU-side auto here
         device = "auto:cpu" if parse_device(opts.device).kind == "auto" else opts.device
-        fallback = bool((load_options or {}).get("allow_fallback", False))
+        actor_options = dict(load_options or {})
         model = load(model_dir, device=device, threads=1, huge_pages=False,
-                     inference_precision=opts.inference_precision, allow_fallback=fallback)
+                     inference_precision=opts.inference_precision,
+                     allow_fallback=bool(actor_options.get("allow_fallback", False)))
+        _drop_unused(actor_options, model_dir, device, model.device)
         identity = job_identity(model, file, fmt, opts, 0)
         identity["options"]["mode"] = "ray"
         dataset = embed_dataset(
@@ -366,7 +383,7 @@ def embed_with_ray(
             dtype=opts.dtype.value, device=model.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32", prompt_name=opts.prompt_name,
-            prompt=opts.prompt, load_options=load_options)
+            prompt=opts.prompt, load_options=actor_options)
         with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
             warnings.simplefilter("ignore", DeprecationWarning)
             # like the reads, writes take no CPU slot: the actor pool holds them all

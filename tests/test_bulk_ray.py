@@ -125,6 +125,21 @@ def test_ray_actors_take_the_load_settings_given(cluster, tiny_bert, model, tmp_
     with pytest.raises(ValueError, match=r"load_options takes allow_fallback, .*; not device, threads"):
         embed_dataset(ray.data.from_items([{"_id": "a", "text": "b"}]), tiny_bert[1],
                       load_options={"device": "cpu", "threads": 2})
+    # OpenVINO's settings where the actors run ONNX Runtime: dropped with a warning where auto or a fallback
+    # chose it (every actor refused them, and the job failed), refused where the device asked for is the CPU
+    args = ["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "cpu"), "--ray", "--device", "cpu",
+            "--hint", "throughput"]
+    assert main(args) == 2
+    assert "performance_hint='throughput': OpenVINO only, but device='cpu' runs ONNX Runtime" in capsys.readouterr().err
+    from embedrt.ray import _drop_unused
+
+    for asked in ("auto:cpu", "openvino"):
+        options = {"performance_hint": "latency", "openvino_cache_dir": "", "huge_pages": False}
+        _drop_unused(options, "m", asked, "cpu")
+        assert options == {"huge_pages": False}
+        options = {"performance_hint": "latency"}
+        _drop_unused(options, "m", asked, "openvino:CPU")
+        assert options == {"performance_hint": "latency"}
 
 
 def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, model, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -123,8 +123,12 @@ def test_missing_local_folder_is_named(tmp_path) -> None:  # type: ignore[no-unt
 
 def test_a_revision_of_a_local_folder_is_refused(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # it was ignored, and the manifest recorded source.revision as though it had been checked out
+    from embedrt.export.auto import export_auto
+
     with pytest.raises(SourceError, match=r"--revision abc picks a revision of a hub id; a local folder is used"):
         export_model(str(checkpoint), tmp_path / "out", revision="abc")
+    with pytest.raises(SourceError, match=r"--revision abc picks"):  # not each candidate's rejection
+        export_auto(str(checkpoint), tmp_path / "out", overwrite=False, revision="abc")
     assert not (tmp_path / "out").exists()
 
 

@@ -215,26 +215,32 @@ def _write(value: Any, space: str) -> str:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=st.dictionaries(st.sampled_from(["model", "input", "user", "x"]), _JSON, max_size=4),
        space=st.sampled_from(["", " ", "\n\t ", "\r"]), cut=st.integers(0, 2**16),
-       mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x')))
+       mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x\ufeff')),
+       window=st.integers(1, 64), encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2"]))
 def test_the_request_parser_reads_json_as_json_loads_does(
-    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str
+    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str, window: int, encoding: str
 ) -> None:
     """The server decodes large bodies in pieces (so one parse does not hold the GIL for long); whatever it
-    is given, its result or its error must be json.loads' own."""
+    is given, its result or its error must be json.loads' own. Here every body is "large", and the pieces'
+    window is a few characters, so runs end everywhere."""
     import json
+    from unittest import mock
 
-    from embedrt.serve.protocol import loads
+    from embedrt.serve import protocol
 
     text = _write(body, space)
     if mangle is not None:
         at = cut % (len(text) + 1)
         text = text[:at] + ("" if mangle == "drop" else char) + text[at + (mangle == "drop"):]
-    try:
-        expected: Any = json.loads(text)
-    except ValueError as exc:
-        expected = (type(exc), str(exc))
-    try:
-        got: Any = loads(text.encode())
-    except ValueError as exc:
-        got = (type(exc), str(exc))
+    raw = ("\ufeff" + text).encode("utf-8-sig") if encoding == "bom2" else text.encode(encoding, "surrogatepass")
+
+    def outcome(parse: Any) -> Any:
+        try:
+            return parse(raw)
+        except (ValueError, RecursionError) as exc:
+            return (type(exc), str(exc))
+
+    expected = outcome(json.loads)
+    with mock.patch.object(protocol, "PIECEWISE_FROM", 0), mock.patch.object(protocol, "_WINDOW", window):
+        got = outcome(protocol.loads)
     assert got == expected and type(got) is type(expected)

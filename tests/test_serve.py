@@ -678,6 +678,8 @@ def test_two_exports_of_one_checkpoint_are_served_under_their_folder_names(tiny_
     # a catalogue name that is another folder's name stays that folder's; a local path is no name
     got = served_names([model("cat", None, "/home/u/ckpt"), model("y", "cat", "org/cat")])
     assert got == [("cat", {"cat"}), ("y", {"y", "org/cat"})]
+    here = SimpleNamespace(path=".", manifest=SimpleNamespace(source={}))  # `embedrt serve .`: was named ""
+    assert served_names([here]) == [(Path.cwd().name, {Path.cwd().name})]
     with pytest.raises(ValueError, match="two served model folders are named m; a folder's name is how"):
         served_names([model("m", "a", "org/a"), SimpleNamespace(path="/other/m", manifest=SimpleNamespace(source={}))])
 

@@ -245,7 +245,7 @@ def served_names(models: list[Any]) -> list[tuple[str, set[str]]]:
     Raises:
         ValueError: two folders of one name (which would leave one of them without a name of its own).
     """
-    folders = [Path(m.path).name for m in models]
+    folders = [Path(m.path).resolve().name for m in models]  # `embedrt serve .` too
     twice = sorted({f for f in folders if folders.count(f) > 1})
     if twice:
         raise ValueError(f"two served model folders are named {', '.join(twice)}; a folder's name is how a "

@@ -156,30 +156,45 @@ def parse_embedding_request(body: bytes, max_inputs: int) -> EmbeddingRequest:
 
 _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
-# a list's scalars (numbers, true, false, null) are decoded in runs of at most this many characters: one
-# call of well under a millisecond
-_RUN = 65536
+# bodies up to this size are one json.loads call (a few milliseconds at most): pieces only pay on large ones
+PIECEWISE_FROM = 256 * 1024
+# a list's items are decoded in runs of whole items within this many characters: one json.loads call of
+# about a millisecond or less
+_WINDOW = 64 * 1024
+# a string item that runs this far without a quote is decoded alone (json's own scanner is fastest on it)
+_LONG = 256
+# the top-level object of a request has a handful of keys; more is not a request, and goes to json.loads whole
+_MAX_KEYS = 64
+# a list item as JSON writes it: a string, a number or literal, or a flat list of those (a row of token
+# ids); each must be followed by "," or "]", so that an item cut by the window's end is left to the next run
+_ITEM = r'(?:"[^"\\]*(?:\\.[^"\\]*)*"|[-+.0-9A-Za-z]+|\[[^\[\]{}"]*\])(?=[ \t\n\r]*[,\]])'
+_RUN = re.compile(rf"{_ITEM}(?:[ \t\n\r]*,[ \t\n\r]*{_ITEM})*")
 
 
 class _Surprise(Exception):
-    """The fast path met something it does not decode itself; ``json.loads`` of the whole text decides."""
+    """The piecewise decoder met something it does not decode itself; ``json.loads`` of the whole body decides."""
 
 
 def loads(body: bytes | str) -> Any:
     """``json.loads(body)``, without holding the GIL for long on a large body.
 
-    One ``json.loads`` call is one C call: 2,048 rows of 512 token ids (6.7 MiB) took ~0.2 s in it, and a
-    server's event loop (every other client) waited that long, though the parse ran in an edge thread. Here
-    a top-level object's values are decoded one at a time, and its lists (and their lists) an item or a
-    run of numbers and literals at a time, so the interpreter can hand the GIL over between the pieces. Anything else
-    (and any malformed text) goes to ``json.loads`` of the whole text, so the result, or the error, is
-    always that of ``json.loads``.
+    One ``json.loads`` call is one C call: 2,048 rows of 1,024 token ids (13 MiB) held the GIL for ~0.45 s,
+    and a server's event loop (every other client) waited that long, though the parse ran in an edge
+    thread. A body over ``PIECEWISE_FROM`` bytes is decoded in pieces, so the interpreter can hand the GIL
+    over between them: the top-level object's values one at a time, and a list (and a list in it) in runs
+    of whole items of at most ``_WINDOW`` characters, each run one ``json.loads`` of its slice (an item
+    larger than that alone). Whatever the pieces cannot take (a malformed body, an object inside a list, a
+    body of many keys, nesting the pieces' own recursion cannot reach) goes to ``json.loads`` of the whole
+    body, in one call as before, so the result, or the error, is always that of ``json.loads``.
     """
-    text = body.decode(json.detect_encoding(body), "surrogatepass") if isinstance(body, (bytes, bytearray)) else body
+    if len(body) <= PIECEWISE_FROM:
+        return json.loads(body)
     try:
+        text = body.decode(json.detect_encoding(body), "surrogatepass") if isinstance(body, (bytes, bytearray)) \
+            else body
         return _object(text)
-    except (_Surprise, ValueError, IndexError):
-        return json.loads(text)
+    except (_Surprise, ValueError, IndexError, RecursionError):
+        return json.loads(body)
 
 
 def _skip(text: str, at: int) -> int:
@@ -197,14 +212,15 @@ def _object(text: str) -> dict[str, Any]:
     if text[at] == "}":
         at += 1
     else:
-        while True:
+        for _ in range(_MAX_KEYS):
             if text[at] != '"':
                 raise _Surprise
             key, at = _DECODER.raw_decode(text, at)
             at = _skip(text, at)
             if text[at] != ":":
                 raise _Surprise
-            out[key], at = _value(text, _skip(text, at + 1), 0)
+            at = _skip(text, at + 1)
+            out[key], at = _list(text, at, 1) if text[at] == "[" else _DECODER.raw_decode(text, at)
             at = _skip(text, at)
             if text[at] == "}":
                 at += 1
@@ -212,15 +228,11 @@ def _object(text: str) -> dict[str, Any]:
             if text[at] != ",":
                 raise _Surprise
             at = _skip(text, at + 1)
+        else:
+            raise _Surprise
     if _skip(text, at) != len(text):
         raise _Surprise
     return out
-
-
-def _value(text: str, at: int, depth: int) -> tuple[Any, int]:
-    if text[at] == "[" and depth < 2:
-        return _list(text, at, depth + 1)
-    return _DECODER.raw_decode(text, at)
 
 
 def _list(text: str, at: int, depth: int) -> tuple[list[Any], int]:
@@ -229,27 +241,45 @@ def _list(text: str, at: int, depth: int) -> tuple[list[Any], int]:
     if text[at] == "]":
         return out, at + 1
     while True:
-        if text[at] in '[{"':
-            item, at = _value(text, at, depth)
+        first = text[at]
+        items: list[Any] | None = None
+        if first == '"' and text.find('"', at + 1, at + _LONG) < 0:  # a long string (a passage): alone
+            item, at = _DECODER.raw_decode(text, at)
             out.append(item)
-        else:  # scalars up to the list's end, or the last comma within _RUN characters
-            stop = text.find("]", at, at + _RUN)
-            if stop < 0:
-                stop = text.rfind(",", at, at + _RUN)
-            if stop <= at or any(text.find(c, at, stop) >= 0 for c in '[{"'):
-                raise _Surprise
-            run = json.loads(f"[{text[at:stop]}]")
+        elif first not in '"[{' and (stop := _scalars_end(text, at)) > at:  # numbers: up to "]" or a ","
+            items, at = json.loads(f"[{text[at:stop]}]"), stop
+        elif (run := _RUN.match(text, at, at + _WINDOW)) is not None:  # short strings, rows of token ids
+            items, at = json.loads(f"[{run.group()}]"), run.end()
+        elif first == '"':  # one string longer than the window
+            item, at = _DECODER.raw_decode(text, at)
+            out.append(item)
+        elif first == "[" and depth < 2:  # one row longer than the window
+            item, at = _list(text, at, depth + 1)
+            out.append(item)
+        else:
+            raise _Surprise
+        if items is not None:
             if out:
-                out.extend(run)
+                out.extend(items)
             else:
-                out = run
-            at = stop
+                out = items
         at = _skip(text, at)
         if text[at] == "]":
             return out, at + 1
         if text[at] != ",":
             raise _Surprise
         at = _skip(text, at + 1)
+
+
+def _scalars_end(text: str, at: int) -> int:
+    """Where a run of scalars from ``at`` ends: this list's "]", or the last "," within ``_WINDOW``
+    characters; ``at`` where the run holds a string, list or object (or no comma)."""
+    stop = text.find("]", at, at + _WINDOW)
+    if stop < 0:
+        stop = text.rfind(",", at, at + _WINDOW)
+    if stop < 0 or any(text.find(c, at, stop) >= 0 for c in '[{"'):
+        return at
+    return stop
 
 
 def _is_int(x: Any) -> bool:
