@@ -106,7 +106,7 @@ def test_auto_gives_no_speed_advice_about_its_own_candidates(tmp_path: Path, mon
 
     monkeypatch.setattr("embedrt.export.pipeline.export_model", candidate)
     with pytest.raises(embedrt.errors.QualityGateError, match="no candidate passed") as info:
-        export_auto("unused", tmp_path / "x", overwrite=False, rounds=1)
+        export_auto(str(tmp_path), tmp_path / "x", overwrite=False, rounds=1)
     assert len(seen) >= 3 and seen == [None] * len(seen)
     # every candidate's reason is in the error; a bf16 this CPU lacks units for is "not tried" (was a KeyError)
     assert str(info.value).count("parity failed: min cosine 0.5000000") == len(seen)
