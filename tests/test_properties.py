@@ -216,13 +216,15 @@ def _write(value: Any, space: str) -> str:
 @given(body=st.dictionaries(st.sampled_from(["model", "input", "user", "x"]), _JSON, max_size=4),
        space=st.sampled_from(["", " ", "\n\t ", "\r"]), cut=st.integers(0, 2**16),
        mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x\ufeff')),
-       window=st.integers(1, 64), encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2"]))
+       window=st.integers(1, 64), long=st.integers(1, 12),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2"]))
 def test_the_request_parser_reads_json_as_json_loads_does(
-    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str, window: int, encoding: str
+    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str, window: int, long: int,
+    encoding: str,
 ) -> None:
     """The server decodes large bodies in pieces (so one parse does not hold the GIL for long); whatever it
     is given, its result or its error must be json.loads' own. Here every body is "large", and the pieces'
-    window is a few characters, so runs end everywhere."""
+    window and a "long" string are a few characters, so runs end everywhere."""
     import json
     from unittest import mock
 
@@ -241,6 +243,7 @@ def test_the_request_parser_reads_json_as_json_loads_does(
             return (type(exc), str(exc))
 
     expected = outcome(json.loads)
-    with mock.patch.object(protocol, "PIECEWISE_FROM", 0), mock.patch.object(protocol, "_WINDOW", window):
+    with mock.patch.object(protocol, "PIECEWISE_FROM", 0), mock.patch.object(protocol, "_WINDOW", window), \
+            mock.patch.object(protocol, "_LONG", long):
         got = outcome(protocol.loads)
     assert got == expected and type(got) is type(expected)

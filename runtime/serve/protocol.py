@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import re
+import sys
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,11 @@ _LONG = 256
 _MAX_KEYS = 64
 # a list item as JSON writes it: a string, a number or literal, or a flat list of those (a row of token
 # ids); each must be followed by "," or "]", so that an item cut by the window's end is left to the next run
-_ITEM = r'(?:"[^"\\]*(?:\\.[^"\\]*)*"|[-+.0-9A-Za-z]+|\[[^\[\]{}"]*\])(?=[ \t\n\r]*[,\]])'
+# (possessive where Python has it, 3.11+: a string cut by the window's end then fails at once, instead of
+# backtracking through it at ~75 ns a character)
+_MORE = "*+" if sys.version_info >= (3, 11) else "*"
+_ITEM = (rf'(?:"[^"\\]{_MORE}(?:\\.[^"\\]{_MORE}){_MORE}"|[-+.0-9A-Za-z]+|\[[^\[\]{{}}"]{_MORE}\])'
+         r"(?=[ \t\n\r]*[,\]])")
 _RUN = re.compile(rf"{_ITEM}(?:[ \t\n\r]*,[ \t\n\r]*{_ITEM})*")
 
 
@@ -243,7 +248,7 @@ def _list(text: str, at: int, depth: int) -> tuple[list[Any], int]:
     while True:
         first = text[at]
         items: list[Any] | None = None
-        if first == '"' and text.find('"', at + 1, at + _LONG) < 0:  # a long string (a passage): alone
+        if first == '"' and not _closes_soon(text, at):  # a long string (a passage): alone
             item, at = _DECODER.raw_decode(text, at)
             out.append(item)
         elif first not in '"[{' and (stop := _scalars_end(text, at)) > at:  # numbers: up to "]" or a ","
@@ -269,6 +274,17 @@ def _list(text: str, at: int, depth: int) -> tuple[list[Any], int]:
         if text[at] != ",":
             raise _Surprise
         at = _skip(text, at + 1)
+
+
+def _closes_soon(text: str, at: int) -> bool:
+    """Whether the string at ``at`` seems to end within ``_LONG`` characters: a quote not after a backslash.
+    (A quote after an escaped backslash is taken for an escaped one: that costs speed, never correctness.)"""
+    quote = text.find('"', at + 1, at + _LONG)
+    while quote >= 0:
+        if text[quote - 1] != "\\":
+            return True
+        quote = text.find('"', quote + 1, at + _LONG)
+    return False
 
 
 def _scalars_end(text: str, at: int) -> int:
