@@ -178,18 +178,21 @@ def embed_dataset(
 
 
 def _drop_unused(options: dict[str, Any], model_dir: Any, asked: str, resolved: str) -> None:
-    """Take OpenVINO's settings out of ``options`` when the actors will not run OpenVINO, as ``load`` does:
-    a warning where ``auto`` or a fallback chose another device, an error where the device asked for is one."""
-    if parse_device(resolved).kind == "openvino":
-        return
-    unused = [f"{k}={options.pop(k)!r}" for k in ("openvino_cache_dir", "performance_hint")
-              if options.get(k) is not None]
+    """Take OpenVINO's settings out of ``options`` where the actors will run ONNX Runtime, as ``load`` does:
+    a warning where ``auto`` or a fallback chose that device, an error where it is the device asked for."""
+    from embedrt.plan import LoadSettings
+
+    given = LoadSettings(1, openvino_cache_dir=options.get("openvino_cache_dir"),
+                         performance_hint=options.get("performance_hint"))
+    unused = given.unused_by(parse_device(resolved).kind)
     if not unused:
         return
     if parse_device(asked).kind not in ("auto", "openvino"):
         raise ValueError(f"{', '.join(unused)}: OpenVINO only, but device={asked!r} runs ONNX Runtime; leave it "
                          "out, or use device='auto'")
     log.warning("%s: %s not used: the job runs on %s", model_dir, ", ".join(unused), resolved)
+    options.pop("openvino_cache_dir", None)
+    options.pop("performance_hint", None)
 
 
 def read_input(file: Path, fmt: InputFormat, id_field: str, field: str) -> Any:

@@ -134,7 +134,7 @@ def test_ray_actors_take_the_load_settings_given(cluster, tiny_bert, model, tmp_
     from embedrt.ray import _drop_unused
 
     for asked in ("auto:cpu", "openvino"):
-        options = {"performance_hint": "latency", "openvino_cache_dir": "", "huge_pages": False}
+        options = {"performance_hint": "latency", "openvino_cache_dir": "/c", "huge_pages": False}
         _drop_unused(options, "m", asked, "cpu")
         assert options == {"huge_pages": False}
         options = {"performance_hint": "latency"}
