@@ -162,7 +162,7 @@ PIECEWISE_FROM = 256 * 1024
 # a list's items are decoded in runs of whole items within this many characters: one json.loads call of
 # about a millisecond or less
 _WINDOW = 64 * 1024
-# a string item that runs this far without a quote is decoded alone (json's own scanner is fastest on it)
+# a string item that runs this far without its closing quote is decoded alone (json's own scanner is fastest)
 _LONG = 256
 # the top-level object of a request has a handful of keys; more is not a request, and goes to json.loads whole
 _MAX_KEYS = 64
