@@ -171,18 +171,24 @@ def test_float16_output(model, tmp_path) -> None:  # type: ignore[no-untyped-def
     np.testing.assert_allclose(emb.astype(np.float32), want[order].astype(np.float32), atol=1e-3)
 
 
+def not_installed(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
+    """Make ``import package`` fail for the test as where it is not installed (pyarrow's pandas shim takes a
+    None in sys.modules for a module, so the import itself must fail)."""
+    class Finder:
+        @staticmethod
+        def find_spec(name: str, *args: Any) -> None:
+            if name.partition(".")[0] == package:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    for name in [m for m in sys.modules if m.partition(".")[0] == package]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [Finder(), *sys.meta_path])
+
+
 def test_bulk_needs_no_pandas(model, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """embedrt[bulk] installs pyarrow, not pandas. Before pyarrow 26, DataType.to_pandas_dtype imports pandas,
     and every job ended in ModuleNotFoundError after embedding all its rows (seen with pyarrow 14-25)."""
-    class NoPandas:  # `import pandas` fails as where it is not installed (pyarrow's shim takes None for a module)
-        @staticmethod
-        def find_spec(name: str, *args: Any) -> None:
-            if name.partition(".")[0] == "pandas":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    for name in [m for m in sys.modules if m.partition(".")[0] == "pandas"]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "meta_path", [NoPandas(), *sys.meta_path])
+    not_installed(monkeypatch, "pandas")
     rows = make_rows(20, seed=4)
     for dtype in EmbedDtype:
         out = tmp_path / dtype.value
@@ -192,15 +198,7 @@ def test_bulk_needs_no_pandas(model, tmp_path, monkeypatch) -> None:  # type: ig
 
 def test_without_pyarrow_nothing_is_loaded_or_written(tiny_bert, model, tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The model was loaded and OUTPUT_DIR/_embedrt_bulk.json written before the "install embedrt[bulk]" error."""
-    class NoPyarrow:
-        @staticmethod
-        def find_spec(name: str, *args: Any) -> None:
-            if name.partition(".")[0] == "pyarrow":
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-    for name in [m for m in sys.modules if m.partition(".")[0] == "pyarrow"]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "meta_path", [NoPyarrow(), *sys.meta_path])
+    not_installed(monkeypatch, "pyarrow")
     monkeypatch.setattr("embedrt.cli._load", lambda args: pytest.fail("the model was loaded"))
     src = write_jsonl(tmp_path / "c.jsonl", make_rows(3))
     assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out")]) == 2
