@@ -8,6 +8,7 @@ naming the input index, which a pydantic model would have to be bent to; Starlet
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import hmac
@@ -90,12 +91,9 @@ class Service:
         """Load (if given folders) and warm up every model, start its scheduler; then ready."""
         from embedrt.model import load
 
-        models = []
-        for source in self._sources:
-            model = source if hasattr(source, "encode_tokens") else load(source, **self._load_options)
+        models = [s if hasattr(s, "encode_tokens") else load(s, **self._load_options) for s in self._sources]
+        for model, (name, aliases) in zip(models, served_names(models)):  # names that clash: before warming up
             _warm_up(model, self.config)
-            models.append(model)
-        for model, (name, aliases) in zip(models, served_names(models)):
             self._add(model, name, aliases)
         self.ready = True
         log.info("embedrt serve: ready with %s", ", ".join(self.models))
@@ -250,16 +248,13 @@ def served_names(models: list[Any]) -> list[tuple[str, set[str]]]:
     if twice:
         raise ValueError(f"two served model folders are named {', '.join(twice)}; a folder's name is how a "
                          "request picks it, so serve folders of distinct names")
-    shared: dict[str, int] = {}
     weak = []
     for model in models:
         source = model.manifest.source or {}
         catalogue = source.get("catalogue")
         source_id = str(source.get("id") or "")
-        names = {n for n in (catalogue, source_id) if n and not os.path.isabs(n)}
-        weak.append((catalogue, names))
-        for n in names:
-            shared[n] = shared.get(n, 0) + 1
+        weak.append((catalogue, {n for n in (catalogue, source_id) if n and not os.path.isabs(n)}))
+    shared = collections.Counter(n for _, names in weak for n in names)
     out = []
     for folder, (catalogue, names) in zip(folders, weak):
         own = {n for n in names if (shared[n] == 1 and n not in folders) or n == folder}
