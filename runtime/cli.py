@@ -82,14 +82,16 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedrt", description=__doc__)
+    # no abbreviated options: `--ver` would mean --verify today and be an error once another --ver... option
+    # exists, so scripts written against one version would break on the next
+    parser = argparse.ArgumentParser(prog="embedrt", description=__doc__, allow_abbrev=False)
     parser.add_argument("-v", "--verbose", action="store_true", help="log what embedrt decides")
     sub = parser.add_subparsers(dest="command", required=True)
     # -v after the command too (`embedrt serve ... -v`); SUPPRESS keeps a -v given before it
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="log what embedrt decides")
-    add_command = functools.partial(sub.add_parser, parents=[common])
+    add_command = functools.partial(sub.add_parser, parents=[common], allow_abbrev=False)
 
     p = add_command("export", help="export a sentence-transformers checkpoint into a verified model folder")
     p.add_argument("source", help="local checkpoint folder, catalogue name (e.g. all-MiniLM-L6-v2) or hub id")

