@@ -70,8 +70,8 @@ def test_abbreviated_options_are_refused(capsys) -> None:  # type: ignore[no-unt
     from embedrt.cli import _parser
 
     parser = _parser()
-    for args in (["info", "m", "--verif"], ["--verb", "info", "m"], ["encode", "m", "--text", "t", "-o", "o.npy", "--batch", "8"],
-                 ["serve", "m", "--po", "1"]):
+    for args in (["info", "m", "--verif"], ["--verb", "info", "m"], ["serve", "m", "--po", "1"],
+                 ["encode", "m", "--text", "t", "-o", "o.npy", "--batch", "8"]):
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(args)
         assert exit_.value.code == 2
