@@ -213,13 +213,14 @@ def _write(value: Any, space: str) -> str:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(body=st.dictionaries(st.sampled_from(["model", "input", "user", "x"]), _JSON, max_size=4),
+@given(body=st.one_of(st.dictionaries(st.sampled_from(["model", "input", "user", "x"]), _JSON, max_size=4),
+                     st.dictionaries(st.text(_CHARS, max_size=3), _SCALAR, min_size=5, max_size=30), _JSON),
        space=st.sampled_from(["", " ", "\n\t ", "\r"]), cut=st.integers(0, 2**16),
        mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x\ufeff')),
        window=st.integers(1, 64), long=st.integers(1, 12),
-       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2"]))
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2", "str"]))
 def test_the_request_parser_reads_json_as_json_loads_does(
-    body: dict[str, Any], space: str, cut: int, mangle: str | None, char: str, window: int, long: int,
+    body: Any, space: str, cut: int, mangle: str | None, char: str, window: int, long: int,
     encoding: str,
 ) -> None:
     """The server decodes large bodies in pieces (so one parse does not hold the GIL for long); whatever it
@@ -234,7 +235,8 @@ def test_the_request_parser_reads_json_as_json_loads_does(
     if mangle is not None:
         at = cut % (len(text) + 1)
         text = text[:at] + ("" if mangle == "drop" else char) + text[at + (mangle == "drop"):]
-    raw = ("\ufeff" + text).encode("utf-8-sig") if encoding == "bom2" else text.encode(encoding, "surrogatepass")
+    raw: str | bytes = text if encoding == "str" else ("\ufeff" + text).encode("utf-8-sig") if encoding == "bom2" \
+        else text.encode(encoding, "surrogatepass")
 
     def outcome(parse: Any) -> Any:
         try:
@@ -247,3 +249,26 @@ def test_the_request_parser_reads_json_as_json_loads_does(
             mock.patch.object(protocol, "_LONG", long):
         got = outcome(protocol.loads)
     assert got == expected and type(got) is type(expected)
+
+
+@pytest.mark.parametrize("window", [1, 5, 12, 40, 1000])
+def test_the_request_parser_keeps_a_key_sent_twice_and_refuses_a_bom_as_json_loads_does(window: int) -> None:
+    """json.loads keeps a repeated key where it first came, with its last value; runs of pairs decoded
+    apart must merge the same way (later runs win)."""
+    import json
+    from unittest import mock
+
+    from embedrt.serve import protocol
+
+    text = '{"a": 1, "b": [1, 2], "c": "x", "a": {"k": 2}, "d": null, "b": 3, "a": [4], "e": {"a": 1, "a": 2}}'
+    for body in (text, text.replace(" ", "")):
+        with mock.patch.object(protocol, "PIECEWISE_FROM", 0), mock.patch.object(protocol, "_WINDOW", window):
+            got = protocol.loads(body.encode())
+        want = json.loads(body)
+        assert got == want and list(got) == list(want) == ["a", "b", "c", "d", "e"]
+    for body in ("\ufeff" + text, "\ufeff\ufeff" + text):  # json.loads refuses a BOM in a str
+        with mock.patch.object(protocol, "PIECEWISE_FROM", 0), pytest.raises(json.JSONDecodeError) as error:
+            protocol.loads(body)
+        with pytest.raises(json.JSONDecodeError) as want_error:
+            json.loads(body)
+        assert str(error.value) == str(want_error.value)

@@ -955,6 +955,40 @@ def test_a_large_token_id_request_does_not_hold_the_gil_for_long() -> None:
         assert worst < 0.15, f"the parsing thread held the GIL for {worst:.2f} s at once"  # old: 0.45-0.6 s
 
 
+def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
+    """A large body the pieces could not take (many keys, objects, malformed) went to one json.loads of the
+    whole body: 16 MiB of keys held the GIL for ~3 s. Now any body is decoded in pieces, its error still
+    json.loads' own, and a list of millions of tiny inputs is refused (413) once past the limit."""
+    from benchmarks.parse_stall import measure
+    from embedrt.serve.protocol import ApiError, parse_embedding_request
+
+    keys = "{" + ",".join(f'"k{i}":{i}' for i in range(900_000)) + ',"model":"m","input":"a"}'  # 14 MiB
+    cases = {"keys": keys.encode(), "keys, malformed": keys[:-1].encode() + b"]",
+             "objects in a list": ('{"model":"m","input":"a","x":[' + ",".join(['{"a":1}'] * 1_500_000)
+                                   + "]}").encode(),
+             "tiny inputs, then junk": ('{"model":"m","input":[' + ",".join(['""'] * 3_000_000) + "]] junk").encode()}
+    for name, body in cases.items():
+        outcome: list[Any] = []
+
+        def parse(body: bytes, outcome: list[Any] = outcome) -> None:
+            try:
+                outcome.append(parse_embedding_request(body, 2048))
+            except ApiError as exc:
+                outcome.append(exc)
+
+        worst = measure(parse, body)["longest_hold_ms"] / 1000
+        assert worst < 0.3, f"{name}: the parsing thread held the GIL for {worst:.2f} s at once"  # old: 1.3-2.8 s
+        got = outcome[0]
+        if name == "keys, malformed":
+            with pytest.raises(json.JSONDecodeError) as want:
+                json.loads(body)
+            assert isinstance(got, ApiError) and got.status == 400 and got.message.endswith(str(want.value))
+        elif name == "tiny inputs, then junk":  # refused before the junk is reached
+            assert isinstance(got, ApiError) and got.status == 413 and "more than 2048 inputs" in got.message
+        else:
+            assert got.texts == ["a"], name
+
+
 def test_a_wrong_method_is_405_with_allow(live: LiveServer) -> None:
     status, headers, body = live.request("GET", "/v1/embeddings")
     assert status == 405 and headers.get("allow") == "POST", headers  # RFC 9110: a 405 names what is allowed

@@ -11,7 +11,7 @@ import functools
 import json
 import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -115,7 +115,10 @@ def parse_embedding_request(body: bytes, max_inputs: int) -> EmbeddingRequest:
         ApiError: 400 naming the field (and input index) at fault; 413 for more than ``max_inputs`` inputs.
     """
     try:
-        data = loads(body)
+        data = loads(body, max_inputs)
+    except InputsOverLimit:
+        raise too_large(f"'input' holds more than {max_inputs} inputs; this server takes at most {max_inputs} "
+                        "per request.", "input") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
@@ -159,47 +162,67 @@ _DECODER = json.JSONDecoder()
 _SPACE = re.compile(r"[ \t\n\r]*")
 # bodies up to this size are one json.loads call (a few milliseconds at most): pieces only pay on large ones
 PIECEWISE_FROM = 256 * 1024
-# a list's items are decoded in runs of whole items within this many characters: one json.loads call of
-# about a millisecond or less
+# runs of whole items (or an object's key-value pairs) are decoded within this many characters: one
+# json.loads call of about a millisecond or less
 _WINDOW = 64 * 1024
 # a string item that runs this far without its closing quote is decoded alone (json's own scanner is fastest)
 _LONG = 256
-# the top-level object of a request has a handful of keys; more is not a request, and goes to json.loads whole
-_MAX_KEYS = 64
-# a list item as JSON writes it: a string, a number or literal, or a flat list of those (a row of token
-# ids); each must be followed by "," or "]", so that an item cut by the window's end is left to the next run
+# nesting deeper than this in a large body is refused as too deep (RecursionError, as json.loads' own for
+# deeper nesting): a request nests 3 levels; the pieces' own recursion is Python's, two frames a level
+MAX_DEPTH = 100
+# an item as JSON writes it: a string, a number or literal, a flat list of those without strings (a row of
+# token ids), or a flat object; the run stops before an item the window's end cuts, so the next run takes it
 # (possessive where Python has it, 3.11+: a string cut by the window's end then fails at once, instead of
 # backtracking through it at ~75 ns a character)
 _MORE = "*+" if sys.version_info >= (3, 11) else "*"
-_ITEM = (rf'(?:"[^"\\]{_MORE}(?:\\.[^"\\]{_MORE}){_MORE}"|[-+.0-9A-Za-z]+|\[[^\[\]{{}}"]{_MORE}\])'
-         r"(?=[ \t\n\r]*[,\]])")
-_RUN = re.compile(rf"{_ITEM}(?:[ \t\n\r]*,[ \t\n\r]*{_ITEM})*")
+_STRING = rf'"[^"\\]{_MORE}(?:\\.[^"\\]{_MORE}){_MORE}"'
+_FLAT_OBJECT = rf'\{{[^{{}}\[\]"]{_MORE}(?:{_STRING}[^{{}}\[\]"]{_MORE}){_MORE}\}}'
+_ITEM = rf'(?:{_STRING}|[-+.0-9A-Za-z]+|\[[^\[\]{{}}"]{_MORE}\]|{_FLAT_OBJECT})'
+_IN_LIST = rf"{_ITEM}(?=[ \t\n\r]*[,\]])"
+_RUN = re.compile(rf"{_IN_LIST}(?:[ \t\n\r]*,[ \t\n\r]*{_IN_LIST})*")
+_PAIR = rf"{_STRING}[ \t\n\r]*:[ \t\n\r]*{_ITEM}(?=[ \t\n\r]*[,}}])"
+_PAIRS = re.compile(rf"{_PAIR}(?:[ \t\n\r]*,[ \t\n\r]*{_PAIR})*")
+# one-level documents that put json's scanner in the state the pieces are in, so an error the pieces meet
+# is worded as json.loads words it there (the wording differs between Python versions)
+_AT_LIST_START, _AFTER_ITEM, _AFTER_COMMA = "[", "[0", "[0,"
+_AT_OBJECT_START, _AFTER_KEY, _AFTER_VALUE, _AFTER_PAIR_COMMA = "{", '{""', '{"":0', '{"":0,'
 
 
-class _Surprise(Exception):
-    """The piecewise decoder met something it does not decode itself; ``json.loads`` of the whole body decides."""
+class InputsOverLimit(Exception):
+    """A large body's top-level ``input`` list holds more inputs (strings or token-id rows) than the limit;
+    raised as soon as that is seen, before the rest is decoded."""
 
 
-def loads(body: bytes | str) -> Any:
+def loads(body: bytes | str, max_inputs: int | None = None) -> Any:
     """``json.loads(body)``, without holding the GIL for long on a large body.
 
     One ``json.loads`` call is one C call: 2,048 rows of 1,024 token ids (13 MiB) held the GIL for ~0.45 s,
     and a server's event loop (every other client) waited that long, though the parse ran in an edge
     thread. A body over ``PIECEWISE_FROM`` bytes is decoded in pieces, so the interpreter can hand the GIL
-    over between them: the top-level object's values one at a time, and a list (and a list in it) in runs
-    of whole items of at most ``_WINDOW`` characters, each run one ``json.loads`` of its slice (an item
-    larger than that alone). Whatever the pieces cannot take (a malformed body, an object inside a list, a
-    body of many keys, nesting the pieces' own recursion cannot reach) goes to ``json.loads`` of the whole
-    body, in one call as before, so the result, or the error, is always that of ``json.loads``.
+    over between them: objects and lists item by item, runs of small items (or of an object's key-value
+    pairs) of at most ``_WINDOW`` characters as one ``json.loads`` of their slice, and a long string or
+    number alone. The result is ``json.loads``' own, and so is the error, its message and position: an
+    error inside a piece is json's own, moved to where the piece lies in the body, and one between pieces
+    is worded by json's scanner put in the same state. One difference: such a body nesting deeper than
+    ``MAX_DEPTH`` raises RecursionError (``json.loads`` takes about 1,000 levels; a request nests 3).
+
+    With ``max_inputs``, a large body whose top-level ``input`` list holds more inputs than that (strings,
+    rows; not the token ids of one input) raises InputsOverLimit once the limit is passed: a hostile body of
+    millions of tiny items costs a few runs, not the whole parse and the millions of objects it would make.
     """
     if len(body) <= PIECEWISE_FROM:
         return json.loads(body)
-    try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass") if isinstance(body, (bytes, bytearray)) \
-            else body
-        return _object(text)
-    except (_Surprise, ValueError, IndexError, RecursionError):
-        return json.loads(body)
+    if isinstance(body, str):
+        if body.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", body, 0)
+        text = body
+    else:
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+    value, at = _value(text, _skip(text, 0), 0, max_inputs)
+    at = _skip(text, at)
+    if at != len(text):
+        raise json.JSONDecodeError("Extra data", text, at)
+    return value
 
 
 def _skip(text: str, at: int) -> int:
@@ -208,72 +231,105 @@ def _skip(text: str, at: int) -> int:
     return match.end()
 
 
-def _object(text: str) -> dict[str, Any]:
-    at = _skip(text, 0)
-    if text[at] != "{":
-        raise _Surprise
+def _value(text: str, at: int, depth: int, max_inputs: int | None = None) -> tuple[Any, int]:
+    """The value at ``at``; ``max_inputs`` applies to the top-level object's ``input`` list."""
+    first = text[at:at + 1]
+    if first in ("{", "[") and depth >= MAX_DEPTH:
+        raise RecursionError(f"a request body over {PIECEWISE_FROM} bytes nests deeper than {MAX_DEPTH} levels")
+    if first == "{":
+        return _object(text, at, depth + 1, max_inputs if depth == 0 else None)
+    if first == "[":
+        return _list(text, at, depth + 1)
+    return _DECODER.raw_decode(text, at)  # a string, number or literal: linear in its length; errors are json's
+
+
+def _slice(text: str, start: int, stop: int, open_: str, close: str) -> Any:
+    """json.loads of text[start:stop] wrapped in ``open_``/``close``, an error moved to where it lies in text."""
+    try:
+        return json.loads(f"{open_}{text[start:stop]}{close}")
+    except json.JSONDecodeError as exc:
+        raise json.JSONDecodeError(exc.msg, text, exc.pos - 1 + start) from None
+
+
+def _fail(text: str, at: int, state: str, comma: int = -1) -> NoReturn:
+    """Raise json's error for ``text[at]`` met in ``state`` (one of the one-level documents above): json's
+    scanner reads the state and what follows, and its error is moved to ``at`` (or to the comma at
+    ``comma``, which a trailing-comma error names)."""
+    try:
+        json.loads(state + text[at:at + 16])
+    except json.JSONDecodeError as exc:
+        where = exc.pos - len(state) + at if exc.pos >= len(state) else comma
+        assert where >= 0, (state, exc)
+        raise json.JSONDecodeError(exc.msg, text, where) from None
+    raise AssertionError(f"json read {state + text[at:at + 16]!r} where the pieces could not")
+
+
+def _object(text: str, at: int, depth: int, max_inputs: int | None) -> tuple[dict[str, Any], int]:
     out: dict[str, Any] = {}
-    at = _skip(text, at + 1)
-    if text[at] == "}":
-        at += 1
-    else:
-        for _ in range(_MAX_KEYS):
-            if text[at] != '"':
-                raise _Surprise
-            key, at = _DECODER.raw_decode(text, at)
-            at = _skip(text, at)
-            if text[at] != ":":
-                raise _Surprise
-            at = _skip(text, at + 1)
-            out[key], at = _list(text, at, 1) if text[at] == "[" else _DECODER.raw_decode(text, at)
-            at = _skip(text, at)
-            if text[at] == "}":
-                at += 1
-                break
-            if text[at] != ",":
-                raise _Surprise
-            at = _skip(text, at + 1)
-        else:
-            raise _Surprise
-    if _skip(text, at) != len(text):
-        raise _Surprise
-    return out
-
-
-def _list(text: str, at: int, depth: int) -> tuple[list[Any], int]:
-    out: list[Any] = []
-    at = _skip(text, at + 1)
-    if text[at] == "]":
+    at, state, comma = _skip(text, at + 1), _AT_OBJECT_START, -1
+    if text[at:at + 1] == "}":
         return out, at + 1
     while True:
-        first = text[at]
+        if (run := _PAIRS.match(text, at, at + _WINDOW)) is not None:  # key-value pairs of small values
+            out.update(_slice(text, at, run.end(), "{", "}"))  # later keys win, in the first one's place
+            at = run.end()
+        else:
+            if text[at:at + 1] != '"':
+                _fail(text, at, state, comma)
+            key, at = _DECODER.raw_decode(text, at)
+            at = _skip(text, at)
+            if text[at:at + 1] != ":":
+                _fail(text, at, _AFTER_KEY)
+            at = _skip(text, at + 1)
+            if at == len(text):
+                _fail(text, at, _AFTER_KEY + ":")
+            if key == "input" and max_inputs is not None and text[at] == "[":
+                out[key], at = _list(text, at, depth + 1, max_inputs)
+            else:
+                out[key], at = _value(text, at, depth)
+        at = _skip(text, at)
+        if text[at:at + 1] == "}":
+            return out, at + 1
+        if text[at:at + 1] != ",":
+            _fail(text, at, _AFTER_VALUE)
+        comma = at
+        at, state = _skip(text, at + 1), _AFTER_PAIR_COMMA
+
+
+def _list(text: str, at: int, depth: int, max_inputs: int | None = None) -> tuple[list[Any], int]:
+    out: list[Any] = []
+    at, state, comma = _skip(text, at + 1), _AT_LIST_START, -1
+    if text[at:at + 1] == "]":
+        return out, at + 1
+    while True:
+        first = text[at:at + 1]
         items: list[Any] | None = None
-        if first == '"' and not _closes_soon(text, at):  # a long string (a passage): alone
+        if first in ("", "]"):  # the end, or "]" after a comma
+            _fail(text, at, state, comma)
+        elif first == '"' and not _closes_soon(text, at):  # a long string (a passage): alone
             item, at = _DECODER.raw_decode(text, at)
             out.append(item)
         elif first not in '"[{' and (stop := _scalars_end(text, at)) > at:  # numbers: up to "]" or a ","
-            items, at = json.loads(f"[{text[at:stop]}]"), stop
-        elif (run := _RUN.match(text, at, at + _WINDOW)) is not None:  # short strings, rows of token ids
-            items, at = json.loads(f"[{run.group()}]"), run.end()
-        elif first == '"':  # one string longer than the window
-            item, at = _DECODER.raw_decode(text, at)
+            items, at = _slice(text, at, stop, "[", "]"), stop
+        elif (run := _RUN.match(text, at, at + _WINDOW)) is not None:  # short strings, rows of ids, flat objects
+            items, at = _slice(text, at, run.end(), "[", "]"), run.end()
+        else:  # an item larger than the window, or a nested one
+            item, at = _value(text, at, depth)
             out.append(item)
-        elif first == "[" and depth < 2:  # one row longer than the window
-            item, at = _list(text, at, depth + 1)
-            out.append(item)
-        else:
-            raise _Surprise
         if items is not None:
             if out:
                 out.extend(items)
             else:
                 out = items
+        if max_inputs is not None and len(out) > max_inputs and not _is_int(out[0]):
+            raise InputsOverLimit
         at = _skip(text, at)
-        if text[at] == "]":
+        if text[at:at + 1] == "]":
             return out, at + 1
-        if text[at] != ",":
-            raise _Surprise
-        at = _skip(text, at + 1)
+        if text[at:at + 1] != ",":
+            _fail(text, at, _AFTER_ITEM)
+        comma = at
+        at, state = _skip(text, at + 1), _AFTER_COMMA
 
 
 def _closes_soon(text: str, at: int) -> bool:
