@@ -423,6 +423,56 @@ def test_a_request_head_over_the_limit_is_431_and_closed(live: LiveServer) -> No
     assert live.request("GET", "/health")[0] == 200
 
 
+def test_a_head_that_trickles_in_is_408_and_an_idle_connection_is_closed(live: LiveServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Slow-loris: a head sent a byte every few seconds held its connection (and file descriptor) for as long
+    as the client liked, and 90 such connections locked every client out of a server with 100 descriptors."""
+    from embedrt.serve import run
+
+    monkeypatch.setattr(run, "HEAD_TIMEOUT_S", 0.5)
+
+    def trickle(sock: socket.socket, data: bytes, seconds: float) -> bytes:
+        """Send ``data`` a byte every 50 ms for at most ``seconds``; what the server answered until it closed."""
+        end = time.monotonic() + seconds
+        with contextlib.suppress(OSError):
+            for byte in data:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.05)
+                if time.monotonic() > end:
+                    break
+        answer = b""
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                answer += chunk
+        return answer
+
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"A" * 200 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
+        start = time.monotonic()
+        answer = trickle(sock, head, 5)
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 0.5 s" in answer, answer[:200]
+        assert time.monotonic() - start < 4
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:  # sends nothing: closed
+        start = time.monotonic()
+        assert sock.recv(100) == b"" and time.monotonic() - start < 4
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:  # after a response: the same
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        start = time.monotonic()
+        answer = trickle(sock, b"\r\n" * 100, 5)
+        assert answer.startswith(b"HTTP/1.1 200 ") and b"408" not in answer and time.monotonic() - start < 4
+    # a head sent at once, then a body sent slowly (over the head timeout, within the request's deadline): 200
+    body = json.dumps({"model": _tiny_name(live), "input": "a"}).encode()
+    with socket.create_connection(("127.0.0.1", live.port), timeout=20) as sock:
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), len(body) // 4 + 1):
+            time.sleep(0.3)
+            sock.sendall(body[i : i + len(body) // 4 + 1])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
 def _exchange(port: int, data: bytes, more: bytes = b"") -> bytes:
     """Send ``data`` (then ``more`` in 4 KiB writes, stopping if the server closes) and read until it closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:

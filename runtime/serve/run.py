@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 from typing import Any
@@ -21,13 +22,21 @@ FRAMING_SHARE = 4
 # unread bytes in the socket makes the kernel send a reset, which can destroy the 431 before the client reads
 # it (nginx's lingering_close does the same, 5 s by default)
 LINGER_S = 2.0
+# a request's head must arrive within this many seconds of its first byte, and a connection must send a head
+# within it of opening or of its last response: a client trickling a head a byte at a time (slow-loris) held
+# its connection, and its file descriptor, for as long as it liked (nginx's client_header_timeout is 60 s;
+# a head is at most MAX_HEAD_BYTES, which a client sends in one go)
+HEAD_TIMEOUT_S = 10.0
 
 
 def http_protocol() -> Any:
     """uvicorn's httptools protocol with each request's non-body bytes bounded: a head (request line and
     headers, counted exactly) over ``MAX_HEAD_BYTES`` gets a 431 and the connection is closed, as does a
-    message whose chunk framing and trailers exceed ``MAX_HEAD_BYTES`` plus a quarter of its body. Without
-    httptools, uvicorn's h11, which bounds a head itself (``h11_max_incomplete_event_size``)."""
+    message whose chunk framing and trailers exceed ``MAX_HEAD_BYTES`` plus a quarter of its body. A head
+    that has not arrived ``HEAD_TIMEOUT_S`` after its first byte gets a 408 and the connection is closed; a
+    connection that sends nothing that long after opening, or after its last response, is closed. Without
+    httptools, uvicorn's h11, which bounds a head's size itself (``h11_max_incomplete_event_size``) but not
+    its time."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
@@ -41,6 +50,40 @@ def http_protocol() -> Any:
         _completed = False  # a message completed in the chunk being fed
         _refused = False
         _started = False  # the current message's request has started (its head was accepted)
+        _head_begun = False  # bytes of a head have come since the last head completed
+        _head_timer: asyncio.TimerHandle | None = None  # running while a head is awaited
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._head_arrived()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+
+        def _head_arrived(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self._refused or self.transport.is_closing():
+                return
+            if not self._head_begun and (self.cycle is None or self.cycle.response_complete):
+                self.transport.close()  # idle since it opened (the keep-alive timeout closes it after a response)
+                return
+            self.logger.warning("Request head not complete %g s after it began: connection closed.", HEAD_TIMEOUT_S)
+            self._refuse(408, f"The request head did not arrive within {HEAD_TIMEOUT_S:g} s.")
+
+        def on_message_begin(self) -> None:
+            self._head_begun = True
+            self._await_head()
+            super().on_message_begin()
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
@@ -50,7 +93,7 @@ def http_protocol() -> Any:
             if not self._completed:  # a chunk in which a message ended is not counted (the split is unknown)
                 self._other += len(data) - self._chunk_body
             if self._refused or self._other > MAX_HEAD_BYTES + self._body // FRAMING_SHARE:
-                self._refuse()
+                self._refuse(431, f"Request head over {MAX_HEAD_BYTES} bytes.")
 
         def on_url(self, url: bytes) -> None:
             self._head += len(url)
@@ -64,7 +107,8 @@ def http_protocol() -> Any:
             if self._head > MAX_HEAD_BYTES:  # a head that arrived within one read: no request is started
                 self._refused = True
                 return
-            self._started = True
+            self._started, self._head_begun = True, False
+            self._head_arrived()
             super().on_headers_complete()
 
         def on_body(self, body: bytes) -> None:
@@ -79,11 +123,19 @@ def http_protocol() -> Any:
             if not self._refused:
                 super().on_message_complete()
 
-        def _refuse(self) -> None:
+        def on_response_complete(self) -> None:
+            idle = not self.pipeline  # no request waits: the next head is awaited from now
+            super().on_response_complete()
+            if idle and not self.transport.is_closing():
+                self._await_head()
+
+        def _refuse(self, status: int, message: str) -> None:
             self._refused = True
+            self._head_arrived()
             if self.transport.is_closing():
                 return
-            self.logger.warning("Request head or framing over %d bytes: connection closed.", MAX_HEAD_BYTES)
+            if status == 431:
+                self.logger.warning("Request head or framing over %d bytes: connection closed.", MAX_HEAD_BYTES)
             if self._started:  # framing or trailers of a request under way: its body cannot complete
                 self.transport.close()
                 return
@@ -95,8 +147,8 @@ def http_protocol() -> Any:
                 cycle.keep_alive = False
                 self.pipeline.clear()
                 return
-            body = f"Request head over {MAX_HEAD_BYTES} bytes.".encode()
-            self.transport.write(STATUS_LINE[431] + b"content-type: text/plain; charset=utf-8\r\n"
+            body = message.encode()
+            self.transport.write(STATUS_LINE[status] + b"content-type: text/plain; charset=utf-8\r\n"
                                  + b"content-length: " + str(len(body)).encode() + b"\r\n"
                                  + b"connection: close\r\n\r\n" + body)
             # lingering close: send the 431 and our FIN, drop what the client still sends (data_received
