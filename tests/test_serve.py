@@ -742,8 +742,8 @@ def test_api_keys_and_open_probes(tiny: Any) -> None:
         with pytest.raises(openai.AuthenticationError) as info:
             server.client("key-three").embeddings.create(model=name, input="a")
         assert _error(info.value)["code"] == "invalid_api_key"
-        status, _, _ = server.request("POST", "/v1/embeddings", {"model": name, "input": "a"})
-        assert status == 401
+        status, headers, _ = server.request("POST", "/v1/embeddings", {"model": name, "input": "a"})
+        assert status == 401 and headers.get("www-authenticate") == "Bearer", headers  # RFC 9110 requires it
         assert server.request("GET", "/metrics")[0] == 401
         assert server.request("GET", "/metrics", headers={"Authorization": "Bearer key-two"})[0] == 200
         assert server.request("GET", "/health")[0] == 200
@@ -1046,3 +1046,10 @@ def test_a_wrong_method_is_405_with_allow(live: LiveServer) -> None:
     assert error["code"] == "method_not_allowed" and "/v1/embeddings does not take GET" in error["message"]
     status, headers, body = live.request("GET", "/v1/no-such-route")
     assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    # a slash added: a 404 in OpenAI's shape (was a 307 with no body, which clients do not follow for a POST)
+    status, headers, body = live.request("POST", "/v1/embeddings/", {"model": "m", "input": "a"},
+                                         headers={"X-Request-Id": "mine-1"})
+    assert status == 404 and json.loads(body)["error"]["message"] == "No route POST /v1/embeddings/."
+    assert headers.get("x-request-id") == "mine-1", headers  # echoed by the router's answers too
+    status, headers, _ = live.request("PUT", "/health")
+    assert status == 405 and len(headers.get("x-request-id", "")) == 16, headers  # one made up: 8 + 8 hex digits

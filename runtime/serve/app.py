@@ -576,9 +576,13 @@ def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, A
                              code="method_not_allowed")
         else:
             error = ApiError(status, f"No route {request.method} {request.url.path}.", code="not_found")
+        headers["X-Request-Id"] = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_IDS):08x}"
         return Response(error.body(), status, headers=headers, media_type=JSON)
 
     app = _App(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
+    # a path with a slash added is a 404 in OpenAI's shape, not a 307 with no body: clients do not follow a
+    # redirect of a POST with its body, and the error says what was wrong
+    app.router.redirect_slashes = False
     app.state.service = service
     embed = _endpoint(service, "/v1/embeddings", embeddings)
     app.fast_posts = {"/v1/embeddings": embed, "/embeddings": embed}

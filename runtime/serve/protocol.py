@@ -43,8 +43,9 @@ def bad_request(message: str, param: str | None = None, code: str | None = "inva
 
 
 def unauthorized() -> ApiError:
+    # RFC 9110: a 401 names the scheme it wants
     return ApiError(401, "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'.",
-                    code="invalid_api_key")
+                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def model_not_found(name: str, served: list[str]) -> ApiError:
