@@ -322,25 +322,42 @@ def _row(where: str, header: list[str], values: list[str], id_field: str, field:
 
 def _iter_csv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
     """CSV rows as RFC 4180 reads them: a quote opens a field that may hold commas and newlines, and must
-    close (an unclosed one stops the read, named by its line). A row with more fields than the header is bad."""
+    close (an unclosed one stops the read, named by its line). A row with more fields than the header is bad;
+    so is a row with text after a field's closing quote, unless its quotes do not pair up: then its quoted
+    field may go on over the next lines, and where the next row starts cannot be known, so the read stops."""
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # passages can be longer than the 128 KiB default
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark; a bad byte becomes a lone surrogate
     # (surrogateescape), which a CSV cannot otherwise hold, and makes its row bad
     with _open_text(file, newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
-        reader = csv.reader(fh, strict=True)
+        raw: list[str] = []  # the lines of the row being read, as they are in the file
+
+        def lines() -> Iterator[str]:
+            for text in fh:
+                raw.append(text)
+                yield text
+
+        reader = csv.reader(lines(), strict=True)
         line = 1
         try:
             header = _check_header(file, next(reader, None), id_field, field)
             while True:
                 line = reader.line_num + 1  # where the row starts (a quoted field may span lines)
+                raw.clear()
                 try:
                     values = next(reader, None)
                 except csv.Error as exc:
                     if "unexpected end of data" in str(exc):  # a quote that never closes: the rest is one field
                         raise
+                    text = "".join(raw)
+                    if text.count('"') % 2:  # '1,"He said "hi, then"': the field may go on in the next lines
+                        raise InputFileError(
+                            f"{file}:{line}: not a valid CSV row: {exc}, and its quotes do not pair up, so its "
+                            "quoted field may go on over the next lines and where the next row starts cannot be "
+                            'told (a quote inside a quoted field is written "")') from None
                     # a text after a closing quote ('"Hello" he said'): this row is bad, the reader goes on
-                    yield RawRow(f"{file}:{line}", MISSING, MISSING, problem=f"not a valid CSV row: {exc} (a "
-                                 'field that opens a quote must end at its closing quote; a quote inside is "")')
+                    yield RawRow(f"{file}:{line}", _id_before_quotes(text, header, id_field), MISSING,
+                                 problem=f"not a valid CSV row: {exc} (a field that opens a quote must end at its "
+                                 'closing quote; a quote inside is "")')
                     continue
                 if values is None:
                     return
@@ -353,6 +370,14 @@ def _iter_csv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
         except csv.Error as exc:
             raise InputFileError(f"{file}:{line}: not a valid CSV row: {exc} (a quote that opens a field must "
                                  "close it; every row after it was read as part of that field)") from None
+
+
+def _id_before_quotes(text: str, header: list[str], id_field: str) -> Any:
+    """The id of a CSV row that cannot be read, where its column comes before the first quote: the fields
+    up to there are plain (so the bad-rows file names the row)."""
+    plain = text[:text.find('"')].split(",")[:-1]
+    at = header.index(id_field)
+    return plain[at] if at < len(plain) and not has_surrogates(plain[at]) else MISSING
 
 
 def _iter_tsv(file: Path, id_field: str, field: str) -> Iterator[RawRow]:
@@ -735,7 +760,9 @@ def _clean_output(out: Path, state: JobState) -> None:
         path.unlink(missing_ok=True)
     for path in out.glob("part-*.parquet"):
         number = path.stem.split("-", 1)[1]
-        if not (number.isascii() and number.isdigit()):  # not a name this job writes (part-000000 (1).parquet)
+        # not a name this job writes (part-000000 (1).parquet, part-0.parquet): kept, it would add rows to the
+        # dataset; deleted, a user's file would be lost
+        if not (number.isascii() and number.isdigit()) or path.name != part_name(int(number)):
             raise ResumeError(f"{path}: not a part this job wrote, in its folder; move it away to resume")
         if int(number) >= state.summary.parts:  # renamed, but killed before the state said so
             path.unlink()

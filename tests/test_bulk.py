@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,14 @@ def test_a_csv_quote_that_never_closes_stops_the_job_and_extra_fields_are_bad_ro
     out = tmp_path / "o3"  # that row alone is bad: with --skip-bad the job goes on after it
     assert embed_corpus(model, src, out, BulkOptions(skip_bad=True)).texts == 1
     assert read_output(out)[0] == ["2"]
+    assert json.loads((out / bulk.BAD_ROWS_NAME).read_text())["id"] == "1"  # its id comes before the quote
+    # quotes that do not pair up: the field may go on over the next lines, which were embedded as a row of
+    # their own (id "left"); where the next row starts cannot be known, so the job stops, with --skip-bad too
+    src.write_text('_id,text\n1,"He said "hi, then"\nleft, slowly"\n2,ok\n')
+    for options in (BulkOptions(), BulkOptions(skip_bad=True)):
+        with pytest.raises(InputFileError, match=r"q\.csv:2: not a valid CSV row: .* quotes do not pair up"):
+            embed_corpus(model, src, tmp_path / "o4", options)
+        assert not (tmp_path / "o4" / "part-000000.parquet").exists()
     for name, text in (("x.csv", "_id,text\n1,a,b\n2,ok\n"), ("x.tsv", "_id\ttext\n1\ta\tb\n2\tok\n")):
         (tmp_path / name).write_text(text)
         with pytest.raises(BadRowError, match=rf"{name}:2: 3 fields, the header has 2"):
@@ -293,6 +302,16 @@ def test_leftovers_of_a_killed_run_and_strays_in_the_folder(tiny_bert, model, tm
     (out / "part-000000 (1).parquet").write_bytes(b"")
     with pytest.raises(ResumeError, match=r"part-000000 \(1\)\.parquet: not a part this job wrote"):
         embed_corpus(model, src, out, BulkOptions(part_rows=10))
+    (out / "part-000000 (1).parquet").unlink()
+    # numbered, but not as the job numbers its parts: part-0 was kept (its rows a second time in the dataset),
+    # part-9 deleted (a user's file lost), both without a word
+    for stray in ("part-0.parquet", "part-9.parquet", "part-0000001.parquet"):
+        shutil.copy(out / "part-000000.parquet", out / stray)
+        with pytest.raises(ResumeError, match=rf"{stray}: not a part this job wrote"):
+            embed_corpus(model, src, out, BulkOptions(part_rows=10))
+        assert (out / stray).exists()
+        (out / stray).unlink()
+    assert_equals_encode(out, model, rows)
     # a finished --skip-bad job reruns as a no-op after its bad-rows file was moved away
     bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:3], {"_id": "d0", "text": "again"}])
     done = tmp_path / "done"
