@@ -34,7 +34,7 @@ from embedrt.errors import EmbedrtError, OutputPathError
 from embedrt.manifest import MANIFEST_NAME, resolve_prompt, write_json_atomic
 from embedrt.outputs import PROBE_PREFIX, naming_write_errors
 from embedrt.providers import parse_device
-from embedrt.textio import BOM, InputFileError, byte_lines, join_title, not_utf8
+from embedrt.textio import BOM, InputFileError, byte_lines, join_title, not_utf8, repeated_key
 from embedrt.tokenize import check_count, has_surrogates
 
 if TYPE_CHECKING:
@@ -262,6 +262,10 @@ def iter_jsonl_range(file: Path, id_field: str, field: str, start: int = 0, end:
             if not isinstance(record, dict):
                 yield RawRow(where, MISSING, MISSING, problem=f"not a JSON object but {type(record).__name__}")
                 continue
+            if (twice := repeated_key(line, (id_field, field, "title"))) is not None:
+                yield RawRow(where, MISSING, MISSING, problem=f"the key {twice!r} more than once (which one "
+                             "was meant?)")
+                continue
             yield RawRow(where, record.get(id_field, MISSING), record.get(field, MISSING), record.get("title"))
 
 
@@ -442,6 +446,9 @@ def parquet_columns(source: Any, file: Path, id_field: str, field: str) -> list[
     for name in (id_field, field):
         if name not in names:
             raise InputFileError(f"{file}: no column {name!r} (columns: {', '.join(names)})")
+    for name in (id_field, field, "title"):
+        if names.count(name) > 1:  # pyarrow would read the last, silently (which one was meant?)
+            raise InputFileError(f"{file}: the column {name!r} more than once")
     return [id_field, field] + (["title"] if field == "text" and "title" in names else [])
 
 

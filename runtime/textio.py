@@ -76,6 +76,8 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False,
             raise InputFileError(f"{file}:{number}: not valid JSON: nested too deeply") from None
         if not isinstance(record, dict) or not isinstance(record.get(field), str):
             raise InputFileError(f"{file}:{number}: expected an object with a string field {field!r}")
+        if (twice := repeated_key(line, (field, "title", "_id", "id"))) is not None:
+            raise InputFileError(f"{file}:{number}: the key {twice!r} more than once (which one was meant?)")
         text = join_title(record.get("title"), record[field], field)
         name = "_id" if "_id" in record else "id" if "id" in record else None
         if name is None:
@@ -143,6 +145,23 @@ def byte_lines(fh: Any, bom: bool = True) -> Iterator[bytes]:
             yield from chunk.split(b"\r")
         else:
             yield chunk
+
+
+def repeated_key(line: str, names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` that a JSON object line holds as a top-level key more than once, else None:
+    json keeps the last one, silently (which one was meant?). Cheap where no name appears twice as text (a key
+    spelt with escapes, ``"\\u0074ext"``, is not counted)."""
+    if all(line.count(json.dumps(name)) < 2 for name in names):
+        return None
+    keys: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal keys
+        keys = [key for key, _ in items]  # the top-level object is decoded last
+        return dict(items)
+
+    json.loads(line, object_pairs_hook=pairs)
+    return next((name for name in names if keys.count(name) > 1), None)
 
 
 def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:

@@ -325,6 +325,22 @@ def test_csv_header_naming_a_column_twice_and_outputs_the_cli_refuses(tiny_bert,
     src.write_text("_id,text,text\na,first,second\n")
     with pytest.raises(InputFileError, match=r"d\.csv:1: the header names column 'text' more than once"):
         embed_corpus(model, src, tmp_path / "o")
+    # the same in JSONL and Parquet: json and pyarrow took the last one, silently
+    dup = tmp_path / "d.jsonl"
+    dup.write_text('{"_id": "a", "text": "x \\"text\\": y"}\n{"_id": "b", "text": "first", "text": "second"}\n'
+                   '{"_id": "c", "text": "ok", "x": {"_id": 1, "_id": 2}}\n')  # a nested object's keys: not ours
+    with pytest.raises(BadRowError, match=r"d\.jsonl:2: the key 'text' more than once"):
+        embed_corpus(model, dup, tmp_path / "o-dup")
+    out = tmp_path / "o-dup-skip"
+    assert embed_corpus(model, dup, out, BulkOptions(skip_bad=True)).texts == 2
+    assert read_output(out)[0] == ["a", "c"]
+    with pytest.raises(InputFileError, match=r"d\.jsonl:2: the key 'text' more than once"):
+        read_records(dup)
+    table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["first"]), pa.array(["second"])],
+                                 names=["_id", "text", "text"])
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(InputFileError, match=r"d\.parquet: the column 'text' more than once"):
+        embed_corpus(model, tmp_path / "d.parquet", tmp_path / "o-dup-pq")
     (tmp_path / "e.csv").write_text("")
     with pytest.raises(InputFileError, match=r"e\.csv: empty; a header row naming '_id' and 'text' comes first"):
         embed_corpus(model, tmp_path / "e.csv", tmp_path / "o2")
