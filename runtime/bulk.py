@@ -981,7 +981,7 @@ def embed_corpus(
     out = Path(output_dir)
     check_utf8_path(out)
     resolve_prompt(model.manifest, opts.prompt_name, opts.prompt)  # a bad prompt before the folder is made
-    with _exclusive(out):
+    with exclusive(out):
         return _embed_corpus(model, file, fmt, out, opts, part_rows, on_part)
 
 
@@ -1000,8 +1000,9 @@ def path_text(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder: two runs writing one job would interleave its parts."""
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder (made if missing), as every run of ``embedrt embed``, local
+    or Ray, does: two runs writing one folder would interleave or overwrite each other's parts."""
     out.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl

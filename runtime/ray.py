@@ -44,6 +44,7 @@ from embedrt.bulk import (
     check_utf8_path,
     embedding_schema,
     embedding_table,
+    exclusive,
     iter_jsonl_range,
     iter_rows,
     job_identity,
@@ -57,6 +58,7 @@ from embedrt.bulk import (
 from embedrt.manifest import read_manifest, resolve_prompt, write_json_atomic
 from embedrt.providers import parse_device
 from embedrt.textio import InputFileError
+from embedrt.tokenize import repaired
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +235,9 @@ def _read_text_rows(file: Path, fmt: InputFormat, id_field: str, field: str) -> 
         ids, texts = [], []
         for _, rid, text in check_rows(rows, field, id_field, " (Ray mode has no --skip-bad)"):
             ids.append(rid)
-            texts.append(text)
+            # a lone surrogate (a JSON escape of half a UTF-16 pair) becomes U+FFFD, as the local command
+            # embeds it: Arrow cannot hold it, and the read task failed with a UnicodeEncodeError
+            texts.append(repaired(text))
             if len(ids) >= BATCH_ROWS * 4:
                 yield pa.table([ids, texts], schema=schema)
                 ids, texts = [], []
@@ -355,7 +359,25 @@ def embed_with_ray(
     file, fmt = resolve_input(input_path)
     out = Path(output_dir)
     check_utf8_path(out)
-    _check_ray_output(out)
+    _check_ray_output(out)  # before the folder is made
+    made = not out.exists()
+    try:
+        # the lock a local run holds too: without it, a second run (Ray or local) into the folder wrote
+        # its parts beside, or over, this one's, and both said they succeeded
+        with exclusive(out):
+            _check_ray_output(out)  # again, now that no other run can write to it
+            return _ray_job(ray, model_dir, file, fmt, out, opts, address, num_actors, cpus_per_actor, load_options)
+    except BaseException:
+        if made:  # the folder is left as the job found it: not there
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: InputFormat, out: Path,
+             opts: BulkOptions, address: str | None, num_actors: int | None, cpus_per_actor: int,
+             load_options: Mapping[str, Any] | None) -> BulkSummary:
+    """``embed_with_ray``'s job, its arguments checked and its folder locked."""
     started = not ray.is_initialized()
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main_thread else None

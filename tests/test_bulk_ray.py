@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import embedrt
+from embedrt import bulk
 from embedrt.bulk import BadRowError, BulkOptions, EmbedDtype, ResumeError, embed_corpus
 from embedrt.cli import main
 from embedrt.textio import InputFileError
@@ -73,15 +74,22 @@ def test_ray_bad_and_duplicate_rows_stop_the_job(cluster, tiny_bert, tmp_path) -
     src = write_jsonl(tmp_path / "dup.jsonl", rows)
     with pytest.raises(BadRowError, match="duplicate id 'd3'"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
-    assert not list((tmp_path / "out").iterdir())  # nothing published, no staging left: the folder is reusable
+    assert not (tmp_path / "out").exists()  # nothing published, no staging left: the folder is as it was
     rows = make_rows(20)
     rows[4]["_id"] = ""
     src = write_jsonl(tmp_path / "empty.jsonl", rows)
     # the actor's BadRowError, not Ray's wrapping of it, so the CLI says which row and exits 2
     with pytest.raises(BadRowError, match=r"empty\.jsonl:5: empty id"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
-    assert not list((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()
     assert main(["embed", str(tiny_bert[1]), str(src), "-o", str(tmp_path / "out"), "--ray"]) == 2
+    (tmp_path / "out").mkdir()  # an empty folder that was there is left there
+    with pytest.raises(BadRowError):
+        embed_with_ray(tiny_bert[1], src, tmp_path / "out")
+    assert (tmp_path / "out").is_dir() and not list((tmp_path / "out").iterdir())
+    # another run writing to the folder (a local one holds this lock): refused, not written beside or over
+    with bulk.exclusive(tmp_path / "out"), pytest.raises(ResumeError, match="another run of embedrt embed"):
+        embed_with_ray(tiny_bert[1], write_jsonl(tmp_path / "good.jsonl", make_rows(5)), tmp_path / "out")
     (tmp_path / "out" / ".ray-0123").mkdir()  # what a killed driver leaves
     with pytest.raises(ResumeError, match="staging folder of a Ray job that was interrupted"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "out")
@@ -173,6 +181,15 @@ def test_ray_reads_jsonl_csv_and_tsv_as_local_mode_does(cluster, tiny_bert, mode
     assert float(max(np.abs(e - by_id[i]).max() for i, e in zip(ray_ids, ray_emb))) <= 1e-6
     plain = dict(zip(*read_output(tmp_path / "local-c.tsv")[:2]))
     assert min(float(np.dot(by_id[i], plain[i])) for i in plain) < 0.9999  # (normalised) the prompt counted
+    # half a UTF-16 pair, escaped: U+FFFD, as local mode embeds it (Arrow could not hold it: a Ray traceback)
+    src.write_text('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "bad \\ud800 half"}\n')
+    embed_with_ray(tiny_bert[1], src, tmp_path / "ray-surrogate")
+    embed_corpus(model, src, tmp_path / "local-surrogate")
+    ray_ids, ray_emb, _ = read_output(tmp_path / "ray-surrogate")
+    local_ids, local_emb, _ = read_output(tmp_path / "local-surrogate")
+    assert sorted(ray_ids) == local_ids == ["a", "b"]
+    assert np.abs(ray_emb[ray_ids.index("b")] - local_emb[1]).max() <= 1e-6
+    assert np.abs(local_emb[1] - model.encode(["bad \ufffd half"])[0]).max() <= 1e-6
     src.write_bytes(b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y\xff"}\n')
     with pytest.raises(BadRowError, match=r"c\.jsonl:2: not UTF-8 \(byte 0xff at column 24\)"):
         embed_with_ray(tiny_bert[1], src, tmp_path / "bad")
