@@ -22,6 +22,8 @@ FORMAT_NAME = "embedrt-model"
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 TOKENIZER_NAME = "tokenizer.json"
+# transformers' tokenizer settings that tokenizer.json does not hold (split_special_tokens)
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 ONNX_NAME = "model.onnx"
 OPENVINO_XML = "openvino_model.xml"
 OPENVINO_BIN = "openvino_model.bin"

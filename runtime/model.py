@@ -22,6 +22,7 @@ from embedrt.errors import ProviderUnavailableError
 from embedrt.manifest import (
     DOCUMENT_PROMPTS,
     OUTPUT_NAME,
+    TOKENIZER_CONFIG_NAME,
     TOKENIZER_NAME,
     Manifest,
     Precision,
@@ -379,8 +380,12 @@ def load(
                             spinning)
     # verify: every file the manifest lists, also the graphs this device will not read (a folder copied to
     # many hosts is checked whole wherever it is verified); else the sizes of the files this load reads
-    check_files(root, manifest, list(manifest.files) if verify else [TOKENIZER_NAME], full_hash=verify)
-    tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs)
+    # tokenizer_config.json is read where it is (split_special_tokens, checked against the manifest's): its size too
+    read = [name for name in (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME)
+            if name == TOKENIZER_NAME or (name in manifest.files and (root / name).is_file())]
+    check_files(root, manifest, list(manifest.files) if verify else read, full_hash=verify)
+    tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs,
+                              split_special_tokens=manifest.split_special_tokens)
     before = hugepages.snapshot() if huge_pages else None
     plan, backend = _start(root, manifest, request, settings)
     check_graph(root, manifest, backend.graph, tokenizer.vocab_size, OUTPUT_NAME)

@@ -14,7 +14,7 @@ import numpy as np
 
 from embedrt._optional import require
 from embedrt.errors import ModelFolderError
-from embedrt.manifest import MANIFEST_NAME
+from embedrt.manifest import MANIFEST_NAME, TOKENIZER_CONFIG_NAME
 
 TYPE_IDS = "token_type_ids"
 # a single text up to this many characters is tokenized with ``encode``, which holds the GIL (~30 us here)
@@ -149,7 +149,10 @@ def _split_special_tokens(config: Path) -> bool:
 class TextTokenizer:
     """Turns texts into padded int64 feeds for the graph's inputs."""
 
-    def __init__(self, path: Path, max_length: int, pad_id: int, input_names: Sequence[str]) -> None:
+    def __init__(self, path: Path, max_length: int, pad_id: int, input_names: Sequence[str],
+                 split_special_tokens: bool | None = None) -> None:
+        """``split_special_tokens``: the manifest's (a tokenizer_config.json beside ``path`` must agree);
+        None: the tokenizer_config.json's, False without one."""
         tokenizers = require("tokenizers", "runtime")
         try:
             self._tok = tokenizers.Tokenizer.from_file(str(path))
@@ -161,7 +164,14 @@ class TextTokenizer:
         self._tok.no_truncation()  # the probe of the special tokens must not be cut
         # transformers' split_special_tokens (tokenizer_config.json, not kept in tokenizer.json): "[SEP]" in a
         # text is tokenized as the text it is, not as the special token
-        self._tok.encode_special_tokens = _split_special_tokens(path.parent / "tokenizer_config.json")
+        config = path.parent / TOKENIZER_CONFIG_NAME
+        in_config = _split_special_tokens(config)
+        if split_special_tokens is not None and config.is_file() and in_config != split_special_tokens:
+            # which one the folder was checked with, the export's parity run knows; a load must not guess
+            raise ModelFolderError(f"{config}: split_special_tokens is {str(in_config).lower()}, but the "
+                                   f"manifest's field 'split_special_tokens' is {str(split_special_tokens).lower()}; "
+                                   "the folder was changed after export (re-export it)")
+        self._tok.encode_special_tokens = in_config if split_special_tokens is None else split_special_tokens
         self.prefix, self.suffix = self._special_template()
         if max_length < len(self.prefix) + len(self.suffix) + 1:
             raise ModelFolderError(f"{path.parent / MANIFEST_NAME}: field 'max_seq_length' is {max_length}, which "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from embedrt.errors import OutputPathError, ParityError, SourceError
+from embedrt.errors import ModelFolderError, OutputPathError, ParityError, SourceError
 from embedrt.export import export_model
 
 
@@ -376,6 +376,22 @@ def test_split_special_tokens_is_followed(tmp_path) -> None:
     plain = export_model(str(make_checkpoint(tmp_path / "ck2", StandIn(architecture="roberta", max_seq_length=64))),
                          tmp_path / "out2", formats="onnx")
     assert 2 in embedrt.load(plain, device="cpu").tokenize(["a </s> b"])[0][1:-1]  # by default it is the token
+    # the manifest holds the setting: a folder without tokenizer_config.json (dropped as clutter on deploy)
+    # still splits; one whose config was changed to disagree is refused (it was followed, silently)
+    (out / "tokenizer_config.json").unlink()
+    assert 2 not in embedrt.load(out, device="cpu").tokenize(["a </s> b"])[0][1:-1]
+    config = plain / "tokenizer_config.json"
+    text = config.read_text()
+    _edit_json(config, split_special_tokens=True)
+    manifest = json.loads((plain / "embedrt.json").read_text())
+    manifest["files"]["tokenizer_config.json"]["bytes"] = config.stat().st_size  # past the size check
+    (plain / "embedrt.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=r"tokenizer_config\.json: split_special_tokens is true, but the "
+                       r"manifest's field 'split_special_tokens' is false"):
+        embedrt.load(plain, device="cpu")
+    config.write_text(text + " ")  # another size: named by the size check
+    with pytest.raises(ModelFolderError, match=r"tokenizer_config\.json: corrupt or truncated"):
+        embedrt.load(plain, device="cpu")
 
 
 def test_overwrite_never_deletes_a_file_the_checkpoint_links_to(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
