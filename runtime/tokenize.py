@@ -77,13 +77,19 @@ def has_surrogates(text: str) -> bool:
     return False
 
 
+# a count past this is no bound (no input has 2^53 texts or tokens); kept exact in float64, and within int64
+# (batch_size=2**63 raised OverflowError, max_tokens=10**20 wrapped negative in the planner)
+UNBOUNDED = 2**53
+
+
 def check_count(value: Any, name: str) -> int:
-    """``value`` as a positive int, or TypeError / ValueError naming ``name``."""
+    """``value`` as a positive int (at most ``UNBOUNDED``, which any larger one means), or TypeError /
+    ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int >= 1, got {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
+    return min(int(value), UNBOUNDED)
 
 
 @dataclasses.dataclass(frozen=True)

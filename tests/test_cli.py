@@ -189,6 +189,16 @@ def test_max_tokens_is_passed_through_and_checked(tiny_bert, tmp_path, capsys) -
             main([*args, str(tmp_path / "b.npy"), flag, "0"])
         assert exit_info.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "b.npy").exists()
+    # any larger count is no bound: --batch-size 10**20 was a traceback (OverflowError), --max-tokens an argmin error
+    huge = str(10**20)
+    assert main([*args, str(tmp_path / "c.npy"), "--batch-size", huge, "--max-tokens", huge]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), np.load(tmp_path / "a.npy"), atol=2e-6)
+    model = embedrt.load(folder)
+    texts = [f"text {'word ' * i}" for i in range(40)]
+    for options in ({"batch_size": 2**63}, {"max_tokens": 10**20}, {"batch_size": 2**64, "max_tokens": 2**64}):
+        np.testing.assert_allclose(model.encode(texts, **options), model.encode(texts), atol=2e-6)
+        np.testing.assert_allclose(model.encode_tokens(model.tokenize_batch(texts).ids, **options),
+                                   model.encode(texts), atol=2e-6)
 
 
 @pytest.mark.parametrize(("flag", "want"), [([], True), (["--no-huge-pages"], False)])
