@@ -156,7 +156,8 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ModelFolderError(f"{path}: cannot read manifest: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         raise ModelFolderError(f"{path}: not an embedrt manifest (format must be {FORMAT_NAME!r})")
-    if data.get("format_version") not in READ_VERSIONS:
+    version = data.get("format_version")
+    if isinstance(version, bool) or version not in READ_VERSIONS:  # true == 1 in Python
         raise ModelFolderError(
             f"{path}: format_version {data.get('format_version')!r} is not supported (this embedrt reads "
             f"{' and '.join(map(str, READ_VERSIONS))}); re-export the model with this version of embedrt"

@@ -49,17 +49,21 @@ class Similarity(str, enum.Enum):
         return parse_enum(cls, aliases.get(value, value), "similarity")
 
 
-def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], mode: Pooling) -> FloatArray:
+def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], mode: Pooling | str) -> FloatArray:
     """Pool ``[batch, seq, dim]`` token embeddings into ``[batch, dim]`` as sentence-transformers does.
 
     Args:
         token_embeddings: the encoder's last hidden state, float32 ``[batch, seq, dim]``.
         attention_mask: 1 for real tokens, 0 for padding, ``[batch, seq]``.
-        mode: the pooling mode.
+        mode: the pooling mode, a ``Pooling`` or its value (``"mean"``).
 
     Returns:
         float32 ``[batch, dim]``.
+
+    Raises:
+        ValueError: ``mode`` is no pooling mode (the message lists them).
     """
+    mode = Pooling.parse(mode)  # "mean" was "unsupported pooling 'mean'"
     h = np.asarray(token_embeddings, dtype=np.float32)
     mask = np.asarray(attention_mask).astype(np.float32)[:, :, None]
     if mode is Pooling.CLS:
@@ -73,7 +77,7 @@ def pool(token_embeddings: FloatArray, attention_mask: npt.NDArray[np.integer], 
         return np.asarray(summed / counts, dtype=np.float32)
     if mode is Pooling.MEAN_SQRT_LEN:
         return np.asarray(summed / np.sqrt(counts), dtype=np.float32)
-    raise ValueError(f"unsupported pooling {mode!r}")
+    raise AssertionError(f"pooling {mode!r} has no implementation")
 
 
 def l2_normalize(x: FloatArray) -> FloatArray:
@@ -181,11 +185,12 @@ def _euclidean(qa: FloatArray, qb: FloatArray) -> FloatArray:
         na, nb = np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b)
         squared = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
     qi, cj = np.nonzero(squared <= _CLOSE * (na[:, None] + nb[None, :]))
+    distance = np.sqrt(np.maximum(squared, 0.0))
     step = max(1, (1 << 21) // qa.shape[1])  # 16 MB of float64 differences at a time
     for s in range(0, qi.size, step):
         d = qa[qi[s : s + step]].astype(np.float64) - qb[cj[s : s + step]].astype(np.float64)
-        squared[qi[s : s + step], cj[s : s + step]] = (d * d).sum(1)
-    distance = np.sqrt(np.maximum(squared, 0.0))
+        # the distance, not its square, goes into the float32 array: a square below ~1e-45 was 0 there
+        distance[qi[s : s + step], cj[s : s + step]] = np.sqrt((d * d).sum(1))
     return np.asarray(0.0 - distance, dtype=np.float32)  # 0.0 -: no -0.0
 
 

@@ -41,6 +41,15 @@ def test_pool_all_padding_row_is_finite_for_mean() -> None:
     assert pool(h, mask, Pooling.MAX)[1].max() == np.float32(-1e9)
 
 
+def test_pool_takes_a_mode_by_its_value_and_names_the_modes() -> None:
+    h = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 0], [1, 1, 1]])
+    for mode in Pooling:  # "mean" was "unsupported pooling 'mean'"
+        np.testing.assert_array_equal(pool(h, mask, mode.value), pool(h, mask, mode))
+    with pytest.raises(ValueError, match=r"unknown pooling 'avg'; valid: mean, cls, max, mean_sqrt_len"):
+        pool(h, mask, "avg")
+
+
 def test_l2_normalize_keeps_zero_rows_zero() -> None:
     x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
     np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
@@ -262,6 +271,12 @@ def test_euclidean_similarity_is_exact_for_close_vectors_and_agrees_with_top_k()
     got = similarity(x, y, "euclidean")
     idx, scores = top_k(x, y, k=1, metric="euclidean")
     assert idx[2, 0] == 5 and idx[3, 0] == 7 and got[2, 5] == scores[2, 0] and got[3, 7] == scores[3, 0]
+    # tiny vectors: the squared distance (9e-60) was stored in float32, where it is 0: two "exact copies"
+    a, b = np.array([[3e-30, 0]], np.float32), np.array([[0, 0], [1e-30, 0]], np.float32)
+    got = similarity(a, b, "euclidean")
+    idx, scores = top_k(a, b, k=2, metric="euclidean")
+    np.testing.assert_allclose(got[0], [-3e-30, -2e-30], rtol=1e-6)
+    assert idx[0].tolist() == [1, 0] and got[0, 1] == scores[0, 0] and got[0, 0] == scores[0, 1]
 
 
 def test_vectors_of_no_columns_are_refused() -> None:

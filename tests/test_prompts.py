@@ -116,6 +116,10 @@ def test_a_manifest_edited_to_other_prompts_is_refused(prompted, tmp_path) -> No
     path.write_text(json.dumps(manifest))
     with pytest.raises(ModelFolderError, match=r"format_version 3 is not supported \(this embedrt reads 1 and 2\)"):
         embedrt.read_manifest(folder)
+    manifest["format_version"] = True  # true == 1 in Python: it was read as version 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=r"format_version True is not supported"):
+        embedrt.read_manifest(folder)
 
 
 def _pooling_without_prompt(checkpoint: Path) -> None:
