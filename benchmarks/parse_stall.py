@@ -4,8 +4,9 @@ The server parses a large body in an edge thread, but the event loop (every othe
 meanwhile. For each body, ``json.loads``, the server's ``embedrt.serve.protocol.loads`` and the server's whole parse
 (``parse_embedding_request`` at the default 2,048 inputs, which refuses a list past that as soon as it is
 seen) side by side: the time to parse, and the longest gap a thread that wakes every millisecond saw while
-the parse ran (the GIL held at once). Bodies up to 16 MiB, the server's default limit: typical ones (token ids, passages, one long
-text) and hostile ones (millions of tiny items, objects, keys). Printed as JSON, milliseconds.
+the parse ran (the GIL held at once). Bodies up to 16 MiB, the server's default limit: typical ones (token
+ids, passages, one long text) and hostile ones (millions of tiny items, objects, keys). Printed as JSON,
+milliseconds.
 """
 
 from __future__ import annotations
