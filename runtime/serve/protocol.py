@@ -184,9 +184,10 @@ _RUN = re.compile(rf"{_IN_LIST}(?:[ \t\n\r]*,[ \t\n\r]*{_IN_LIST})*")
 _PAIR = rf"{_STRING}[ \t\n\r]*:[ \t\n\r]*{_ITEM}(?=[ \t\n\r]*[,}}])"
 _PAIRS = re.compile(rf"{_PAIR}(?:[ \t\n\r]*,[ \t\n\r]*{_PAIR})*")
 # one-level documents that put json's scanner in the state the pieces are in, so an error the pieces meet
-# is worded as json.loads words it there (the wording differs between Python versions)
-_AT_LIST_START, _AFTER_ITEM, _AFTER_COMMA = "[", "[0", "[0,"
-_AT_OBJECT_START, _AFTER_KEY, _AFTER_VALUE, _AFTER_PAIR_COMMA = "{", '{""', '{"":0', '{"":0,'
+# is worded as json.loads words it there (the wording differs between Python versions); a value before the
+# point is null, which nothing after it can extend (a 0 read on into ".6" as one number)
+_AT_LIST_START, _AFTER_ITEM, _AFTER_COMMA = "[", "[null", "[0,"
+_AT_OBJECT_START, _AFTER_KEY, _AFTER_VALUE, _AFTER_PAIR_COMMA = "{", '{""', '{"":null', '{"":0,'
 
 
 class InputsOverLimit(Exception):
