@@ -451,6 +451,12 @@ def test_a_head_that_trickles_in_is_408_and_an_idle_connection_is_closed(live: L
         answer = trickle(sock, head, 5)
         assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 0.5 s" in answer, answer[:200]
         assert time.monotonic() - start < 4
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:  # the deadline runs from the
+        time.sleep(0.35)  # head's first byte, not from the connection's opening (a 408 here before)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        time.sleep(0.35)
+        sock.sendall(b"Host: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 200 ")
     with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:  # sends nothing: closed
         start = time.monotonic()
         assert sock.recv(100) == b"" and time.monotonic() - start < 4

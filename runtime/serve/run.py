@@ -51,7 +51,10 @@ def http_protocol() -> Any:
         _refused = False
         _started = False  # the current message's request has started (its head was accepted)
         _head_begun = False  # bytes of a head have come since the last head completed
-        _head_timer: asyncio.TimerHandle | None = None  # running while a head is awaited
+        # runs while the connection waits on the client for a head: from its opening, from the end of a response
+        # or body when nothing else is under way, and from a head's first byte (restarted then); stopped while
+        # the server itself is busy (a response on its way: pipelined bytes are not read meanwhile)
+        _head_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -61,9 +64,12 @@ def http_protocol() -> Any:
             self._head_arrived()
             super().connection_lost(exc)
 
+        def _responding(self) -> bool:
+            return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
         def _await_head(self) -> None:
-            if self._head_timer is None:
-                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
+            self._head_arrived()
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_timed_out)
 
         def _head_arrived(self) -> None:
             if self._head_timer is not None:
@@ -72,17 +78,20 @@ def http_protocol() -> Any:
 
         def _head_timed_out(self) -> None:
             self._head_timer = None
-            if self._refused or self.transport.is_closing():
-                return
-            if not self._head_begun and (self.cycle is None or self.cycle.response_complete):
-                self.transport.close()  # idle since it opened (the keep-alive timeout closes it after a response)
+            if self._refused or self.transport.is_closing() or self._started or self._responding():
+                return  # a body still arriving, or the server's own response under way: not the head's wait
+            if not self._head_begun:
+                self.transport.close()  # nothing sent since it opened, or since its last response
                 return
             self.logger.warning("Request head not complete %g s after it began: connection closed.", HEAD_TIMEOUT_S)
             self._refuse(408, f"The request head did not arrive within {HEAD_TIMEOUT_S:g} s.")
 
         def on_message_begin(self) -> None:
             self._head_begun = True
-            self._await_head()
+            if self._responding():  # pipelined: its head is read on once the response before it is sent
+                self._head_arrived()
+            else:
+                self._await_head()  # the head's own deadline, from its first byte
             super().on_message_begin()
 
         def data_received(self, data: bytes) -> None:
@@ -122,11 +131,14 @@ def http_protocol() -> Any:
             self._completed, self._started = True, False
             if not self._refused:
                 super().on_message_complete()
+                if not self._responding() and not self.transport.is_closing():
+                    self._await_head()  # a body that ended after its early response (a 413, a 401)
 
         def on_response_complete(self) -> None:
-            idle = not self.pipeline  # no request waits: the next head is awaited from now
             super().on_response_complete()
-            if idle and not self.transport.is_closing():
+            # nothing under way (no pipelined request started, no body still arriving after an early
+            # response): the next head is awaited from now, and one already begun is read on from now
+            if not self._responding() and not self._started and not self.transport.is_closing():
                 self._await_head()
 
         def _refuse(self, status: int, message: str) -> None:
