@@ -1000,14 +1000,21 @@ def path_text(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(out: Path) -> Iterator[None]:
+def exclusive(out: Path) -> Iterator[bool]:
     """Hold an exclusive lock on the output folder (made if missing), as every run of ``embedrt embed``, local
-    or Ray, does: two runs writing one folder would interleave or overwrite each other's parts."""
-    out.mkdir(parents=True, exist_ok=True)
+    or Ray, does: two runs writing one folder would interleave or overwrite each other's parts. Yields
+    whether this call made the folder."""
+    try:
+        out.mkdir(parents=True)
+        made = True
+    except FileExistsError:
+        if not out.is_dir():
+            raise
+        made = False
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        yield
+        yield made
         return
     fd = os.open(out, os.O_RDONLY)
     try:
@@ -1016,7 +1023,7 @@ def exclusive(out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise ResumeError(f"{out}: another run of embedrt embed is writing to this folder; wait for it "
                               "to end (or stop it), then rerun to resume") from None
-        yield
+        yield made
     finally:
         os.close(fd)
 

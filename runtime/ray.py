@@ -360,18 +360,17 @@ def embed_with_ray(
     out = Path(output_dir)
     check_utf8_path(out)
     _check_ray_output(out)  # before the folder is made
-    made = not out.exists()
-    try:
-        # the lock a local run holds too: without it, a second run (Ray or local) into the folder wrote
-        # its parts beside, or over, this one's, and both said they succeeded
-        with exclusive(out):
+    # the lock a local run holds too: without it, a second run (Ray or local) into the folder wrote its parts
+    # beside, or over, this one's, and both said they succeeded
+    with exclusive(out) as made:
+        try:
             _check_ray_output(out)  # again, now that no other run can write to it
             return _ray_job(ray, model_dir, file, fmt, out, opts, address, num_actors, cpus_per_actor, load_options)
-    except BaseException:
-        if made:  # the folder is left as the job found it: not there
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise
+        except BaseException:
+            if made:  # the folder is left as the job found it: not there (removed while still this job's)
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
 
 
 def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: InputFormat, out: Path,

@@ -151,7 +151,9 @@ def repeated_key(line: str, names: tuple[str, ...]) -> str | None:
     """The first of ``names`` that a JSON object line holds as a top-level key more than once, else None:
     json keeps the last one, silently (which one was meant?). Cheap where no name appears twice as text (a key
     spelt with escapes, ``"\\u0074ext"``, is not counted)."""
-    if all(line.count(json.dumps(name)) < 2 for name in names):
+    # a key as JSON writes it, escaped or not ("\\u672c\\u6587" or "本文")
+    if all(line.count(json.dumps(name)) + line.count(json.dumps(name, ensure_ascii=False)) * (not name.isascii())
+           < 2 for name in names):
         return None
     keys: list[str] = []
 

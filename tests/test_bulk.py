@@ -336,6 +336,9 @@ def test_csv_header_naming_a_column_twice_and_outputs_the_cli_refuses(tiny_bert,
     assert read_output(out)[0] == ["a", "c"]
     with pytest.raises(InputFileError, match=r"d\.jsonl:2: the key 'text' more than once"):
         read_records(dup)
+    (tmp_path / "n.jsonl").write_text('{"_id": "a", "本文": "first", "本文": "second"}\n', encoding="utf-8")
+    with pytest.raises(BadRowError, match=r"n\.jsonl:1: the key '本文' more than once"):  # written unescaped
+        embed_corpus(model, tmp_path / "n.jsonl", tmp_path / "o-dup-n", BulkOptions(field="本文"))
     table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["first"]), pa.array(["second"])],
                                  names=["_id", "text", "text"])
     pq.write_table(table, tmp_path / "d.parquet")
