@@ -77,7 +77,8 @@ class Manifest:
         default_prompt_name: the prompt put before every text unless another (or ``prompt=""``) is asked for.
         include_prompt: False where the checkpoint's pooling leaves a prompt's tokens out (Pooling
             ``include_prompt``), which the graph cannot do: a non-empty prompt is then refused.
-        split_special_tokens: the tokenizer treats special-token strings in a text ("[SEP]") as text.
+        split_special_tokens: the tokenizer treats special-token strings in a text ("[SEP]") as text; None
+            where the manifest does not say (exported before 2026-12-07): tokenizer_config.json decides.
     """
 
     source: dict[str, Any]
@@ -98,7 +99,7 @@ class Manifest:
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
     include_prompt: bool = True
-    split_special_tokens: bool = False
+    split_special_tokens: bool | None = False
 
     @property
     def format_version(self) -> int:
@@ -221,7 +222,8 @@ def _prompts(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     for name in ("include_prompt", "split_special_tokens"):
         if name in data and not isinstance(data[name], bool):
             raise ModelFolderError(f"{path}: field {name!r} has the wrong type ({type(data[name]).__name__})")
-        flags[name] = data.get(name, name == "include_prompt")
+        # split_special_tokens absent (exported before 2026-12-07): None, tokenizer_config.json decides
+        flags[name] = data.get(name, True if name == "include_prompt" else None)
     return {"prompts": dict(prompts), "default_prompt_name": default, **flags}
 
 

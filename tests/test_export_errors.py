@@ -389,6 +389,9 @@ def test_split_special_tokens_is_followed(tmp_path) -> None:
     with pytest.raises(ModelFolderError, match=r"tokenizer_config\.json: split_special_tokens is true, but the "
                        r"manifest's field 'split_special_tokens' is false"):
         embedrt.load(plain, device="cpu")
+    del manifest["split_special_tokens"]  # exported before the manifest held it: the config decides, as then
+    (plain / "embedrt.json").write_text(json.dumps(manifest))
+    assert 2 not in embedrt.load(plain, device="cpu").tokenize(["a </s> b"])[0][1:-1]
     config.write_text(text + " ")  # another size: named by the size check
     with pytest.raises(ModelFolderError, match=r"tokenizer_config\.json: corrupt or truncated"):
         embedrt.load(plain, device="cpu")
