@@ -1022,7 +1022,9 @@ def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
     cases = {"keys": keys.encode(), "keys, malformed": keys[:-1].encode() + b"]",
              "objects in a list": ('{"model":"m","input":"a","x":[' + ",".join(['{"a":1}'] * 1_500_000)
                                    + "]}").encode(),
-             "tiny inputs, then junk": ('{"model":"m","input":[' + ",".join(['""'] * 3_000_000) + "]] junk").encode()}
+             "tiny inputs, then junk": ('{"model":"m","input":[' + ",".join(['""'] * 3_000_000) + "]] junk").encode(),
+             # decoded an item at a time, 10x json.loads' time: refused once past what a request can hold
+             "nested items": ('{"model":"m","input":"a","x":[' + ",".join(['[["a"]]'] * 1_500_000) + "]}").encode()}
     for name, body in cases.items():
         outcome: list[Any] = []
 
@@ -1041,6 +1043,8 @@ def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
             assert isinstance(got, ApiError) and got.status == 400 and got.message.endswith(str(want.value))
         elif name == "tiny inputs, then junk":  # refused before the junk is reached
             assert isinstance(got, ApiError) and got.status == 413 and "more than 2048 inputs" in got.message
+        elif name == "nested items":
+            assert isinstance(got, ApiError) and got.status == 413 and "nested lists, objects" in got.message
         else:
             assert got.texts == ["a"], name
 
