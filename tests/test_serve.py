@@ -439,11 +439,7 @@ def test_a_head_that_trickles_in_is_408_and_an_idle_connection_is_closed(live: L
                 time.sleep(0.05)
                 if time.monotonic() > end:
                     break
-        answer = b""
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(4096):
-                answer += chunk
-        return answer
+        return _read_to_close(sock)
 
     head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"A" * 200 + b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", live.port), timeout=10) as sock:
@@ -488,11 +484,16 @@ def _exchange(port: int, data: bytes, more: bytes = b"") -> bytes:
                 sock.sendall(more[i : i + 4096])
         except OSError:
             pass
-        answer = b""
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                answer += chunk
-        return answer
+        return _read_to_close(sock)
+
+
+def _read_to_close(sock: socket.socket) -> bytes:
+    """What the server sends until it closes (or resets) the connection."""
+    answer = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
 
 
 def test_a_body_that_does_not_arrive_by_the_deadline_is_408_and_closed(tiny: Any) -> None:

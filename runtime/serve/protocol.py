@@ -320,11 +320,9 @@ def _object(text: str, at: int, depth: int, work: _Work) -> tuple[dict[str, Any]
                 out[key], at = _list(text, at, depth + 1, work, work.max_inputs)
             else:
                 out[key], at = _value(text, at, depth, work)
-        at = _skip(text, at)
-        if text[at:at + 1] == "}":
-            return out, at + 1
-        if text[at:at + 1] != ",":
-            _fail(text, at, _AFTER_VALUE)
+        end, at = _after_item(text, at, "}", _AFTER_VALUE)
+        if end:
+            return out, at
         comma = at
         at, state = _skip(text, at + 1), _AFTER_PAIR_COMMA
 
@@ -358,13 +356,22 @@ def _list(text: str, at: int, depth: int, work: _Work, max_inputs: int | None = 
                 out = items
         if max_inputs is not None and len(out) > max_inputs and not _is_int(out[0]):
             raise InputsOverLimit
-        at = _skip(text, at)
-        if text[at:at + 1] == "]":
-            return out, at + 1
-        if text[at:at + 1] != ",":
-            _fail(text, at, _AFTER_ITEM)
+        end, at = _after_item(text, at, "]", _AFTER_ITEM)
+        if end:
+            return out, at
         comma = at
         at, state = _skip(text, at + 1), _AFTER_COMMA
+
+
+def _after_item(text: str, at: int, close: str, state: str) -> tuple[bool, int]:
+    """After an item of a list or object: (True, just past ``close``) at the container's end, else (False,
+    the comma's index); anything else is json's error for ``state``."""
+    at = _skip(text, at)
+    if text[at:at + 1] == close:
+        return True, at + 1
+    if text[at:at + 1] != ",":
+        _fail(text, at, state)
+    return False, at
 
 
 def _closes_soon(text: str, at: int) -> bool:
