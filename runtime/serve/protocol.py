@@ -240,6 +240,8 @@ def loads(body: bytes | str, max_inputs: int | None = None) -> Any:
     With ``max_inputs``, a large body whose top-level ``input`` list holds more inputs than that (strings,
     rows; not the token ids of one input) raises InputsOverLimit once the limit is passed: a hostile body of
     millions of tiny items costs a few runs, not the whole parse and the millions of objects it would make.
+    One holding more values decoded one at a time (nested lists and objects, long strings) than
+    ``values_limit(max_inputs)`` raises ValuesOverLimit likewise.
     """
     if len(body) <= PIECEWISE_FROM:
         return json.loads(body)
