@@ -381,8 +381,8 @@ def load(
     # verify: every file the manifest lists, also the graphs this device will not read (a folder copied to
     # many hosts is checked whole wherever it is verified); else the sizes of the files this load reads
     # tokenizer_config.json is read where it is (split_special_tokens, checked against the manifest's): its size too
-    read = [name for name in (TOKENIZER_NAME, TOKENIZER_CONFIG_NAME)
-            if name == TOKENIZER_NAME or (name in manifest.files and (root / name).is_file())]
+    read = [TOKENIZER_NAME] + [TOKENIZER_CONFIG_NAME] * (TOKENIZER_CONFIG_NAME in manifest.files
+                                                          and (root / TOKENIZER_CONFIG_NAME).is_file())
     check_files(root, manifest, list(manifest.files) if verify else read, full_hash=verify)
     tokenizer = TextTokenizer(root / TOKENIZER_NAME, manifest.max_seq_length, manifest.pad_token_id, manifest.inputs,
                               split_special_tokens=manifest.split_special_tokens)

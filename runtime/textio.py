@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -147,13 +148,17 @@ def byte_lines(fh: Any, bom: bool = True) -> Iterator[bytes]:
             yield chunk
 
 
+@functools.lru_cache(maxsize=64)
+def _spellings(name: str) -> frozenset[str]:
+    """``name`` as JSON writes it as a key, escaped or not (``"\\u672c\\u6587"`` or ``"本文"``)."""
+    return frozenset((json.dumps(name), json.dumps(name, ensure_ascii=False)))
+
+
 def repeated_key(line: str, names: tuple[str, ...]) -> str | None:
     """The first of ``names`` that a JSON object line holds as a top-level key more than once, else None:
     json keeps the last one, silently (which one was meant?). Cheap where no name appears twice as text (a key
     spelt with escapes, ``"\\u0074ext"``, is not counted)."""
-    # a key as JSON writes it, escaped or not ("\\u672c\\u6587" or "本文")
-    if all(line.count(json.dumps(name)) + line.count(json.dumps(name, ensure_ascii=False)) * (not name.isascii())
-           < 2 for name in names):
+    if all(sum(line.count(spelling) for spelling in _spellings(name)) < 2 for name in names):
         return None
     keys: list[str] = []
 

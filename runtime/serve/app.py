@@ -286,13 +286,18 @@ def _warm_up(model: Any, config: ServeConfig) -> None:
 Handler = Callable[[Service, Request, dict[str, Any]], Awaitable[Response]]
 
 
+def _request_id(request: Request) -> str:
+    """The client's ``X-Request-Id``, else one made up (this process's prefix and a counter)."""
+    return request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_IDS):08x}"
+
+
 def _endpoint(service: Service, path: str, handler: Handler, *, open_: bool = False) -> Callable[..., Any]:
     """Wrap a handler: key check, errors in OpenAI's shape, metrics and one access-log line."""
 
     async def endpoint(request: Request) -> Response:
         start = time.monotonic()
         info: dict[str, Any] = {}
-        request_id = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_IDS):08x}"
+        request_id = _request_id(request)
         try:
             if not open_:
                 service.authorize(request)
@@ -576,7 +581,7 @@ def build_app(sources: list[Any], config: ServeConfig, load_options: dict[str, A
                              code="method_not_allowed")
         else:
             error = ApiError(status, f"No route {request.method} {request.url.path}.", code="not_found")
-        headers["X-Request-Id"] = request.headers.get("x-request-id") or f"{_ID_PREFIX}{next(_IDS):08x}"
+        headers["X-Request-Id"] = _request_id(request)
         return Response(error.body(), status, headers=headers, media_type=JSON)
 
     app = _App(routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found})
