@@ -143,7 +143,8 @@ def similarity(a: npt.ArrayLike, b: npt.ArrayLike, metric: Similarity | str = Si
         metric: cosine, dot, or euclidean (returned as the negative distance, so higher is closer).
 
     Returns:
-        float32 ``[n, m]``.
+        float32 ``[n, m]``. A row holding NaN gives NaN scores, as numpy's own products do; ``top_k``
+        refuses such rows instead, since a NaN score would sort anywhere among the hits.
 
     Raises:
         ValueError: unknown metric or mismatched dimensions.

@@ -339,6 +339,14 @@ def test_csv_header_naming_a_column_twice_and_outputs_the_cli_refuses(tiny_bert,
     (tmp_path / "n.jsonl").write_text('{"_id": "a", "本文": "first", "本文": "second"}\n', encoding="utf-8")
     with pytest.raises(BadRowError, match=r"n\.jsonl:1: the key '本文' more than once"):  # written unescaped
         embed_corpus(model, tmp_path / "n.jsonl", tmp_path / "o-dup-n", BulkOptions(field="本文"))
+    # a key spelt with escapes is the same key to json: '"te\\u0078t"' is "text"
+    (tmp_path / "u.jsonl").write_text('{"_id": "a", "text": "\\u00e9t\\u00e9"}\n'
+                                      '{"_id": "b", "text": "first", "te\\u0078t": "second"}\n')
+    with pytest.raises(InputFileError, match=r"u\.jsonl:2: the key 'text' more than once"):
+        read_records(tmp_path / "u.jsonl")
+    out = tmp_path / "o-dup-u"
+    assert embed_corpus(model, tmp_path / "u.jsonl", out, BulkOptions(skip_bad=True)).texts == 1
+    assert read_output(out)[0] == ["a"]
     table = pa.Table.from_arrays([pa.array(["a"]), pa.array(["first"]), pa.array(["second"])],
                                  names=["_id", "text", "text"])
     pq.write_table(table, tmp_path / "d.parquet")

@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -421,6 +422,15 @@ def test_a_request_head_over_the_limit_is_431_and_closed(live: LiveServer) -> No
     assert _exchange(live.port, chunked, b"A" * (16 * MAX_HEAD_BYTES)) == b""  # closed: its body cannot complete
     assert time.monotonic() - start < 15
     assert live.request("GET", "/health")[0] == 200
+
+
+def test_without_httptools_the_server_says_its_heads_are_not_timed(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    """uvicorn's h11 fallback bounds a head's size but not its time: that used to go unsaid."""
+    assert http_protocol() != "h11"  # embedrt[serve] brings httptools
+    monkeypatch.setitem(sys.modules, "uvicorn.protocols.http.httptools_impl", None)  # its import fails
+    with caplog.at_level(logging.WARNING, logger="embedrt.serve"):
+        assert http_protocol() == "h11"
+    assert "httptools is not installed" in caplog.text and "embedrt[serve]" in caplog.text
 
 
 def test_a_head_that_trickles_in_is_408_and_an_idle_connection_is_closed(live: LiveServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]

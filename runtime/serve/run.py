@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import socket
 from typing import Any
@@ -36,10 +37,14 @@ def http_protocol() -> Any:
     that has not arrived ``HEAD_TIMEOUT_S`` after its first byte gets a 408 and the connection is closed; a
     connection that sends nothing that long after opening, or after its last response, is closed. Without
     httptools, uvicorn's h11, which bounds a head's size itself (``h11_max_incomplete_event_size``) but not
-    its time."""
+    its time: said in a warning, since slow clients can then hold connections."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:
+        logging.getLogger("embedrt.serve").warning(
+            "httptools is not installed, so the server runs on uvicorn's h11: a request head is bounded in size "
+            "but not in time (a client sending one a byte at a time holds its connection); install "
+            "'embedrt[serve]', which brings httptools")
         return "h11"
 
     class BoundedHead(HttpToolsProtocol):
