@@ -403,7 +403,8 @@ def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: Input
         identity = job_identity(model, file, fmt, opts, 0)
         identity["options"]["mode"] = "ray"
         dataset = embed_dataset(
-            read_input(file, fmt, opts.id_field, opts.field), model_dir, id_field=opts.id_field, field=opts.field,
+            _in_order(read_input(file, fmt, opts.id_field, opts.field)), model_dir, id_field=opts.id_field,
+            field=opts.field,
             dtype=opts.dtype.value, device=model.device, num_actors=num_actors, cpus_per_actor=cpus_per_actor,
             batch_size=opts.batch_size, max_tokens=opts.max_tokens,
             inference_precision=model.plan.inference_precision or "f32", prompt_name=opts.prompt_name,
@@ -434,6 +435,17 @@ def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: Input
             signal.signal(signal.SIGTERM, previous)  # not Ray's sys.exit after the job
 
 
+def _in_order(dataset: Any) -> Any:
+    """``dataset`` with Ray Data told to keep its blocks' order: the parts then hold the rows in input order,
+    as a local run writes them, and a rerun writes the same files (blocks used to come out in the order the
+    actors finished them, which changed from run to run). Set on the dataset's own context, which every
+    dataset derived from it shares: the driver's current context, and so a caller's other datasets, are
+    left alone."""
+    context = dataset.context
+    context.execution_options.preserve_order = True
+    return dataset
+
+
 def _check_actor_fits(ray: Any, cpus_per_actor: int, local: bool) -> None:
     """Refuse actors of more CPUs than any node of the local Ray has: none could start, and Ray Data waits for
     one forever. On a cluster an autoscaler may still add such a node: there it is a warning."""
@@ -462,7 +474,9 @@ def _publish(staging: Path, out: Path, seconds: float, model: Any, dtype: EmbedD
     An input without rows gives one empty part, as ``embed_corpus`` writes, so the dataset has its schema.
     """
     pq = require("pyarrow.parquet", "bulk")
-    files = sorted(staging.glob("*.parquet")) if staging.is_dir() else []
+    # Ray names a write's files by one prefix and the write task's index, which follows the blocks' order: in
+    # (length, name) order for indexes past the zero-padding's 6 digits too
+    files = sorted(staging.glob("*.parquet"), key=lambda p: (len(p.name), p.name)) if staging.is_dir() else []
     seen = IdSet()
     texts = 0
     for path in files:
