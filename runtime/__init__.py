@@ -6,6 +6,7 @@ is loaded. It never imports torch or transformers.
 
 from __future__ import annotations
 
+from embedrt import _telemetry  # noqa: F401  (first: it turns onnxruntime's usage events off before its import)
 from embedrt.batching import BatchCost
 from embedrt.errors import (
     EmbedrtError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,29 @@ def test_import_embedrt_stays_light() -> None:
     code = f"import sys, embedrt, embedrt.plan; print('HEAVY', [m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_no_usage_data_leaves_a_process_running_embedrt(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime 1.31's Linux wheel keeps a device id and an event cache for Microsoft's collector under
+    ~/.cache/Microsoft/DeveloperTools/ unless ORT_DISABLE_TELEMETRY is set before it starts; a user's own
+    setting of it wins."""
+    code = textwrap.dedent(
+        f"""
+        import os, embedrt
+        m = embedrt.load({str(tiny_bert[1])!r}, device="cpu")
+        m.encode(["hello"])
+        print("SETTING", os.environ["ORT_DISABLE_TELEMETRY"])
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # (this process set it)
+    for given, want in ((None, "1"), ("0", "0")):
+        home = tmp_path / f"home-{given}"
+        home.mkdir()
+        run_env = {**env, "HOME": str(home), **({"ORT_DISABLE_TELEMETRY": given} if given else {})}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=run_env)
+        assert f"SETTING {want}" in out.stdout, out.stdout + out.stderr
+        if given is None:
+            assert not list(home.rglob("*")), sorted(map(str, home.rglob("*")))
 
 
 def test_openvino_buckets_padding_without_changing_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
