@@ -437,10 +437,9 @@ def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: Input
 
 def _in_order(dataset: Any) -> Any:
     """``dataset`` with Ray Data told to keep its blocks' order: the parts then hold the rows in input order,
-    as a local run writes them, and a rerun writes the same files (blocks used to come out in the order the
-    actors finished them, which changed from run to run). Set on the dataset's own context, which every
-    dataset derived from it shares: the driver's current context, and so a caller's other datasets, are
-    left alone."""
+    as a local run writes them (blocks used to come out in the order the actors finished them). Set on the
+    dataset's own context, which every dataset derived from it shares: the driver's current context, and so
+    a caller's other datasets, are left alone."""
     context = dataset.context
     context.execution_options.preserve_order = True
     return dataset
