@@ -44,6 +44,10 @@ def bodies() -> dict[str, bytes]:
         "hostile: rows of one id": _filled("[1]"),
         "hostile: empty objects": _filled("{}"),
         "hostile: 1.5M keys": ("{" + ",".join(f'"k{i}":1' for i in range(1_500_000)) + "}").encode(),
+        # numbers longer than the pieces' window (json takes any length of float)
+        "hostile: 70k-digit numbers": _filled("1." + "0" * 70_000),
+        # raw lone surrogates (bytes ED A0 80), which json.loads(bytes) decodes through "surrogatepass"
+        "hostile: raw lone surrogates": b'{"model":"m","input":"' + b"\xed\xa0\x80" * (LIMIT // 3 - 10) + b'"}',
     }
 
 

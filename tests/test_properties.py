@@ -217,10 +217,10 @@ def _write(value: Any, space: str) -> str:
                      st.dictionaries(st.text(_CHARS, max_size=3), _SCALAR, min_size=5, max_size=30), _JSON),
        space=st.sampled_from(["", " ", "\n\t ", "\r"]), cut=st.integers(0, 2**16),
        mangle=st.sampled_from([None, "drop", "insert"]), char=st.sampled_from(list('[]{},:"0-. eE\\x\ufeff')),
-       window=st.integers(1, 64), long=st.integers(1, 12),
+       window=st.integers(1, 64), long=st.integers(1, 12), chunk=st.integers(1, 9),
        encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-32-be", "bom2", "str"]))
 def test_the_request_parser_reads_json_as_json_loads_does(
-    body: Any, space: str, cut: int, mangle: str | None, char: str, window: int, long: int,
+    body: Any, space: str, cut: int, mangle: str | None, char: str, window: int, long: int, chunk: int,
     encoding: str,
 ) -> None:
     """The server decodes large bodies in pieces (so one parse does not hold the GIL for long); whatever it
@@ -246,9 +246,41 @@ def test_the_request_parser_reads_json_as_json_loads_does(
 
     expected = outcome(json.loads)
     with mock.patch.object(protocol, "PIECEWISE_FROM", 0), mock.patch.object(protocol, "_WINDOW", window), \
-            mock.patch.object(protocol, "_LONG", long):
+            mock.patch.object(protocol, "_LONG", long), mock.patch.object(protocol, "_DECODE_CHUNK", chunk):
         got = outcome(protocol.loads)
     assert got == expected and type(got) is type(expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(_CHARS, min_size=1, max_size=12),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"]),
+       damage=st.lists(st.tuples(st.integers(0, 2**16),
+                                 st.sampled_from(b"\xff\x80\xed\xa0\xc3\x00\xd8\xdc\xef\xbb\xbf")), max_size=2),
+       chunk=st.integers(1, 9))
+def test_the_request_parser_decodes_bytes_as_json_loads_does(text: str, encoding: str, damage: list[tuple[int, int]],
+                                                             chunk: int) -> None:
+    """A large body is decoded a chunk at a time (one decode of 16 MiB of raw lone surrogates held the GIL
+    for seconds): the text, or the UnicodeDecodeError and its message, must be json.loads' own decode's, with
+    a character or a BOM cut by a chunk's end."""
+    import json
+    from unittest import mock
+
+    from embedrt.serve import protocol
+
+    raw = bytearray(text.encode(encoding, "surrogatepass"))
+    for at, byte in damage:
+        raw.insert(at % (len(raw) + 1), byte)
+    body = bytes(raw)
+
+    def outcome(decode: Any) -> Any:
+        try:
+            return decode(body)
+        except UnicodeDecodeError as exc:
+            return (str(exc), exc.start, exc.end)
+
+    expected = outcome(lambda b: b.decode(json.detect_encoding(b), "surrogatepass"))
+    with mock.patch.object(protocol, "_DECODE_CHUNK", chunk):
+        assert outcome(protocol._decode) == expected
 
 
 @pytest.mark.parametrize("window", [1, 5, 12, 40, 1000])

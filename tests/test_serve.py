@@ -1022,6 +1022,34 @@ def test_a_large_token_id_request_does_not_hold_the_gil_for_long() -> None:
         assert worst < 0.15, f"the parsing thread held the GIL for {worst:.2f} s at once"  # old: 0.45-0.6 s
 
 
+def test_a_large_body_of_short_strings_ending_in_a_backslash_is_not_refused() -> None:
+    """A short string ending in an escaped backslash ("C:\\\\") was taken for an unclosed one where its
+    next quote was far off, decoded alone and counted as a long string: a body json.loads takes, and a
+    valid request, got a 413 "more than 5120 nested lists, objects and long strings"."""
+    from embedrt.serve.protocol import parse_embedding_request
+
+    tags = "[" + ",".join(['"C:\\\\"' + " " * 260] * 5200) + "]"  # 1.4 MB
+    body = ('{"model":"m","input":"hello","tags":' + tags + "}").encode()
+    assert len(json.loads(body)["tags"]) == 5200
+    assert parse_embedding_request(body, 2048).texts == ["hello"]
+
+
+def test_a_run_of_numbers_never_ends_after_a_comma() -> None:
+    """A run of scalars that ended in a comma (",," in a broken body) was decoded as "[1,]": json on Python
+    3.13 calls that a trailing comma, where json.loads of the whole body names the missing value after it."""
+    from embedrt.serve import protocol
+
+    assert protocol._scalars_end('1,,"a"]', 0) == 1  # "1", not "1,"
+    assert protocol._scalars_end('1, ,\n,"a"]', 0) == 1
+    assert protocol._scalars_end('1,2,"a"]', 0) == 3
+    body = ('[1,,"a"]' + " " * protocol.PIECEWISE_FROM).encode()
+    with pytest.raises(json.JSONDecodeError) as want:
+        json.loads(body)
+    with pytest.raises(json.JSONDecodeError) as got:
+        protocol.loads(body)
+    assert (got.value.msg, got.value.pos) == (want.value.msg, want.value.pos)
+
+
 def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
     """A large body the pieces could not take (many keys, objects, malformed) went to one json.loads of the
     whole body: 16 MiB of keys held the GIL for ~3 s. Now any body is decoded in pieces, its error still
@@ -1035,7 +1063,10 @@ def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
                                    + "]}").encode(),
              "tiny inputs, then junk": ('{"model":"m","input":[' + ",".join(['""'] * 3_000_000) + "]] junk").encode(),
              # decoded an item at a time, 10x json.loads' time: refused once past what a request can hold
-             "nested items": ('{"model":"m","input":"a","x":[' + ",".join(['[["a"]]'] * 1_500_000) + "]}").encode()}
+             "nested items": ('{"model":"m","input":"a","x":[' + ",".join(['[["a"]]'] * 1_500_000) + "]}").encode(),
+             # raw lone surrogates, which json decodes through "surrogatepass" (~120 ns a character): one decode
+             # of the whole body held the GIL for ~0.7 s at 4 MiB
+             "raw lone surrogates": b'{"model":"m","input":"' + b"\xed\xa0\x80" * 1_400_000 + b'"}'}
     for name, body in cases.items():
         outcome: list[Any] = []
 
@@ -1056,6 +1087,8 @@ def test_a_hostile_large_body_does_not_hold_the_gil_for_long() -> None:
             assert isinstance(got, ApiError) and got.status == 413 and "more than 2048 inputs" in got.message
         elif name == "nested items":
             assert isinstance(got, ApiError) and got.status == 413 and "nested lists, objects" in got.message
+        elif name == "raw lone surrogates":
+            assert got.texts == [json.loads(body)["input"]]
         else:
             assert got.texts == ["a"], name
 

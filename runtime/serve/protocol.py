@@ -6,6 +6,7 @@ Pure Python and numpy: no web framework here, so the rules are testable without 
 from __future__ import annotations
 
 import base64
+import codecs
 import dataclasses
 import functools
 import json
@@ -169,6 +170,8 @@ PIECEWISE_FROM = 256 * 1024
 # runs of whole items (or an object's key-value pairs) are decoded within this many characters: one
 # json.loads call of about a millisecond or less
 _WINDOW = 64 * 1024
+# a large body's bytes are decoded this many at a time (a few milliseconds at most)
+_DECODE_CHUNK = 256 * 1024
 # a string item that runs this far without its closing quote is decoded alone (json's own scanner is fastest)
 _LONG = 256
 # nesting deeper than this in a large body is refused as too deep (RecursionError, as json.loads' own for
@@ -179,9 +182,11 @@ MAX_DEPTH = 100
 # (possessive where Python has it, 3.11+: a string cut by the window's end then fails at once, instead of
 # backtracking through it at ~75 ns a character)
 _MORE = "*+" if sys.version_info >= (3, 11) else "*"
+# (a number or literal likewise: one longer than the window backtracked through it, ~5 ms a number)
+_SOME = "++" if sys.version_info >= (3, 11) else "+"
 _STRING = rf'"[^"\\]{_MORE}(?:\\.[^"\\]{_MORE}){_MORE}"'
 _FLAT_OBJECT = rf'\{{[^{{}}\[\]"]{_MORE}(?:{_STRING}[^{{}}\[\]"]{_MORE}){_MORE}\}}'
-_ITEM = rf'(?:{_STRING}|[-+.0-9A-Za-z]+|\[[^\[\]{{}}"]{_MORE}\]|{_FLAT_OBJECT})'
+_ITEM = rf'(?:{_STRING}|[-+.0-9A-Za-z]{_SOME}|\[[^\[\]{{}}"]{_MORE}\]|{_FLAT_OBJECT})'
 _IN_LIST = rf"{_ITEM}(?=[ \t\n\r]*[,\]])"
 _RUN = re.compile(rf"{_IN_LIST}(?:[ \t\n\r]*,[ \t\n\r]*{_IN_LIST})*")
 _PAIR = rf"{_STRING}[ \t\n\r]*:[ \t\n\r]*{_ITEM}(?=[ \t\n\r]*[,}}])"
@@ -250,7 +255,7 @@ def loads(body: bytes | str, max_inputs: int | None = None) -> Any:
             raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", body, 0)
         text = body
     else:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        text = _decode(body)
     value, at = _value(text, _skip(text, 0), 0, _Work(max_inputs))
     at = _skip(text, at)
     if at != len(text):
@@ -258,10 +263,34 @@ def loads(body: bytes | str, max_inputs: int | None = None) -> Any:
     return value
 
 
+def _decode(body: bytes) -> str:
+    """``body`` decoded as json.loads decodes it (its encoding, ``surrogatepass``), to the same text or the same
+    UnicodeDecodeError, ``_DECODE_CHUNK`` bytes at a time: one decode of 16 MiB of raw lone surrogates held
+    the GIL for ~2.7 s (the error handler's path, ~120 ns a character). A character cut by a chunk's end is
+    completed by the next (an incremental decoder); an error's position is the body's."""
+    encoding = json.detect_encoding(body)
+    if encoding == "utf-8-sig":  # (bytes.decode("utf-8-sig") names positions after the BOM, in the rest)
+        body, encoding = body[3:], "utf-8"
+    decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+    parts = []
+    for start in range(0, len(body), _DECODE_CHUNK):
+        pending = len(decoder.getstate()[0])  # bytes of a character the last chunk cut
+        try:
+            parts.append(decoder.decode(body[start:start + _DECODE_CHUNK], start + _DECODE_CHUNK >= len(body)))
+        except UnicodeDecodeError as exc:
+            raise UnicodeDecodeError(exc.encoding, body, exc.start + start - pending, exc.end + start - pending,
+                                     exc.reason) from None
+    return "".join(parts)
+
+
 def _skip(text: str, at: int) -> int:
-    match = _SPACE.match(text, at)
-    assert match is not None  # matches the empty string
-    return match.end()
+    """Past the whitespace at ``at``, a window at a time (16 MiB of it held the GIL for ~70 ms in one match)."""
+    while True:
+        match = _SPACE.match(text, at, at + _WINDOW)
+        assert match is not None  # matches the empty string
+        if match.end() < at + _WINDOW:
+            return match.end()
+        at = match.end()
 
 
 def _value(text: str, at: int, depth: int, work: _Work) -> tuple[Any, int]:
@@ -344,8 +373,13 @@ def _list(text: str, at: int, depth: int, work: _Work, max_inputs: int | None = 
             work.one()
             item, at = _DECODER.raw_decode(text, at)
             out.append(item)
-        elif first not in '"[{' and (stop := _scalars_end(text, at)) > at:  # numbers: up to "]" or a ","
-            items, at = _slice(text, at, stop, "[", "]"), stop
+        elif first not in '"[{':  # numbers and literals: a run up to "]" or a ",", else one alone (one longer
+            # than the window, or a broken body), as no run of the window could hold it
+            if (stop := _scalars_end(text, at)) > at:
+                items, at = _slice(text, at, stop, "[", "]"), stop
+            else:
+                item, at = _value(text, at, depth, work)
+                out.append(item)
         elif (run := _RUN.match(text, at, at + _WINDOW)) is not None:  # short strings, rows of ids, flat objects
             items, at = _slice(text, at, run.end(), "[", "]"), run.end()
         else:  # an item larger than the window, or a nested one
@@ -377,11 +411,15 @@ def _after_item(text: str, at: int, close: str, state: str) -> tuple[bool, int]:
 
 
 def _closes_soon(text: str, at: int) -> bool:
-    """Whether the string at ``at`` seems to end within ``_LONG`` characters: a quote not after a backslash.
-    (A quote after an escaped backslash is taken for an escaped one: that costs speed, never correctness.)"""
+    """Whether the string at ``at`` ends within ``_LONG`` characters: a quote after an even number of
+    backslashes (``"C:\\\\"`` ends at its last quote; taking it for an escaped one counted such short
+    strings as long ones, so a body json.loads takes could be refused as holding too many)."""
     quote = text.find('"', at + 1, at + _LONG)
     while quote >= 0:
-        if text[quote - 1] != "\\":
+        before = quote - 1
+        while text[before] == "\\":
+            before -= 1
+        if (quote - 1 - before) % 2 == 0:
             return True
         quote = text.find('"', quote + 1, at + _LONG)
     return False
@@ -395,6 +433,10 @@ def _scalars_end(text: str, at: int) -> int:
     if found is not None and found.group() == "]":
         return found.start()
     stop = text.rfind(",", at, at + _WINDOW if found is None else found.start())
+    # not past a comma that follows another (",,", a broken body): the slice would end in one, and json's
+    # error for it differs with what follows ("[1,]" is a trailing comma on 3.13, "[1,,2]" a missing value)
+    while stop > at and text[at:stop].rstrip(" \t\n\r").endswith(","):
+        stop = at + len(text[at:stop].rstrip(" \t\n\r")) - 1
     return stop if stop > at else at
 
 
