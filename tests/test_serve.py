@@ -470,7 +470,9 @@ def test_a_head_that_trickles_in_is_408_and_an_idle_connection_is_closed(live: L
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         start = time.monotonic()
         answer = trickle(sock, b"\r\n" * 100, 5)
-        assert answer.startswith(b"HTTP/1.1 200 ") and b"408" not in answer and time.monotonic() - start < 4
+        # one response, the 200 (not "408" anywhere: the random X-Request-Id can hold those digits)
+        assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1 ") == 1
+        assert time.monotonic() - start < 4
     # a head sent at once, then a body sent slowly (over the head timeout, within the request's deadline): 200
     body = json.dumps({"model": _tiny_name(live), "input": "a"}).encode()
     with socket.create_connection(("127.0.0.1", live.port), timeout=20) as sock:
