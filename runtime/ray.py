@@ -412,7 +412,10 @@ def _ray_job(ray: Any, model_dir: str | os.PathLike[str], file: Path, fmt: Input
         with warnings.catch_warnings():  # write_parquet has no num_cpus= of its own in Ray 2.60
             warnings.simplefilter("ignore", DeprecationWarning)
             # like the reads, writes take no CPU slot: the actor pool holds them all
-            dataset.write_parquet(str(staging), ray_remote_args={"num_cpus": 0})
+            # and with one thread: pyarrow's writer, on more (it sizes its pool from OMP_NUM_THREADS, which
+            # Ray sets to 1 only where it is unset), wrote a block's chunks out of order
+            dataset.write_parquet(str(staging), ray_remote_args={
+                "num_cpus": 0, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}})
         summary = _publish(staging, out, time.perf_counter() - start, model, opts.dtype)
         write_json_atomic(out / STATE_NAME, JobState(identity, summary).to_json())
         return summary

@@ -344,6 +344,9 @@ def test_csv_header_naming_a_column_twice_and_outputs_the_cli_refuses(tiny_bert,
                                       '{"_id": "b", "text": "first", "te\\u0078t": "second"}\n')
     with pytest.raises(InputFileError, match=r"u\.jsonl:2: the key 'text' more than once"):
         read_records(tmp_path / "u.jsonl")
+    (tmp_path / "s.jsonl").write_text('{"_id": "a", "a/b": "first", "a\\/b": "second"}\n')  # "\/" is "/"
+    with pytest.raises(InputFileError, match=r"s\.jsonl:1: the key 'a/b' more than once"):
+        read_records(tmp_path / "s.jsonl", field="a/b")
     out = tmp_path / "o-dup-u"
     assert embed_corpus(model, tmp_path / "u.jsonl", out, BulkOptions(skip_bad=True)).texts == 1
     assert read_output(out)[0] == ["a"]

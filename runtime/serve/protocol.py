@@ -435,8 +435,10 @@ def _scalars_end(text: str, at: int) -> int:
     stop = text.rfind(",", at, at + _WINDOW if found is None else found.start())
     # not past a comma that follows another (",,", a broken body): the slice would end in one, and json's
     # error for it differs with what follows ("[1,]" is a trailing comma on 3.13, "[1,,2]" a missing value)
-    while stop > at and text[at:stop].rstrip(" \t\n\r").endswith(","):
-        stop = at + len(text[at:stop].rstrip(" \t\n\r")) - 1
+    if stop > at:  # (one pass: the first comma of the commas and spaces the run would end in)
+        head = at + len(text[at:stop].rstrip(" \t\n\r,"))
+        if (first := text.find(",", head, stop)) >= 0:
+            stop = first
     return stop if stop > at else at
 
 
