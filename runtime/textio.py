@@ -158,8 +158,8 @@ def repeated_key(line: str, names: tuple[str, ...]) -> str | None:
     """The first of ``names`` that a JSON object line holds as a top-level key more than once, else None:
     json keeps the last one, silently (which one was meant?). Cheap where no name appears twice as text (a key
     spelt with escapes, ``"\\u0074ext"`` or ``"a\\/b"``, sends the line to the full check)."""
-    if "\\u" not in line and "\\/" not in line and all(sum(line.count(spelling) for spelling in _spellings(name)) < 2
-                                  for name in names):
+    escaped = "\\u" in line or "\\/" in line
+    if not escaped and all(sum(line.count(spelling) for spelling in _spellings(name)) < 2 for name in names):
         return None
     keys: list[str] = []
 

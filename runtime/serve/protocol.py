@@ -266,7 +266,7 @@ def loads(body: bytes | str, max_inputs: int | None = None) -> Any:
 def _decode(body: bytes) -> str:
     """``body`` decoded as json.loads decodes it (its encoding, ``surrogatepass``), to the same text or the same
     UnicodeDecodeError, ``_DECODE_CHUNK`` bytes at a time: one decode of 16 MiB of raw lone surrogates held
-    the GIL for ~2.7 s (the error handler's path, ~120 ns a character). A character cut by a chunk's end is
+    the GIL for ~2.5 s (the error handler's path, ~120 ns a character). A character cut by a chunk's end is
     completed by the next (an incremental decoder); an error's position is the body's."""
     encoding = json.detect_encoding(body)
     if encoding == "utf-8-sig":  # (bytes.decode("utf-8-sig") names positions after the BOM, in the rest)
