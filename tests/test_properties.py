@@ -253,7 +253,8 @@ def test_the_request_parser_reads_json_as_json_loads_does(
 
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(_CHARS, min_size=1, max_size=12),
-       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"]),
+       encoding=st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le",
+                                 "utf-32-be"]),
        damage=st.lists(st.tuples(st.integers(0, 2**16),
                                  st.sampled_from(b"\xff\x80\xed\xa0\xc3\x00\xd8\xdc\xef\xbb\xbf")), max_size=2),
        chunk=st.integers(1, 9))
