@@ -213,6 +213,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds a request may take; queued inputs past it are dropped, 504 (default: 60)")
     p.add_argument("--interactive-max-inputs", type=int, default=8,
                    help="requests with at most this many inputs use the interactive lane (default: 8)")
+    p.add_argument("--interactive-max-tokens", type=int, default=512,
+                   help="...and at most this many tokens in all (default: 512)")
     p.add_argument("--mixed-bulk-tokens", type=int, default=512,
                    help="most padded tokens per bulk call while interactive traffic runs (default: 512)")
     p.add_argument("--bulk-instance", default="auto", choices=["auto", "separate", "shared"],
@@ -583,6 +585,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_keys=_api_keys(args), max_batch_tokens=args.max_batch_tokens, max_batch_inputs=args.max_batch_inputs,
         max_queue_tokens=args.max_queue_tokens, max_inputs=args.max_inputs, max_body_bytes=args.max_body_bytes,
         request_timeout=args.request_timeout, interactive_max_inputs=args.interactive_max_inputs,
+        interactive_max_tokens=args.interactive_max_tokens,
         mixed_bulk_tokens=args.mixed_bulk_tokens, drain_timeout=args.drain_timeout,
         bulk_instance=args.bulk_instance,
     )

@@ -115,9 +115,10 @@ class EmbeddingModel:
 
         Raises:
             TypeError: ``ids`` is not a list of int sequences (names the row).
-            ValueError: a row is empty or holds an id outside the vocabulary (names the row).
+            ValueError: a row holds an id outside the vocabulary (names the row). An empty row is the empty
+                text's ids: it embeds as ``""`` does.
         """
-        rows = check_token_ids(ids, self._tokenizer.vocab_size, max_length=2**62)
+        rows = check_token_ids(ids, self._tokenizer.vocab_size, max_length=2**62, allow_empty=True)
         return self._tokenizer.wrap_ids(rows)
 
     def encode_tokens(

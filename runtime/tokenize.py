@@ -110,10 +110,11 @@ class Tokenized:
         return np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
 
 
-def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndarray]:
+def check_token_ids(rows: Any, vocab_size: int, max_length: int, allow_empty: bool = False) -> list[np.ndarray]:
     """Pre-tokenized inputs as int32 arrays, or TypeError / ValueError naming the first bad row.
 
-    Each row must be a non-empty sequence of ints in ``[0, vocab_size)`` of at most ``max_length`` ids.
+    Each row must be a sequence of ints in ``[0, vocab_size)`` of at most ``max_length`` ids, and not empty
+    unless ``allow_empty`` (a text's ids without special tokens: the empty text's are empty).
     """
     if isinstance(rows, (str, bytes, Mapping, AbstractSet)) or not isinstance(rows, Sequence):
         raise TypeError(f"token ids must be a list of lists of int, not a {type(rows).__name__}")
@@ -131,7 +132,10 @@ def check_token_ids(rows: Any, vocab_size: int, max_length: int) -> list[np.ndar
             # numpy takes [True, 5] as int64 [1, 5]; a bool is no token id (the server refuses it too)
             raise TypeError(f"token ids [{i}] holds a bool, not an int")
         if arr.size == 0:
-            raise ValueError(f"token ids [{i}] is empty")
+            if not allow_empty:
+                raise ValueError(f"token ids [{i}] is empty")
+            out.append(np.empty(0, dtype=np.int32))
+            continue
         if arr.size > max_length:
             raise ValueError(f"token ids [{i}] has {arr.size} ids; the model takes at most {max_length}")
         if arr.min() < 0 or arr.max() >= vocab_size:
@@ -308,8 +312,17 @@ def _cut_point(tok: Any) -> re.Pattern[str] | None:
         return None
     # a pre-tokenizer sequence must split at spaces in one of its steps: Punctuation or Digits alone do not
     whitespace = {"BertPreTokenizer", "Whitespace", "WhitespaceSplit", "ByteLevel", "Metaspace"}
-    # an added token with a space in it could straddle the cut
-    spaced = any(any(c.isspace() for c in t.get("content", "")) for t in spec.get("added_tokens") or [])
+    # an added token with a space in it could straddle the cut; a normalized one is matched in the normalized
+    # text, so a space its normalization gives counts too (NFKC turns "¨" into a space and a combining mark)
+    norm = tok.normalizer
+
+    def spaced_token(token: dict[str, Any]) -> bool:
+        content = str(token.get("content", ""))
+        if token.get("normalized") and norm is not None:
+            content += norm.normalize_str(content)
+        return any(c.isspace() for c in content)
+
+    spaced = any(spaced_token(t) for t in spec.get("added_tokens") or [])
     if not _splits(pre) or not whitespace & pre_tokenizers or spaced:
         return None
     deletes = bool(normalizers & _DELETING_NORMALIZERS)

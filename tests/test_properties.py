@@ -128,6 +128,25 @@ def test_tokenizers_that_do_not_split_at_spaces_are_never_cut(tmp_path: Any) -> 
     assert TextTokenizer(tmp_path / "b.json", 8, 0, ("input_ids",)).cut_at is None
 
 
+def test_no_cut_where_a_normalized_added_token_holds_a_space(tmp_path: Any) -> None:
+    """An added token is matched in the normalized text: under NFKC, "xq\u00a8" is "xq \u0308", and a cut at that
+    space split it (a silently different token at the end of a long text)."""
+    import tokenizers
+    from tokenizers import normalizers, pre_tokenizers
+
+    from embedrt.tokenize import TextTokenizer
+
+    vocab = {t: i for i, t in enumerate(["[UNK]", "[CLS]", "[SEP]", "so", "##x", "##q", "x", "q", "tail"])}
+    wp = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]"))
+    wp.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.BertNormalizer(lowercase=False)])
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wp.save(str(tmp_path / "plain.json"))
+    assert TextTokenizer(tmp_path / "plain.json", 8, 0, ("input_ids",)).cut_at is not None
+    wp.add_tokens([tokenizers.AddedToken("xq\u00a8", normalized=True)])
+    wp.save(str(tmp_path / "added.json"))
+    assert TextTokenizer(tmp_path / "added.json", 8, 0, ("input_ids",)).cut_at is None
+
+
 def test_the_cut_never_splits_a_word(tmp_path: Any) -> None:
     """Metaspace splits at spaces only: a cut at a newline would split a word, here one WordPiece makes [UNK]."""
     import tokenizers

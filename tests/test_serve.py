@@ -187,6 +187,10 @@ def test_token_id_inputs(live: LiveServer, minilm: Any) -> None:
     assert np.abs(_vectors(result) - minilm.encode(texts)).max() <= 1e-6
     assert raw.headers["x-embedrt-truncated-inputs"] == "1"
     assert result.usage.prompt_tokens == len(tokens[0]) + 2 + minilm.manifest.max_seq_length
+    # the empty text's ids are [] (it was refused, while "" embeds)
+    empty = client.embeddings.create(model="all-MiniLM-L6-v2", input=[[], tokens[0]], encoding_format="float")
+    assert np.abs(_vectors(empty) - minilm.encode(["", texts[0]])).max() <= 1e-6
+    assert empty.usage.prompt_tokens == 2 + len(tokens[0]) + 2
 
 
 def test_bad_requests_are_400_naming_the_field(live: LiveServer) -> None:
@@ -194,7 +198,7 @@ def test_bad_requests_are_400_naming_the_field(live: LiveServer) -> None:
     cases: list[tuple[dict[str, Any], str | None]] = [
         ({"model": "all-MiniLM-L6-v2", "input": []}, "input"),
         ({"model": "all-MiniLM-L6-v2", "input": ["a", 3]}, "input[1]"),
-        ({"model": "all-MiniLM-L6-v2", "input": [[1, 2], []]}, "input[1]"),
+        ({"model": "all-MiniLM-L6-v2", "input": [[1, 2], [1.5]]}, "input[1]"),
         ({"model": "all-MiniLM-L6-v2", "input": [[1, 2], [10**9]]}, "input[1]"),
         ({"model": "all-MiniLM-L6-v2", "input": "a", "encoding_format": "int8"}, "encoding_format"),
         ({"model": "all-MiniLM-L6-v2", "input": "a", "dimensions": 128}, "dimensions"),
@@ -327,8 +331,81 @@ def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
         assert server.metric("embedrt_requests_total", status="504") == 1
 
 
-def test_requests_in_a_lane_take_turns(tiny: Any) -> None:
-    """A small bulk request waits a call or two behind a large one, not for all of it."""
+def test_a_pipelining_client_that_hangs_up_has_its_running_request_dropped(tiny: Any,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn tells only the latest request on a connection that its client went away: the one running
+    before it (pipelined) ran to the end, counted a 200, and wrote to the closed socket (an ERROR each)."""
+    with _gated_server(tiny) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+        first_thread, first = _in_thread(client.embeddings.create, model=name, input="first")
+        _wait(gated.entered.is_set, "the first call")
+        ok = server.metric("embedrt_requests_total", status="200")
+        one = json.dumps({"model": name, "input": ["pipelined", "request"]}).encode()
+        head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(one)}\r\n\r\n").encode()
+        with caplog.at_level(logging.ERROR), socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall((head + one) * 2)
+            _wait(lambda: sum(n for n, _ in scheduler.depth().values()) == 1, "the first pipelined request queued")
+        _wait(lambda: server.metric("embedrt_dropped_inputs_total", reason="disconnected") == 2,
+              "the running pipelined request dropped")
+        gated.gate.set()
+        first_thread.join(30)
+        assert "result" in first, first
+        _wait(lambda: server.metric("embedrt_requests_total", status="200") == ok + 1, "the first request's 200")
+        assert server.metric("embedrt_requests_total", status="499") == 1
+        assert gated.rows == 1  # the pipelined requests never reached inference
+        time.sleep(0.2)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_deadline_the_handler_and_the_scheduler_both_reach_logs_no_error(
+        tiny: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """When the scheduler's expiry answers a job 504 just as its handler gives up on it, nobody read that
+    504: asyncio logged "Future exception was never retrieved" at ERROR (18 of 400 short deadlines under load)."""
+    import gc
+
+    with _gated_server(tiny) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+        first_thread, _ = _in_thread(client.embeddings.create, model=name, input="first")
+        _wait(gated.entered.is_set, "the first call")
+        cancel = scheduler.cancel
+
+        def expired_first(job: Any, reason: Any) -> int:  # the worker's window reached the job first
+            with scheduler._work:
+                scheduler._expire(job)
+            return cancel(job, reason)
+
+        with caplog.at_level(logging.ERROR), mock.patch.object(scheduler, "cancel", expired_first):
+            with pytest.raises(openai.APIStatusError) as info:
+                client.embeddings.create(model=name, input="late", extra_headers={"X-Request-Timeout": "0.2"})
+            gated.gate.set()
+            first_thread.join(30)
+            client.embeddings.create(model=name, input="after")
+            gc.collect()  # a future's unread exception is logged when the future is collected
+            time.sleep(0.2)
+            gc.collect()
+        assert info.value.status_code == 504
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def _finished_after(gated: Gated, model: Any, texts: list[str]) -> int | None:
+    """How many rows the gated model had embedded when the last of ``texts`` ran (None if one never did)."""
+    mine = {tuple(int(t) for t in x) for x in model.tokenize_batch(texts).ids}
+    rows, done_at, seen = 0, None, set()
+    for call in gated.calls:
+        rows += len(call)
+        if mine & set(call):
+            seen |= mine & set(call)
+            done_at = rows
+    return done_at if seen == mine else None
+
+
+def test_a_small_request_goes_ahead_of_a_large_one_in_its_lane(tiny: Any) -> None:
+    """A small bulk request waits for the running call behind a large one, not for all of it."""
     with _gated_server(tiny, max_batch_inputs=4) as (server, gated):
         name = next(iter(server.service.models))
         scheduler = server.service.models[name].scheduler
@@ -348,15 +425,60 @@ def test_requests_in_a_lane_take_turns(tiny: Any) -> None:
             thread.join(60)
         assert np.abs(_vectors(a["result"]) - tiny.encode(large)).max() <= 1e-6
         assert np.abs(_vectors(b["result"]) - tiny.encode(small)).max() <= 1e-6
-        # calls of 4 rows take turns: the small one's 9 rows are done within about 7 calls; first come, first
-        # served, they would wait for all 40 of the large one's
-        mine = {tuple(int(t) for t in x) for x in tiny.tokenize_batch(small).ids}
-        rows, done_at = 0, None
-        for call in gated.calls:
-            rows += len(call)
-            if mine & set(call):
-                done_at = rows
-        assert done_at is not None and done_at <= 32, ("the small request waited for the large one", done_at)
+        # calls of 4 rows: the running one, then the small request's 9 rows lead (sharing calls with rows of
+        # the large one of a like length); first come, first served, they would wait for all 40
+        done_at = _finished_after(gated, tiny, small)
+        assert done_at is not None and done_at <= 4 + 2 * 9, ("the small request waited for the large one", done_at)
+
+
+def test_a_burst_of_equal_requests_is_served_one_after_another(tiny: Any) -> None:
+    """Under overload, requests that take turns all progress in step and all reach their deadline unfinished;
+    served one after another (shortest remaining work first), the first ones finish."""
+    with _gated_server(tiny, max_batch_inputs=4) as (server, gated):
+        name = next(iter(server.service.models))
+        scheduler = server.service.models[name].scheduler
+        client = server.client()
+
+        def bulk(texts: list[str]) -> Any:
+            return client.embeddings.create(model=name, input=texts, extra_headers={"X-Embedrt-Lane": "bulk"})
+
+        first = _in_thread(bulk, ["warm the gate"])
+        _wait(gated.entered.is_set, "the first call")
+        burst = [[f"request {k} passage {i}" for i in range(12)] for k in range(3)]
+        threads = []
+        for k, texts in enumerate(burst):
+            threads.append(_in_thread(bulk, texts))
+            _wait(lambda k=k: sum(n for n, _ in scheduler.depth().values()) == k + 1, f"request {k} queued")
+        gated.gate.set()
+        for thread, _ in (first, *threads):
+            thread.join(60)
+        for (_, out), texts in zip(threads, burst):
+            assert np.abs(_vectors(out["result"]) - tiny.encode(texts)).max() <= 1e-6
+        done = [_finished_after(gated, tiny, texts) for texts in burst]
+        # after the first call (1 row), each request's 12 rows run in 3 calls of 4, one request after another;
+        # taking turns, the first to finish did so after about 30 rows
+        assert done == [1 + 12, 1 + 24, 1 + 36], done
+
+
+def test_a_lane_serves_the_least_work_first_and_ages_the_rest() -> None:
+    """The order itself: fewest tokens left first, the older first among equals; a request with half its
+    timeout or less left goes before all of those, the nearest deadline first."""
+    import asyncio
+
+    from embedrt.serve.scheduler import Job, Lane, _priority
+
+    loop = asyncio.new_event_loop()
+    try:
+        def job(tokens: int, enqueued: float, timeout: float = 60.0) -> Job:
+            return Job([], np.zeros(0), Lane.BULK, enqueued + timeout, loop.create_future(), loop,
+                       np.zeros((0, 1)), enqueued, timeout, queued_tokens=tokens)
+
+        big_old, small, small_later, big_aged, short_aged = (job(5000, 0.0), job(10, 5.0), job(10, 6.0),
+                                                             job(9000, -31.0), job(8000, 8.0, timeout=2.0))
+        order = sorted([big_old, small, small_later, big_aged, short_aged], key=lambda j: _priority(j, 9.5))
+        assert order == [short_aged, big_aged, small, small_later, big_old]
+    finally:
+        loop.close()
 
 
 def test_lane_header_cannot_put_a_large_request_among_the_queries(live: LiveServer) -> None:
@@ -365,6 +487,17 @@ def test_lane_header_cannot_put_a_large_request_among_the_queries(live: LiveServ
         status, headers, _ = live.request("POST", "/v1/embeddings", {"model": name, "input": ["q"] * count},
                                           headers={"X-Embedrt-Lane": asked})
         assert status == 200 and headers["x-embedrt-lane"] == lane, (count, asked, headers)
+
+
+def test_a_few_long_passages_go_to_the_bulk_lane(live: LiveServer) -> None:
+    """A request of few inputs but many tokens is bulk work: sent one per request by an async client, such
+    passages held single queries up 600-fold in the interactive lane."""
+    passage = "word " * 200  # 202 tokens for all-MiniLM-L6-v2
+    for inputs, asked, lane in (([passage] * 2, None, "interactive"), ([passage] * 3, None, "bulk"),
+                                ([passage] * 3, "interactive", "bulk"), (["q"] * 8, None, "interactive")):
+        status, headers, _ = live.request("POST", "/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": inputs},
+                                          headers={"X-Embedrt-Lane": asked} if asked else {})
+        assert status == 200 and headers["x-embedrt-lane"] == lane, (len(inputs), asked, headers)
 
 
 def test_a_client_gone_while_sending_its_body_is_499_not_a_server_error(live: LiveServer) -> None:
@@ -694,6 +827,22 @@ def test_a_request_still_tokenizing_at_the_drain_cut_off_gets_503(tiny: Any) -> 
             slow.gate.set()
 
 
+def test_a_request_still_uploading_at_the_drain_cut_off_gets_503(tiny: Any) -> None:
+    """The upload was not covered by the cut-off: uvicorn cancelled it at its own timeout instead, the client got
+    a reset, the log an ERROR traceback, and the process overran --drain-timeout."""
+    with LiveServer(create_app([tiny], ServeConfig(drain_timeout=1.0))) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b'Content-Length: 1000\r\n\r\n{"input": ')
+            time.sleep(0.2)
+            start = time.monotonic()
+            server.service.begin_drain()
+            answer = sock.recv(65536)
+            assert time.monotonic() - start < 1.0, "answered within the drain timeout"
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"draining"' in answer, answer
+
+
 def test_no_request_is_queued_after_the_drain_cut_off(tiny: Any) -> None:
     """A request still uploading or tokenizing at the cut-off gets its 503 at submit, not silence later."""
     import asyncio
@@ -865,6 +1014,9 @@ def test_tokenize_ids_adds_special_tokens_like_the_tokenizer(tiny: Any) -> None:
     from_text = tiny.tokenize_batch([text])
     assert np.array_equal(from_ids.ids[0], from_text.ids[0])
     assert bool(from_ids.truncated[0]) and bool(from_text.truncated[0])
+    assert np.array_equal(tiny.tokenize_ids([[]]).ids[0], tiny.tokenize_batch([""]).ids[0])
+    with pytest.raises(ValueError, match=r"token ids \[0\] is empty"):  # ids as the model runs them: never empty
+        tiny.encode_tokens([[]])
 
 
 def test_access_log_one_line_per_request_with_its_id(live: LiveServer) -> None:

@@ -373,6 +373,13 @@ async def _disconnected(request: Request) -> None:
             return
 
 
+def _unread(future: asyncio.Future[Any]) -> None:
+    """A job's answer nobody will read: cancelled, or (a 504 the scheduler set meanwhile) marked as read, so
+    that asyncio does not log "Future exception was never retrieved" at ERROR for it."""
+    if not future.cancel() and not future.cancelled():
+        future.exception()
+
+
 def _deadline_seconds(request: Request, default: float) -> float:
     raw = request.headers.get(TIMEOUT_HEADER.lower())
     if raw is None:
@@ -387,7 +394,8 @@ def _deadline_seconds(request: Request, default: float) -> float:
 
 
 def _lane(request: Request, count: int, config: ServeConfig) -> Lane:
-    """The request's lane: by its size, or the header's; a request too large for interactive goes bulk."""
+    """The request's lane by its input count, or the header's; a request too large for interactive goes bulk
+    (and so does one of too many tokens, once tokenized: see ``embeddings``)."""
     raw = request.headers.get(LANE_HEADER.lower())
     small = count <= config.interactive_max_inputs
     if raw is None:
@@ -425,8 +433,9 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
     service.check_open()
     config = service.config
     timeout = _deadline_seconds(request, config.request_timeout)
-    try:  # the deadline covers the upload too: a body sent a byte a second must not hold a connection forever
-        body = await asyncio.wait_for(_read_body(request, config.max_body_bytes), timeout)
+    try:  # the deadline covers the upload too: a body sent a byte a second must not hold a connection forever;
+        # so does a drain's cut-off (else uvicorn cancelled the upload at its own timeout: a reset, no 503)
+        body = await service.before_cut_off(asyncio.wait_for(_read_body(request, config.max_body_bytes), timeout))
     except asyncio.TimeoutError:
         raise protocol.body_too_slow(timeout) from None
     loop = asyncio.get_running_loop()
@@ -479,6 +488,9 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         raise protocol.bad_request(f"input[{i}] is longer than the model's {model.manifest.max_seq_length} tokens "
                                    "and truncation is off ('truncate': false).", f"input[{i}]", "input_too_long")
     tokens = int(tokenized.lengths.sum())
+    if tokens > config.interactive_max_tokens:  # long passages, one per request, must not hold up the queries
+        lane = Lane.BULK
+        info["lane"] = lane.value
     info.update(tokens=tokens, truncated=len(truncated))
     job = scheduler.submit(tokenized.ids, lane, arrival + timeout, timeout)
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -490,12 +502,14 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
         # uvicorn never cancels a handler; hypercorn and others do on a disconnect or at shutdown, which
         # this side cannot tell apart, so it is counted as neither
         scheduler.cancel(job, DropReason.CANCELLED)
+        _unread(job.future)
         raise
     finally:
         watcher.cancel()
     if job.future not in done:
         reason = DropReason.DISCONNECTED if watcher in done else DropReason.DEADLINE
         scheduler.cancel(job, reason)
+        _unread(job.future)
         if reason is DropReason.DISCONNECTED:
             info["status"] = 499  # nginx's "client closed request": nobody reads this response
             return Response(status_code=499)

@@ -24,7 +24,11 @@ class ServeConfig:
         max_body_bytes: largest request body (413 past it).
         request_timeout: seconds from arrival to response; inputs still queued past it are dropped (504).
         interactive_max_inputs: requests with at most this many inputs go to the interactive lane
-            (a request can choose with the ``X-Embedrt-Lane`` header).
+            (a request can choose with the ``X-Embedrt-Lane`` header)...
+        interactive_max_tokens: ...if they hold at most this many tokens in all (special tokens counted, no
+            padding): a single long passage costs a call of its own, and many of them sent one per request
+            (an async client's usual pattern) would otherwise hold the queries up. The default is what a bulk
+            call may cost while interactive traffic runs (``mixed_bulk_tokens``): 8 queries of 64 tokens.
         mixed_bulk_tokens: while interactive traffic is active, most padded tokens per bulk call, so an
             interactive call never waits long for a running bulk one.
         interactive_window: seconds an interactive arrival counts as "active" traffic.
@@ -45,6 +49,7 @@ class ServeConfig:
     max_body_bytes: int = 16 * 2**20
     request_timeout: float = 60.0
     interactive_max_inputs: int = 8
+    interactive_max_tokens: int = 512
     mixed_bulk_tokens: int = 512
     interactive_window: float = 1.0
     bulk_yield_limit: int = 4
@@ -53,7 +58,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch_inputs", "max_queue_tokens", "max_inputs", "max_body_bytes",
-                     "interactive_max_inputs", "mixed_bulk_tokens", "bulk_yield_limit"):
+                     "interactive_max_inputs", "interactive_max_tokens", "mixed_bulk_tokens", "bulk_yield_limit"):
             value = getattr(self, name)
             if value is None and name == "max_queue_tokens":
                 continue

@@ -481,8 +481,7 @@ def _parse_input(value: Any, present: bool, max_inputs: int) -> tuple[list[str] 
 
 
 def _check_id_row(row: list[Any], where: str) -> None:
-    if not row:
-        raise bad_request(f"{where} is an empty list of token ids.", where)
+    """An input's token ids (``[]``, in a list of them, is the empty text's: it embeds as ``""`` does)."""
     for j, token in enumerate(row):
         if not _is_int(token):
             raise bad_request(f"{where}[{j}] must be an integer token id, got {type(token).__name__}.",

@@ -63,10 +63,18 @@ def http_protocol() -> Any:
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
+            self._cycles: list[Any] = []  # the requests started or queued on this connection, not yet answered
             self._await_head()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._head_arrived()
+            # uvicorn tells only the latest request (self.cycle) that the client went away; with pipelining, the
+            # one running is an earlier one, which then ran to the end and wrote to the closed socket (an ERROR
+            # traceback each): every unanswered request hears of it
+            for cycle in self._cycles:
+                if cycle is not self.cycle and not cycle.response_complete:
+                    cycle.disconnected = True
+                    cycle.message_event.set()
             super().connection_lost(exc)
 
         def _responding(self) -> bool:
@@ -124,6 +132,9 @@ def http_protocol() -> Any:
             self._started, self._head_begun = True, False
             self._head_arrived()
             super().on_headers_complete()
+            if self.cycle is not None:
+                self._cycles = [c for c in self._cycles if not c.response_complete and c is not self.cycle]
+                self._cycles.append(self.cycle)
 
         def on_body(self, body: bytes) -> None:
             self._chunk_body += len(body)

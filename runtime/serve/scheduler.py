@@ -1,16 +1,21 @@
 """One scheduler per model: the inputs of all waiting requests form the inference calls.
 
 Requests arrive tokenized (tokenization runs in the edge threads, not here) and wait in one of two lanes,
-interactive (few inputs) and bulk. Each lane has its own worker thread; a worker takes a window of rows from
-its lane's waiting requests (round robin: at most half a window from each, the request whose turn it is
-first), lets :func:`embedrt.batching.plan_batches` (the planner ``encode`` uses: length-sorted, token
-budget, cost per call) cut it into calls, and runs the call holding the leading request's first row with
+interactive (few, short inputs) and bulk. Each lane has its own worker thread; a worker takes a window of
+rows from its lane's waiting requests (at most half a window from each, the leading request first), lets
+:func:`embedrt.batching.plan_batches` (the planner ``encode`` uses: length-sorted, token budget, cost per
+call) cut it into calls, and runs the call holding the leading request's first row with
 ``EmbeddingModel.encode_tokens``. A request with more rows than one call is split across calls, and its rows
 share calls with other requests' rows.
 
 Fairness:
-    * Within a lane, requests take turns: after each call the request that led it goes to the back of the
-      lane, so a 9-input request waits about one call behind a 2,000-input one, not for all of it.
+    * Within a lane, the request with the fewest tokens left leads (shortest remaining work first), so a
+      9-input request waits for the running call behind a 2,000-input one, not for all of it, and a burst of
+      equal requests is served one after another: under overload the first ones finish within their
+      deadlines. Taking turns instead (round robin) had every request of such a burst progress in step and
+      reach its deadline unfinished together, its computed rows thrown away. A request with half its timeout
+      or less left leads before those with more (the nearest deadline first), so a stream of small requests
+      cannot hold a large one back until its deadline.
     * Interactive rows never wait behind bulk ones: they have their own worker, which starts a call as soon
       as the previous interactive call ends, even while a bulk call runs.
     * Priority: the bulk worker does not start a call while an interactive call runs or interactive rows
@@ -120,7 +125,7 @@ class Scheduler:
         self._on_call = on_call or (lambda stats: None)
         self._on_drop = on_drop or (lambda reason, rows: None)
         self._work = threading.Condition()
-        # per lane, the requests with rows waiting, in turn order (the front one leads the next window)
+        # per lane, the requests with rows waiting (sorted by _priority when a window is taken: the front one leads)
         self._lanes: dict[Lane, collections.deque[Job]] = {lane: collections.deque() for lane in Lane}
         self._open: set[Job] = set()  # requests not yet answered (for abandon)
         self._tokens = dict.fromkeys(Lane, 0)
@@ -292,7 +297,7 @@ class Scheduler:
         return interactive and self._interactive_streak < self.config.bulk_yield_limit
 
     def _window(self, lane: Lane) -> list[tuple[Job, int]]:
-        """Take rows of the lane's waiting requests in turn order (at most about two calls' worth). Lock held.
+        """Take rows of the lane's waiting requests in priority order (at most about two calls' worth). Lock held.
 
         Each request gives at most half the window, so the planner can fill a call with rows of similar
         length from the next ones too; the first row is the leading request's.
@@ -303,6 +308,7 @@ class Scheduler:
         now = time.monotonic()
         for job in [job for job in jobs if job.deadline <= now]:
             self._expire(job)
+        self._lanes[lane] = jobs = collections.deque(sorted(self._lanes[lane], key=lambda job: _priority(job, now)))
         cost = self._lane_cost(lane)
         max_rows = 2 * self.config.max_batch_inputs
         max_tokens = 2 * cost.token_budget if cost.token_budget else math.inf
@@ -343,7 +349,7 @@ class Scheduler:
                 job, row = window[i]
                 if i not in picked and job.alive:
                     job.pending.appendleft(row)
-            self._take_turn(lane, window[0][0])
+            self._leave_lane(lane)
             rows = []
             for i in sorted(picked):
                 job, row = window[i]
@@ -393,13 +399,20 @@ class Scheduler:
         for job in done:
             _resolve(job, job.out)
 
-    def _take_turn(self, lane: Lane, leader: Job) -> None:
-        """After a window: requests with no rows left leave the lane, the leader goes to the back. Lock held."""
+    def _leave_lane(self, lane: Lane) -> None:
+        """After a window: requests with no rows left waiting leave the lane. Lock held."""
         jobs = self._lanes[lane]
         if any(not job.pending for job in jobs):
-            self._lanes[lane] = jobs = collections.deque(job for job in jobs if job.pending)
-        if jobs and jobs[0] is leader:
-            jobs.rotate(-1)
+            self._lanes[lane] = collections.deque(job for job in jobs if job.pending)
+
+
+def _priority(job: Job, now: float) -> tuple[int, float, float]:
+    """A lane's order: requests with half their timeout or less left first, the nearest deadline first; then
+    the rest by the tokens they have left waiting (shortest remaining work first), the older first among
+    equals."""
+    if job.deadline - now <= job.timeout / 2:
+        return (0, job.deadline, 0.0)
+    return (1, job.queued_tokens, job.enqueued)
 
 
 def _resolve(job: Job, result: np.ndarray | BaseException) -> None:
