@@ -13,6 +13,9 @@ loop bounded in requests and seconds:
               (the first 20% of the window); the tail, after the query client stops, is reported apart
     sigterm   queries + passages at concurrency 32, SIGTERM after --sigterm-after s: every request the
               server accepted must be answered (refused connections are counted apart)
+    burst     overload: one request of --burst-inputs passages is timed alone (T); then N such requests are
+              sent at once, each with X-Request-Timeout D = 3 T, N = --burst-overload x D / T (twice the
+              work that fits): how many are answered within D, and how many embedded rows were thrown away
 
 With --versus "ARGS", two embedrt servers run side by side instead, the second with ARGS added to its
 command line, and take turns in --rounds rotated rounds of idle and single-query load at each --concurrency
@@ -35,6 +38,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -525,6 +529,9 @@ def main(argv: list[str] | None = None) -> int:
                    "Runtime; needs --peer-folder, a checkpoint folder holding an optimum ONNX export)")
     p.add_argument("--peer-folder", help="the folder infinity loads (default: the model's checkpoint)")
     p.add_argument("--modes", default="idle,queries,passages,mixed")
+    p.add_argument("--burst-inputs", type=int, default=64, help="burst: passages per request (default: 64)")
+    p.add_argument("--burst-overload", type=float, default=2.0,
+                   help="burst: the work sent, in deadlines' worth (default: 2)")
     p.add_argument("--concurrency", default="1,8,32,128")
     p.add_argument("--threads", type=int, default=2, help="the server's threads (the same budget for every system)")
     p.add_argument("--requests", type=int, default=2000, help="most requests per measurement")
@@ -726,7 +733,34 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
                 "pass": fivexx == 0 and abs(summary.get("rss_growth_pct", 0.0)) <= 10.0}
     if mode == "sigterm":
         return mode_sigterm(server, queries, passages, args.sigterm_after)
-    raise SystemExit(f"unknown mode {mode!r}; valid: idle, queries, passages, mixed, soak, sigterm")
+    if mode == "burst":
+        return mode_burst(server, passages, args.burst_inputs, args.burst_overload)
+    raise SystemExit(f"unknown mode {mode!r}; valid: idle, queries, passages, mixed, soak, sigterm, burst")
+
+
+def mode_burst(server: Server, passages: list[str], inputs: int, overload: float) -> dict[str, Any]:
+    """N equal bulk requests at once, with twice the work that fits their deadline: answered and wasted."""
+    request = _chunks(passages, inputs, 1)
+    alone = []
+    for _ in range(3):  # the first warms up the shapes
+        o = run_load(server, request, 1, 1, 600, headers={"X-Embedrt-Lane": "bulk"})
+        assert o.latencies, o.errors
+        alone.append(o.latencies[0])
+    t = statistics.median(alone[1:])
+    deadline = 3 * t
+    n = math.ceil(overload * deadline / t)
+    before = _bulk_inputs(server)
+    burst = run_load(server, request * n, n, n, 600,
+                     headers={"X-Embedrt-Lane": "bulk", "X-Request-Timeout": f"{deadline:.3f}"})
+    time.sleep(1.0)  # rows of a call still running when its requests' deadline passed are counted as it ends
+    after = _bulk_inputs(server)
+    embedded = None if before is None or after is None else after - before
+    delivered = len(burst.latencies) * inputs
+    return {"inputs_per_request": inputs, "alone_s": round(t, 3), "deadline_s": round(deadline, 3), "sent": n,
+            "answered": len(burst.latencies), "errors": burst.errors,
+            "answered_latencies_s": sorted(round(x, 2) for x in burst.latencies),
+            "rows_embedded": embedded, "rows_delivered": delivered,
+            "rows_thrown_away": None if embedded is None else embedded - delivered}
 
 
 if __name__ == "__main__":

@@ -180,8 +180,14 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
     if reference.max_seq_length != spec.max_seq_length:  # the files' contract must be what ST itself runs
         raise SourceError(
             f"{resolved.path}: sentence-transformers runs max_seq_length {reference.max_seq_length}, the files "
-            f"say {spec.max_seq_length}; refusing to guess"
+            f"say {spec.max_seq_length}; refusing to guess (set max_seq_length in the Transformer module's "
+            f"sentence_bert_config.json, at most {spec.max_seq_length})"
         )
+    specials = len(reference.tokenizer("")["input_ids"])
+    if spec.max_seq_length <= specials:  # named here: the runtime's check named a file of the scratch folder
+        raise SourceError(f"{resolved.path}: max_seq_length {spec.max_seq_length} leaves no room for a token beside "
+                          f"the {specials} special tokens the tokenizer adds; set a larger one in the Transformer "
+                          "module's sentence_bert_config.json")
     _check_tokenizer_fits(resolved.path, reference)
     # the prompts as sentence-transformers runs them (it adds empty query / document ones, which its
     # encode_query / encode_document then pick before any default), and the tokenizer's call-time setting
@@ -224,7 +230,7 @@ def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
     """``SentenceTransformer(path)``, or SourceError naming the folder and what failed (a truncated
     ``model.safetensors`` raised safetensors' own error, a traceback at the CLI)."""
     try:
-        return st.SentenceTransformer(str(path), device="cpu", **kwargs)
+        model = st.SentenceTransformer(str(path), device="cpu", **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:  # safetensors' error is an Exception
         raise SourceError(f"{path}: sentence-transformers cannot load this checkpoint: {type(exc).__name__}: "
                           f"{exc}") from exc
@@ -232,6 +238,15 @@ def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
         if type(exc).__name__ != "SafetensorError":
             raise
         raise SourceError(f"{path}: a weights file is damaged: {exc}") from exc
+    import torch
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes - {torch.float32}:  # bf16 / fp16 weights: upcast exactly; the graph and its reference are fp32
+        if "eager" not in str(kwargs):
+            log.info("%s: the weights are %s: exported and checked against sentence-transformers in fp32",
+                     path, ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))
+        model.float()
+    return model
 
 
 def export(build: Build) -> None:

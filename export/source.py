@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -32,8 +33,16 @@ _MODULE_OPTIONS: dict[str, dict[str, tuple[Any, ...]]] = {
               "use_residual": (False, None)},
     "Normalize": {"module_input_name": ("sentence_embedding",), "module_output_name": ("sentence_embedding",)},
     "Transformer": {"module_output_name": ("token_embeddings",), "transformer_task": ("feature-extraction",),
-                    "processing_kwargs": ({}, None), "processor_kwargs": ({}, None)},
+                    "processing_kwargs": ({}, None), "processor_kwargs": ({}, None), "tokenizer_args": ({}, None),
+                    # per-task lengths and ColBERT-style query expansion: encode_query / encode_document would
+                    # truncate or pad otherwise than encode does, which the graph (one max_seq_length) does not
+                    "query_length": (None,), "document_length": (None,), "query_expansion": (None,)},
 }
+# the similarity names sentence-transformers takes from a checkpoint (its SimilarityFunction values)
+_ST_SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
+# architectures that number positions from the left edge whatever the padding: padded on the left, a text's
+# positions (and so its vector) change with the longest text in its batch
+_ABSOLUTE_POSITIONS = ("bert", "distilbert", "albert", "electra")
 SUPPORTED_ARCHITECTURES = ("bert", "distilbert", "albert", "electra", "roberta", "xlm-roberta", "camembert", "mpnet")
 # architectures whose position ids start after the padding index (RoBERTa's 514 positions hold 512 tokens)
 _OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
@@ -184,7 +193,7 @@ def read_checkpoint(folder: Path, entry: CatalogueEntry | None = None) -> Checkp
     elif max_len > positions:
         raise SourceError(f"{base / 'sentence_bert_config.json'}: max_seq_length {max_len} is more than the "
                           f"{positions} positions the model has (config.json); lower it to at most {positions}")
-    _refuse_what_embedrt_does_not_do(base)
+    _refuse_what_embedrt_does_not_do(base, architecture)
     _refuse_module_options(folder, modules)
     _refuse_other_model_kinds(folder)
     prompts, default_prompt, include_prompt = _prompts(folder, folder / modules[1].path / "config.json",
@@ -304,6 +313,10 @@ def _similarity(folder: Path, entry: CatalogueEntry | None) -> tuple[Similarity,
     path = folder / "config_sentence_transformers.json"
     declared = _read_json(path).get("similarity_fn_name") if path.is_file() else None
     if declared:
+        if declared not in _ST_SIMILARITIES:  # embedrt's own aliases (dot_score, ...) are not sentence-transformers'
+            raise SourceError(f"{path}: similarity_fn_name {declared!r} is not one sentence-transformers knows "
+                              f"({', '.join(_ST_SIMILARITIES)}), so it would score with cosine; set the one the "
+                              "model was trained for")
         try:
             return Similarity.parse(str(declared)), "checkpoint"
         except ValueError as exc:
@@ -364,13 +377,34 @@ def _prompts(folder: Path, pooling_path: Path, pooling: dict[str, Any]) -> tuple
     return prompts, default, include
 
 
-def _refuse_what_embedrt_does_not_do(base: Path) -> None:
-    """Left truncation would give other vectors than embedrt computes: refuse it by name."""
+def _refuse_what_embedrt_does_not_do(base: Path, architecture: str) -> None:
+    """Left truncation, and left padding where positions count from the left edge, would give other vectors
+    than embedrt computes: refuse them by name, from tokenizer_config.json or else tokenizer.json (whose
+    directions transformers takes when the config does not say)."""
     tok_config = base / "tokenizer_config.json"
-    side = _read_json(tok_config).get("truncation_side") if tok_config.is_file() else None
-    if side not in (None, "right"):
-        raise SourceError(f"{tok_config}: truncation_side {side!r} is not supported: embedrt keeps the start of "
+    config = _read_json(tok_config) if tok_config.is_file() else {}
+    tok_file = base / "tokenizer.json"
+    tokenizer: dict[str, Any] = {}
+    if tok_file.is_file():
+        with contextlib.suppress(SourceError):  # a broken tokenizer.json is named where it is loaded
+            tokenizer = _read_json(tok_file)
+
+    def side(key: str, section: str) -> tuple[Any, Path]:
+        if config.get(key) is not None:
+            return config[key], tok_config
+        direction = (tokenizer.get(section) or {}).get("direction") if isinstance(tokenizer.get(section), dict) \
+            else None
+        return (str(direction).lower() if direction is not None else None), tok_file
+
+    truncation, where = side("truncation_side", "truncation")
+    if truncation not in (None, "right"):
+        raise SourceError(f"{where}: truncation_side {truncation!r} is not supported: embedrt keeps the start of "
                           "a long text, as truncation_side 'right' does")
+    padding, where = side("padding_side", "padding")
+    if padding not in (None, "right") and architecture in _ABSOLUTE_POSITIONS:
+        raise SourceError(f"{where}: padding_side {padding!r} is not supported: {architecture} numbers positions "
+                          "from the left edge, so padded on the left a text's vector changes with the longest "
+                          "text in its batch; embedrt pads on the right, as padding_side 'right' does")
 
 
 def _tokenizer_max_length(base: Path, positions: int) -> int:

@@ -240,7 +240,7 @@ def iter_jsonl_range(file: Path, id_field: str, field: str, start: int = 0, end:
             fh.seek(start)
             fh = io.BytesIO(fh.read(-1 if end is None else end - start))
         for number, raw in enumerate(byte_lines(fh, bom=start == 0), start=first_line):
-            if not raw.strip():  # a blank line is no row (a trailing newline, an editor's last line)
+            if not raw.strip(b" \t\r\n"):  # a blank line is no row (a trailing newline, an editor's last line)
                 continue
             where = f"{file}:{number}"
             try:

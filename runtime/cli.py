@@ -368,6 +368,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace) -> int:
     from embedrt.textio import read_records
 
+    if args.text is not None and not all(isinstance(t, str) for t in args.text):  # argparse: --text=-- gives []
+        raise EmbedrtError("--text: the text '--' cannot be given on the command line (argparse reads it as the end "
+                           "of the options); put it in a file (--input)")
     out = check_output_path(args.output, inputs=[args.input], model=args.model)
     texts = args.text if args.text is not None else read_records(args.input, args.field)[1]
     model = _load(args)

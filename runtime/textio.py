@@ -65,7 +65,7 @@ def read_records(path: str | Path, field: str = "text", unique: bool = False,
     ids, texts = [], []
     where: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line.strip(" \t\r\n"):  # JSON's own whitespace: a line of U+00A0 or U+2028 is no JSON, and no blank
             continue
         try:
             record = json.loads(line)

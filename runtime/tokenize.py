@@ -47,12 +47,18 @@ def check_texts(texts: Any) -> list[str]:
     Lone UTF-16 surrogates (``"\\ud800"``, left by bad decoding or JSON escapes), which the tokenizer
     cannot take, become U+FFFD; a valid surrogate pair becomes the character it encodes.
     """
-    if isinstance(texts, (str, bytes)):
+    if isinstance(texts, str):
         raise TypeError("texts must be a sequence of str, not a single str; wrap it in a list")
+    if isinstance(texts, (bytes, bytearray, memoryview)):  # iterated, they are ints
+        raise TypeError(f"texts must be a sequence of str, not {type(texts).__name__}; decode it and wrap it in "
+                        "a list")
     # a dict would embed its keys and a set has no order to match rows to inputs: neither is a list of texts
     if isinstance(texts, (Mapping, AbstractSet)):
         raise TypeError(f"texts must be an ordered sequence of str (a list), not a {type(texts).__name__}")
-    items = list(texts)
+    try:
+        items = list(texts)
+    except TypeError:  # None, a number: "'NoneType' object is not iterable" named neither texts nor what it was
+        raise TypeError(f"texts must be a sequence of str (a list), not {type(texts).__name__}") from None
     for i, text in enumerate(items):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] is {type(text).__name__}, not str")

@@ -453,6 +453,7 @@ MORE_BAD_LINES = [
     json.dumps({"_id": None, "text": "x"}),
     json.dumps({"_id": "n", "text": None}),
     '{"_id": "big", "text": "x", "views": 1' + "0" * 4300 + "}",  # past Python's int-from-text limit
+    "\x0c",  # not JSON's whitespace: not a blank line (it was skipped)
 ]
 
 
@@ -466,6 +467,7 @@ MORE_BAD_LINES = [
     (-1, "id field '_id' is null"),
     (-2, "text field 'text' is null"),
     (-3, "not valid JSON here: Exceeds the limit (4300 digits) for integer string conversion"),
+    (-4, "not valid JSON"),
 ])
 def test_bad_row_is_named(tiny_bert, tmp_path, capsys, bad: int, message: str) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "c.jsonl"

@@ -153,6 +153,17 @@ def test_text_files_split_at_line_ends_only(tiny_bert, tmp_path) -> None:  # typ
     jsonl.write_bytes(b'\xef\xbb\xbf{"text": "ok"}\n{"text": "b\xe9d"}\n')  # columns count after the BOM
     with pytest.raises(InputFileError, match=r"a.jsonl:2: not UTF-8 \(byte 0xe9 at column 12\)"):
         read_records(jsonl)
+    for blankish in ("\u00a0", "\u2028", "\x1c", "\x0c"):  # no JSON, so no blank line either: they were skipped
+        jsonl.write_text('{"text": "ok"}\n' + blankish + "\n", encoding="utf-8")
+        with pytest.raises(InputFileError, match=r"a.jsonl:2: not valid JSON"):
+            read_records(jsonl)
+
+
+def test_the_text_dashdash_is_named(tiny_bert, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """argparse reads --text=-- as no text: it failed with "texts[0] is list, not str"."""
+    assert main(["encode", str(tiny_bert[1]), "--text=--", "-o", str(tmp_path / "x.npy")]) == 2
+    assert "--text: the text '--' cannot be given on the command line" in capsys.readouterr().err
+    assert not (tmp_path / "x.npy").exists()
 
 
 def test_a_closed_pipe_ends_quietly(tiny_bert, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embedrt.errors import ModelFolderError, OutputPathError, ParityError, SourceError
@@ -307,6 +308,21 @@ def test_a_checkpoint_without_its_vocabulary_is_refused(tiny_bert, tmp_path) -> 
      r"sentence_bert_config\.json: processor_kwargs .* is not supported"),
     ("1_Pooling/config.json", {"pooling_mode": {"mean": True}},
      r"1_Pooling/config\.json: pooling_mode must be a string \(or a list of one\)"),
+    # encode_query / encode_document truncate or pad otherwise (cosine 0.93-0.96 to sentence-transformers'),
+    # which encode, and so the parity check, never showed
+    ("sentence_bert_config.json", {"query_length": 8}, r"sentence_bert_config\.json: query_length 8 is not supported"),
+    ("sentence_bert_config.json", {"document_length": 16}, r"document_length 16 is not supported"),
+    ("sentence_bert_config.json", {"query_expansion": {"strategy": "fixed", "length": 32, "attend": True}},
+     r"sentence_bert_config\.json: query_expansion .* is not supported"),
+    ("sentence_bert_config.json", {"tokenizer_args": {"truncation_side": "left"}},
+     r"sentence_bert_config\.json: tokenizer_args .* is not supported"),
+    # sentence-transformers scores an unknown name with cosine; embedrt read its own alias as dot
+    ("config_sentence_transformers.json", {"similarity_fn_name": "dot_score"},
+     r"similarity_fn_name 'dot_score' is not one sentence-transformers knows"),
+    ("sentence_bert_config.json", {"max_seq_length": 2},
+     r"max_seq_length 2 leaves no room for a token beside the 2 special tokens .* sentence_bert_config\.json"),
+    ("tokenizer_config.json", {"padding_side": "left"},
+     r"tokenizer_config\.json: padding_side 'left' is not supported: bert numbers positions from the left"),
 ])
 def test_settings_the_graph_does_not_follow_are_refused_by_name(checkpoint, tmp_path, file, changes, why) -> None:  # type: ignore[no-untyped-def]
     """Each was exported before: a renamed Normalize output (sentence-transformers then returns the
@@ -315,6 +331,46 @@ def test_settings_the_graph_does_not_follow_are_refused_by_name(checkpoint, tmp_
     with pytest.raises(SourceError, match=why):
         export_model(str(checkpoint), tmp_path / "out", formats="onnx")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("section", "key"), [("truncation", "truncation_side"), ("padding", "padding_side")])
+def test_a_left_side_set_in_tokenizer_json_only_is_refused_by_name(checkpoint, tmp_path, section, key) -> None:  # type: ignore[no-untyped-def]
+    """transformers takes the side from tokenizer.json where tokenizer_config.json does not say: the export then
+    failed parity (cosine 0.9966 / 0.893) without saying why."""
+    _edit_json(checkpoint / "tokenizer_config.json", truncation_side=None, padding_side=None)
+    tokenizer = json.loads((checkpoint / "tokenizer.json").read_text())
+    tokenizer[section] = {"truncation": {"direction": "Left", "max_length": 128, "strategy": "LongestFirst",
+                                         "stride": 0},
+                          "padding": {"direction": "Left", "pad_id": 0, "pad_to_multiple_of": None,
+                                      "pad_token": "[PAD]", "pad_type_id": 0, "strategy": "BatchLongest"}}[section]
+    (checkpoint / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(SourceError, match=rf"tokenizer\.json: {key} 'left' is not supported"):
+        export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_in_bf16_is_exported_in_fp32(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """bf16 weights (config.json dtype bfloat16) made the export fail with ONNX Runtime's own traceback (no Add
+    kernel for bf16), exit 1; they are upcast exactly, and the folder is fp32, checked against
+    sentence-transformers on the same upcast weights."""
+    import safetensors.torch
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    import embedrt
+
+    _edit_json(checkpoint / "config.json", dtype="bfloat16", torch_dtype="bfloat16")
+    weights = safetensors.torch.load_file(str(checkpoint / "model.safetensors"))
+    safetensors.torch.save_file({k: v.to(torch.bfloat16) for k, v in weights.items()},
+                                str(checkpoint / "model.safetensors"), metadata={"format": "pt"})
+    out = export_model(str(checkpoint), tmp_path / "out", formats="onnx")
+    model = embedrt.load(out, device="cpu")
+    assert model.precision == "fp32" and model.manifest.precision.value == "fp32"
+    reference = SentenceTransformer(str(checkpoint), device="cpu").float()
+    texts = ["a bf16 checkpoint", "exported in fp32 " * 20]
+    got, want = model.encode(texts), reference.encode(texts)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.99999, cos
 
 
 def test_duplicate_module_names_and_tokenizer_misfits_are_refused(checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -34,6 +34,11 @@ def test_non_str_item_names_its_index(tiny_bert) -> None:  # type: ignore[no-unt
         model.encode(["a", "b", 3])
     with pytest.raises(TypeError, match="single str"):
         model.encode("a bare string")
+    # these said "'NoneType' object is not iterable", or "texts[0] is int" for bytes iterated as ints
+    for bad, name in ((None, "NoneType"), (5, "int"), (3.5, "float"), (bytearray(b"hi"), "bytearray"),
+                      (memoryview(b"hi"), "memoryview"), (b"hi", "bytes")):
+        with pytest.raises(TypeError, match=rf"^texts must be a sequence of str.*not {name}"):
+            model.encode(bad)
 
 
 def test_order_is_restored_and_batching_does_not_change_results(tiny_bert) -> None:  # type: ignore[no-untyped-def]
