@@ -13,6 +13,8 @@ loop bounded in requests and seconds:
               (the first 20% of the window); the tail, after the query client stops, is reported apart
     sigterm   queries + passages at concurrency 32, SIGTERM after --sigterm-after s: every request the
               server accepted must be answered (refused connections are counted apart)
+    crowd     --bulk-clients clients each sending one passage per request, back to back (an async ingestion
+              loop), beside one query client (paced by --interactive-rate): query p50/p99 vs idle
     burst     overload: one request of --burst-inputs passages is timed alone (T); then N such requests are
               sent at once, each with X-Request-Timeout D = 3 T, N = --burst-overload x D / T (twice the
               work that fits): how many are answered within D, and how many embedded rows were thrown away
@@ -712,6 +714,17 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
         return {"interactive_alone": alone_q, "bulk_alone": alone_b, "interactive_mixed": qs, "bulk_mixed": bs,
                 "interactive_p99_ratio": round(qs["p99_ms"] / max(alone_q["p99_ms"], 1e-9), 2),
                 "bulk_throughput_ratio": round(bulk_ratio, 3)}
+    if mode == "crowd":
+        pace = 1 / args.interactive_rate if args.interactive_rate else 0.0
+        alone_q = asyncio.run(drive(server, single, 1, 10**9, args.seconds, interval=pace)).summary()
+        q, crowd, _ = asyncio.run(_mixed(server, single, _chunks(passages, 1, len(passages)), args.bulk_clients,
+                                         args.seconds, rate=args.interactive_rate))
+        assert q is not None
+        qs = q.summary()
+        return {"interactive_alone": alone_q, "interactive_crowd": qs, "crowd": crowd.summary(),
+                "crowd_clients": args.bulk_clients,
+                "interactive_p50_ratio": round(qs["p50_ms"] / max(alone_q["p50_ms"], 1e-9), 2),
+                "interactive_p99_ratio": round(qs["p99_ms"] / max(alone_q["p99_ms"], 1e-9), 2)}
     if mode == "soak":
         with RssSampler(server.pid, 1.0) as rss:
             q, b, _ = asyncio.run(_mixed(server, single, bulk, args.bulk_clients, args.duration,
@@ -735,7 +748,7 @@ def _mode(mode: str, server: Server, args: argparse.Namespace, levels: list[int]
         return mode_sigterm(server, queries, passages, args.sigterm_after)
     if mode == "burst":
         return mode_burst(server, passages, args.burst_inputs, args.burst_overload)
-    raise SystemExit(f"unknown mode {mode!r}; valid: idle, queries, passages, mixed, soak, sigterm, burst")
+    raise SystemExit(f"unknown mode {mode!r}; valid: idle, queries, passages, mixed, soak, sigterm, crowd, burst")
 
 
 def mode_burst(server: Server, passages: list[str], inputs: int, overload: float) -> dict[str, Any]:
