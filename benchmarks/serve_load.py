@@ -538,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="the server's threads (the same budget for every system)")
     p.add_argument("--requests", type=int, default=2000, help="most requests per measurement")
     p.add_argument("--seconds", type=float, default=20.0, help="most seconds per measurement")
-    p.add_argument("--bulk-clients", type=int, default=2, help="mixed: concurrent 256-passage clients")
+    p.add_argument("--bulk-clients", type=int, default=2,
+                   help="mixed: concurrent 256-passage clients; crowd: concurrent one-passage clients")
     p.add_argument("--interactive-rate", type=float, default=0.0,
                    help="mixed, soak: the query client's requests per second (0: back to back, as fast as "
                         "answered; its own load then takes that share of the CPU from the bulk stream)")

@@ -214,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--interactive-max-inputs", type=int, default=8,
                    help="requests with at most this many inputs use the interactive lane (default: 8)")
     p.add_argument("--interactive-max-tokens", type=int, default=512,
-                   help="...and at most this many tokens in all (default: 512)")
+                   help="...and at most this many tokens in all, special tokens counted (default: 512)")
     p.add_argument("--mixed-bulk-tokens", type=int, default=512,
                    help="most padded tokens per bulk call while interactive traffic runs (default: 512)")
     p.add_argument("--bulk-instance", default="auto", choices=["auto", "separate", "shared"],
