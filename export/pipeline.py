@@ -243,7 +243,8 @@ def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:  # bf16 / fp16 weights: upcast exactly; the graph and its reference are fp32
         if "eager" not in str(kwargs):
-            log.info("%s: the weights are %s: exported and checked against sentence-transformers in fp32",
+            log.info("%s: the weights are %s: cast to fp32, then exported and checked against sentence-transformers "
+                     "on the cast weights",
                      path, ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))
         model.float()
     return model

@@ -482,15 +482,15 @@ async def embeddings(service: Service, request: Request, info: dict[str, Any]) -
             info["status"] = 499
             return Response(status_code=499)
     service.metrics.stage.labels(served.name, "tokenize").observe(time.monotonic() - start)
+    tokens = int(tokenized.lengths.sum())
+    if tokens > config.interactive_max_tokens:  # passages by the few must not hold up the queries
+        lane = Lane.BULK
+        info["lane"] = lane.value
     truncated = np.flatnonzero(tokenized.truncated)
     if not parsed.truncate and len(truncated):
         i = int(truncated[0])
         raise protocol.bad_request(f"input[{i}] is longer than the model's {model.manifest.max_seq_length} tokens "
                                    "and truncation is off ('truncate': false).", f"input[{i}]", "input_too_long")
-    tokens = int(tokenized.lengths.sum())
-    if tokens > config.interactive_max_tokens:  # long passages, one per request, must not hold up the queries
-        lane = Lane.BULK
-        info["lane"] = lane.value
     info.update(tokens=tokens, truncated=len(truncated))
     job = scheduler.submit(tokenized.ids, lane, arrival + timeout, timeout)
     watcher = asyncio.ensure_future(_disconnected(request))

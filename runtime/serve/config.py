@@ -26,9 +26,10 @@ class ServeConfig:
         interactive_max_inputs: requests with at most this many inputs go to the interactive lane
             (a request can choose with the ``X-Embedrt-Lane`` header)...
         interactive_max_tokens: ...if they hold at most this many tokens in all (special tokens counted, no
-            padding): a single long passage costs a call of its own, and many of them sent one per request
-            (an async client's usual pattern) would otherwise hold the queries up. The default is what a bulk
+            padding): a few long passages per request (8 of 256 tokens: 2,048), sent by many clients at once,
+            would otherwise fill the interactive lane and hold the queries up. The default is what a bulk
             call may cost while interactive traffic runs (``mixed_bulk_tokens``): 8 queries of 64 tokens.
+            A single passage of a model of at most 512 tokens stays interactive.
         mixed_bulk_tokens: while interactive traffic is active, most padded tokens per bulk call, so an
             interactive call never waits long for a running bulk one.
         interactive_window: seconds an interactive arrival counts as "active" traffic.
