@@ -183,10 +183,10 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
             f"say {spec.max_seq_length}; refusing to guess (set max_seq_length in the Transformer module's "
             f"sentence_bert_config.json, at most {spec.max_seq_length})"
         )
-    specials = len(reference.tokenizer("")["input_ids"])
-    if spec.max_seq_length <= specials:  # named here: the runtime's check named a file of the scratch folder
+    added = len(reference.tokenizer("")["input_ids"])  # the special tokens around every text
+    if spec.max_seq_length <= added:  # named here: the runtime's check named a file of the scratch folder
         raise SourceError(f"{resolved.path}: max_seq_length {spec.max_seq_length} leaves no room for a token beside "
-                          f"the {specials} special tokens the tokenizer adds; set a larger one in the Transformer "
+                          f"the {added} special tokens the tokenizer adds; set a larger one in the Transformer "
                           "module's sentence_bert_config.json")
     _check_tokenizer_fits(resolved.path, reference)
     # the prompts as sentence-transformers runs them (it adds empty query / document ones, which its

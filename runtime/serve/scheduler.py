@@ -303,11 +303,11 @@ class Scheduler:
         Each request gives at most half the window, so the planner can fill a call with rows of similar
         length from the next ones too; the first row is the leading request's.
         """
-        jobs = self._lanes[lane]
-        if not jobs or (lane is Lane.BULK and not self._closed and self._bulk_yields()):
+        waiting = self._lanes[lane]
+        if not waiting or (lane is Lane.BULK and not self._closed and self._bulk_yields()):
             return []
         now = time.monotonic()
-        for job in [job for job in jobs if job.deadline <= now]:
+        for job in [job for job in waiting if job.deadline <= now]:
             self._expire(job)
         cost = self._lane_cost(lane)
         max_rows = 2 * self.config.max_batch_inputs
