@@ -331,16 +331,23 @@ def test_queue_full_429_deadline_504_disconnect_dropped(tiny: Any) -> None:
         assert server.metric("embedrt_requests_total", status="504") == 1
 
 
+@contextlib.contextmanager
+def _first_call_held(tiny: Any) -> Iterator[tuple[LiveServer, Gated, str, tuple[threading.Thread, dict[str, Any]]]]:
+    """A gated server whose first request's call is running, held at the gate: the server, the gate, the
+    model's name and that request's thread and outcome."""
+    with _gated_server(tiny) as (server, gated):
+        name = next(iter(server.service.models))
+        first = _in_thread(server.client().embeddings.create, model=name, input="first")
+        _wait(gated.entered.is_set, "the first call")
+        yield server, gated, name, first
+
+
 def test_a_pipelining_client_that_hangs_up_has_its_running_request_dropped(tiny: Any,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """uvicorn tells only the latest request on a connection that its client went away: the one running
     before it (pipelined) ran to the end, counted a 200, and wrote to the closed socket (an ERROR each)."""
-    with _gated_server(tiny) as (server, gated):
-        name = next(iter(server.service.models))
+    with _first_call_held(tiny) as (server, gated, name, (first_thread, first)):
         scheduler = server.service.models[name].scheduler
-        client = server.client()
-        first_thread, first = _in_thread(client.embeddings.create, model=name, input="first")
-        _wait(gated.entered.is_set, "the first call")
         ok = server.metric("embedrt_requests_total", status="200")
         one = json.dumps({"model": name, "input": ["pipelined", "request"]}).encode()
         head = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -366,12 +373,9 @@ def test_a_deadline_the_handler_and_the_scheduler_both_reach_logs_no_error(
     504: asyncio logged "Future exception was never retrieved" at ERROR (18 of 400 short deadlines under load)."""
     import gc
 
-    with _gated_server(tiny) as (server, gated):
-        name = next(iter(server.service.models))
+    with _first_call_held(tiny) as (server, gated, name, (first_thread, _)):
         scheduler = server.service.models[name].scheduler
         client = server.client()
-        first_thread, _ = _in_thread(client.embeddings.create, model=name, input="first")
-        _wait(gated.entered.is_set, "the first call")
         cancel = scheduler.cancel
 
         def expired_first(job: Any, reason: Any) -> int:  # the worker's window reached the job first
@@ -404,16 +408,22 @@ def _finished_after(gated: Gated, model: Any, texts: list[str]) -> int | None:
     return done_at if seen == mine else None
 
 
-def test_a_small_request_goes_ahead_of_a_large_one_in_its_lane(tiny: Any) -> None:
-    """A small bulk request waits for the running call behind a large one, not for all of it."""
+@contextlib.contextmanager
+def _gated_bulk(tiny: Any) -> Iterator[tuple[Gated, Any, Any]]:
+    """A gated server of calls of 4 rows: the gate, the scheduler, and a function sending a bulk-lane request."""
     with _gated_server(tiny, max_batch_inputs=4) as (server, gated):
         name = next(iter(server.service.models))
-        scheduler = server.service.models[name].scheduler
         client = server.client()
 
         def bulk(texts: list[str]) -> Any:
             return client.embeddings.create(model=name, input=texts, extra_headers={"X-Embedrt-Lane": "bulk"})
 
+        yield gated, server.service.models[name].scheduler, bulk
+
+
+def test_a_small_request_goes_ahead_of_a_large_one_in_its_lane(tiny: Any) -> None:
+    """A small bulk request waits for the running call behind a large one, not for all of it."""
+    with _gated_bulk(tiny) as (gated, scheduler, bulk):
         large = [f"large request, passage {i}" for i in range(40)]
         small = [f"small request, passage {i}" for i in range(9)]
         a_thread, a = _in_thread(bulk, large)
@@ -434,14 +444,7 @@ def test_a_small_request_goes_ahead_of_a_large_one_in_its_lane(tiny: Any) -> Non
 def test_a_burst_of_equal_requests_is_served_one_after_another(tiny: Any) -> None:
     """Under overload, requests that take turns all progress in step and all reach their deadline unfinished;
     served one after another (shortest remaining work first), the first ones finish."""
-    with _gated_server(tiny, max_batch_inputs=4) as (server, gated):
-        name = next(iter(server.service.models))
-        scheduler = server.service.models[name].scheduler
-        client = server.client()
-
-        def bulk(texts: list[str]) -> Any:
-            return client.embeddings.create(model=name, input=texts, extra_headers={"X-Embedrt-Lane": "bulk"})
-
+    with _gated_bulk(tiny) as (gated, scheduler, bulk):
         first = _in_thread(bulk, ["warm the gate"])
         _wait(gated.entered.is_set, "the first call")
         burst = [[f"request {k} passage {i}" for i in range(12)] for k in range(3)]
