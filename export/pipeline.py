@@ -195,7 +195,7 @@ def load(resolved: ResolvedSource, spec: CheckpointSpec, options: ExportOptions,
     spec = dataclasses.replace(
         spec, prompts=prompts, default_prompt_name=getattr(reference, "default_prompt_name", None),
         split_special_tokens=bool(getattr(reference.tokenizer, "split_special_tokens", False)))
-    eager = _load_st(st, resolved.path, model_kwargs={"attn_implementation": "eager"})
+    eager = _load_st(st, resolved.path, say_dtype=False, model_kwargs={"attn_implementation": "eager"})
     # a text holding the special tokens' strings ("[SEP]", "<s>"): whether they stay text or become the
     # tokens is the tokenizer's setting (split_special_tokens), which the runtime must follow
     specials = [t for t in reference.tokenizer.all_special_tokens if isinstance(t, str) and t.strip()]
@@ -226,9 +226,10 @@ def _check_tokenizer_fits(path: Path, reference: Any) -> None:
                           "batches cannot be padded")
 
 
-def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
-    """``SentenceTransformer(path)``, or SourceError naming the folder and what failed (a truncated
-    ``model.safetensors`` raised safetensors' own error, a traceback at the CLI)."""
+def _load_st(st: Any, path: Path, say_dtype: bool = True, **kwargs: Any) -> Any:
+    """``SentenceTransformer(path)`` in fp32 (bf16 / fp16 weights cast, logged if ``say_dtype``), or SourceError
+    naming the folder and what failed (a truncated ``model.safetensors`` raised safetensors' own error, a
+    traceback at the CLI)."""
     try:
         model = st.SentenceTransformer(str(path), device="cpu", **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:  # safetensors' error is an Exception
@@ -242,7 +243,7 @@ def _load_st(st: Any, path: Path, **kwargs: Any) -> Any:
 
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtypes - {torch.float32}:  # bf16 / fp16 weights: upcast exactly; the graph and its reference are fp32
-        if "eager" not in str(kwargs):
+        if say_dtype:
             log.info("%s: the weights are %s: cast to fp32, then exported and checked against sentence-transformers "
                      "on the cast weights",
                      path, ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)))

@@ -392,8 +392,8 @@ def _refuse_what_embedrt_does_not_do(base: Path, architecture: str) -> None:
     def side(key: str, section: str) -> tuple[Any, Path]:
         if config.get(key) is not None:
             return config[key], tok_config
-        direction = (tokenizer.get(section) or {}).get("direction") if isinstance(tokenizer.get(section), dict) \
-            else None
+        settings = tokenizer.get(section)  # null where the tokenizer neither truncates nor pads
+        direction = settings.get("direction") if isinstance(settings, dict) else None
         return (str(direction).lower() if direction is not None else None), tok_file
 
     truncation, where = side("truncation_side", "truncation")
